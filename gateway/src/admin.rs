@@ -1,0 +1,53 @@
+//! The admin listener: `/metrics` (Prometheus), `/healthz` (the process is alive) and
+//! `/readyz` (503 while shutting down or while the broker link is down).
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+
+use crate::{app::AppState, broker::LinkState};
+
+#[derive(Clone)]
+struct Admin {
+    app: AppState,
+    metrics: PrometheusHandle,
+}
+
+/// Builds the admin router.
+pub fn router(app: AppState, metrics: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route("/readyz", get(ready))
+        .with_state(Admin { app, metrics })
+}
+
+async fn render_metrics(State(a): State<Admin>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], a.metrics.render())
+}
+
+async fn ready(State(a): State<Admin>) -> impl IntoResponse {
+    let broker = a.app.hub.broker();
+    let link_up = *broker.link().borrow() == LinkState::Up;
+    let draining = a.app.shutdown.is_cancelled();
+    let status = if draining {
+        "draining"
+    } else if !link_up {
+        "broker_down"
+    } else {
+        "ready"
+    };
+    let code = if status == "ready" { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (
+        code,
+        Json(
+            json!({ "status": status, "broker": broker.kind(), "link": if link_up { "up" } else { "down" } }),
+        ),
+    )
+}

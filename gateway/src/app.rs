@@ -1,0 +1,77 @@
+//! The public HTTP application: routes, shared state, and the answers for unknown
+//! routes and methods.
+
+use std::sync::Arc;
+
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, Request},
+    http::{HeaderName, Method, StatusCode, header},
+    response::{Html, IntoResponse},
+    routing::{get, post},
+};
+use shared::protocol::error_code;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower_http::cors::{Any, CorsLayer};
+
+use crate::{api, config::Config, error::ApiError, hub::Hub, transport};
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The node's channel registry (and, through it, the broker).
+    pub hub: Arc<Hub>,
+    /// Effective configuration.
+    pub config: Arc<Config>,
+    /// Cancelled when the node shuts down; every connection watches it.
+    pub shutdown: CancellationToken,
+    /// Tracks connection tasks (WebSockets) so shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
+
+const DEMO_PAGE: &str = include_str!("demo.html");
+
+/// Builds the public router.
+pub fn app(state: AppState) -> Router {
+    let max = state.config.limits.max_payload_bytes;
+    // JSON escaping can grow a payload up to six times (\uXXXX); the payload itself is
+    // checked against the limit after parsing.
+    let json_limit = max.saturating_mul(6).saturating_add(64 * 1024);
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            HeaderName::from_static("x-api-key"),
+            HeaderName::from_static("last-event-id"),
+        ])
+        .max_age(std::time::Duration::from_secs(600));
+    Router::new()
+        .route("/", get(|| async { Html(DEMO_PAGE) }))
+        .route("/sse", get(transport::sse::handler))
+        .route("/ws", get(transport::ws::handler))
+        .route("/poll", get(transport::poll::handler))
+        .route("/publish/{channel}", post(api::publish_raw).layer(DefaultBodyLimit::max(max)))
+        .route("/api/publish", post(api::publish_json).layer(DefaultBodyLimit::max(json_limit)))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(cors)
+        .with_state(state)
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        error_code::NOT_FOUND,
+        format!("no route for {} {}", req.method(), crate::error::quote(req.uri().path())),
+    )
+}
+
+async fn method_not_allowed(req: Request) -> impl IntoResponse {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        error_code::METHOD_NOT_ALLOWED,
+        format!("{} is not allowed on {}", req.method(), crate::error::quote(req.uri().path())),
+    )
+}

@@ -1,0 +1,151 @@
+//! A message on its way to subscribers, with each wire encoding computed at most once
+//! and shared (as `Bytes`) by every subscriber that needs it.
+
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use shared::EnvelopeRef;
+
+/// One message for one channel, shared by every local subscriber via `Arc`.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The channel.
+    pub channel: Arc<str>,
+    /// History position, when the publisher assigned one.
+    pub id: Option<Box<str>>,
+    /// Event name, when the publisher named one.
+    pub event: Option<Box<str>>,
+    /// The payload as text (invalid UTF-8 is replaced, since every wire format is text).
+    pub data: Bytes,
+    /// Node-local sequence number within the channel (long-poll cursors).
+    pub seq: u64,
+    /// Publish time in ms since the Unix epoch, when the publisher stamped one.
+    pub published_ms: Option<u64>,
+    sse: OnceLock<Bytes>,
+    json: OnceLock<Bytes>,
+    ws: OnceLock<Bytes>,
+}
+
+impl Delivery {
+    /// Builds a delivery; `data` is made valid UTF-8 here, once.
+    pub fn new(
+        channel: Arc<str>,
+        id: Option<Box<str>>,
+        event: Option<Box<str>>,
+        data: Bytes,
+        seq: u64,
+        published_ms: Option<u64>,
+    ) -> Self {
+        let data = match std::str::from_utf8(&data) {
+            Ok(_) => data,
+            Err(_) => Bytes::from(String::from_utf8_lossy(&data).into_owned()),
+        };
+        Self {
+            channel,
+            id,
+            event,
+            data,
+            seq,
+            published_ms,
+            sse: OnceLock::new(),
+            json: OnceLock::new(),
+            ws: OnceLock::new(),
+        }
+    }
+
+    /// The payload as `&str` (always valid: checked in `new`).
+    pub fn data_str(&self) -> &str {
+        std::str::from_utf8(&self.data).unwrap_or_default()
+    }
+
+    /// The SSE event (`id:`, `event:`, `data:` lines), plain format.
+    pub fn sse(&self) -> &Bytes {
+        self.sse.get_or_init(|| {
+            let mut s = String::new();
+            shared::sse::encode_event(&mut s, self.id.as_deref(), self.event.as_deref(), self.data_str());
+            Bytes::from(s)
+        })
+    }
+
+    /// The JSON envelope `{"channel","id","event","data"}` (long-poll, SSE `format=json`).
+    pub fn json(&self) -> &Bytes {
+        self.json.get_or_init(|| {
+            let env = EnvelopeRef {
+                channel: &self.channel,
+                id: self.id.as_deref(),
+                event: self.event.as_deref(),
+                data: self.data_str(),
+            };
+            Bytes::from(serde_json::to_vec(&env).expect("envelope serializes"))
+        })
+    }
+
+    /// The SSE event carrying the JSON envelope as data (`format=json`).
+    pub fn sse_json(&self) -> Bytes {
+        // The envelope has no raw line breaks, so it is one `data:` line; built from the
+        // shared JSON encoding and cheap enough not to cache separately.
+        let json = self.json();
+        let mut s = String::with_capacity(json.len() + 32);
+        shared::sse::encode_event(
+            &mut s,
+            self.id.as_deref(),
+            self.event.as_deref(),
+            std::str::from_utf8(json).unwrap_or_default(),
+        );
+        Bytes::from(s)
+    }
+
+    /// The WebSocket text frame `{"type":"message",...}`.
+    pub fn ws(&self) -> &Bytes {
+        self.ws.get_or_init(|| {
+            let json = self.json();
+            let mut v = Vec::with_capacity(json.len() + 17);
+            v.extend_from_slice(br#"{"type":"message","#);
+            v.extend_from_slice(&json[1..]);
+            Bytes::from(v)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(data: &[u8]) -> Delivery {
+        Delivery::new("news".into(), Some("1-0".into()), None, Bytes::copy_from_slice(data), 1, None)
+    }
+
+    #[test]
+    fn encodings_match_the_contract() {
+        let d = delivery("a\nb ✓".as_bytes());
+        assert_eq!(&d.sse()[..], "id: 1-0\ndata: a\ndata: b ✓\n\n".as_bytes());
+        assert_eq!(&d.json()[..], r#"{"channel":"news","id":"1-0","event":null,"data":"a\nb ✓"}"#.as_bytes());
+        let ws: shared::protocol::ServerFrame = serde_json::from_slice(d.ws()).unwrap();
+        assert_eq!(
+            ws,
+            shared::protocol::ServerFrame::Message {
+                channel: "news".into(),
+                id: Some("1-0".into()),
+                event: None,
+                data: "a\nb ✓".into()
+            }
+        );
+        assert_eq!(
+            &d.sse_json()[..],
+            format!("id: 1-0\ndata: {}\n\n", std::str::from_utf8(d.json()).unwrap()).as_bytes()
+        );
+    }
+
+    #[test]
+    fn encodings_are_computed_once_and_shared() {
+        let d = delivery(b"x");
+        assert_eq!(d.ws().as_ptr(), d.ws().as_ptr());
+        assert_eq!(d.sse().as_ptr(), d.sse().as_ptr());
+    }
+
+    #[test]
+    fn invalid_utf8_is_replaced_not_dropped() {
+        let d = delivery(b"ok \xff end");
+        assert_eq!(d.data_str(), "ok \u{fffd} end");
+    }
+}

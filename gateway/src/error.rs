@@ -1,0 +1,101 @@
+//! Errors shown to HTTP clients: a status, a stable code and a human message as JSON
+//! (`{"error":"code","message":"..."}`), never internals. Each one is counted.
+
+use axum::{
+    Json,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use shared::protocol::{ErrorBody, error_code as code};
+
+use crate::metrics as m;
+
+/// An error answer to a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable code from [`shared::protocol::error_code`].
+    pub code: &'static str,
+    /// Explanation for people.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with the given status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+    /// 400 with `bad_request`.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code::BAD_REQUEST, message)
+    }
+    /// 400 for a channel name that breaks the rules.
+    pub fn invalid_channel(name: &str, err: shared::ChannelError) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            code::INVALID_CHANNEL,
+            format!("invalid channel {}: {err}", quote(name)),
+        )
+    }
+    /// 400 for more channels than allowed.
+    pub fn too_many_channels(asked: usize, max: usize) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            code::TOO_MANY_CHANNELS,
+            format!("{asked} channels requested, at most {max} per connection"),
+        )
+    }
+    /// 413 for an oversized payload.
+    pub fn payload_too_large(max: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            code::PAYLOAD_TOO_LARGE,
+            format!("payload larger than the limit of {max} bytes"),
+        )
+    }
+    /// 503 while the broker cannot be reached.
+    pub fn broker_unavailable() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            code::BROKER_UNAVAILABLE,
+            "the message broker is unavailable, try again shortly",
+        )
+    }
+    /// 503 while the node shuts down.
+    pub fn shutting_down() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            code::SHUTTING_DOWN,
+            "this node is shutting down, reconnect",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        metrics::counter!(m::REJECTED_TOTAL, "reason" => self.code).increment(1);
+        (self.status, Json(ErrorBody { error: self.code.to_owned(), message: self.message })).into_response()
+    }
+}
+
+/// Quotes client input for messages and logs: control characters escaped, long input cut.
+pub fn quote(input: &str) -> String {
+    const MAX: usize = 80;
+    let mut s: String = input.chars().take(MAX).collect();
+    if s.len() < input.len() {
+        s.push('…');
+    }
+    format!("\"{}\"", s.escape_debug())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quote_escapes_and_truncates() {
+        assert_eq!(quote("a\nb"), r#""a\nb""#);
+        assert_eq!(quote(&"x".repeat(100)).chars().count(), 83);
+    }
+}

@@ -1,0 +1,152 @@
+//! A horizontally scaled pub/sub fan-out gateway: SSE, WebSocket and long-poll clients
+//! on stateless nodes, joined through Redis.
+//!
+//! # Layout
+//! - [`config`]: flags, env, TOML file, defaults.
+//! - [`broker`]: the broker trait, [`broker::memory`] and [`broker::redis`].
+//! - [`hub`]: the node-local, sharded channel registry and fan-out.
+//! - [`delivery`]: one message with its wire encodings, computed once.
+//! - [`transport`]: [`transport::sse`], [`transport::ws`], [`transport::poll`].
+//! - [`api`]: HTTP publishing; [`app`]: the public router; [`admin`]: metrics, health.
+//! - [`server`]: the accept loop; [`metrics`]: metric names; [`publish_cli`]: stdin publisher.
+//!
+//! `main.rs` only parses config, sets up logging and metrics, binds and calls [`run`].
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod api;
+pub mod app;
+pub mod broker;
+pub mod config;
+pub mod delivery;
+pub mod error;
+pub mod hub;
+pub mod metrics;
+pub mod publish_cli;
+pub mod server;
+pub mod transport;
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+use crate::{
+    app::AppState,
+    broker::{Broker, memory::MemoryBroker, redis::RedisBroker},
+    config::Config,
+    hub::{Hub, HubConfig},
+};
+
+/// The two bound listeners of a node.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Public: clients and publishers.
+    pub public: TcpListener,
+    /// Admin: metrics and health.
+    pub admin: TcpListener,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The broker could not be set up (e.g. a malformed Redis URL).
+    #[error("broker: {0}")]
+    Broker(#[from] broker::BrokerError),
+    /// A listener's address could not be read.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs a node until `shutdown` is cancelled, then closes every client cleanly (WS
+/// close 1012, SSE `retry:` and end, long-polls answered) and waits for them within
+/// the configured grace period.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    metrics: PrometheusHandle,
+) -> Result<(), StartError> {
+    let tracker = TaskTracker::new();
+    let hub_config = HubConfig {
+        linger: config.timers.linger,
+        poll_buffer: config.limits.poll_buffer,
+        poll_keepalive: config.timers.poll_keepalive,
+    };
+    let mut broker_err = None;
+    let hub = Hub::new(hub_config, |sink| -> Arc<dyn Broker> {
+        match &config.redis_url {
+            None => Arc::new(MemoryBroker::new(sink)),
+            Some(url) => {
+                match RedisBroker::start(
+                    url.expose(),
+                    config.redis_pool_size,
+                    sink.clone(),
+                    shutdown.clone(),
+                    &tracker,
+                ) {
+                    Ok(b) => Arc::new(b),
+                    Err(e) => {
+                        broker_err = Some(e);
+                        Arc::new(MemoryBroker::new(sink))
+                    }
+                }
+            }
+        }
+    });
+    if let Some(e) = broker_err {
+        return Err(e.into());
+    }
+    let public_addr = listeners.public.local_addr()?;
+    let admin_addr = listeners.admin.local_addr()?;
+    if hub.broker().kind() == "memory" {
+        warn!(
+            "no Redis configured (--redis-url / GATEWAY_REDIS_URL): running a single node on the in-process broker"
+        );
+    }
+    info!(public = %public_addr, admin = %admin_addr, broker = hub.broker().kind(), "gateway listening");
+
+    let state = AppState {
+        hub: hub.clone(),
+        config: Arc::new(config),
+        shutdown: shutdown.clone(),
+        tracker: tracker.clone(),
+    };
+    tracker.spawn(hub.clone().run_reaper(shutdown.clone()));
+    let upkeep = metrics.clone();
+    let upkeep_stop = shutdown.clone();
+    tracker.spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = upkeep_stop.cancelled() => return,
+                _ = tick.tick() => upkeep.run_upkeep(),
+            }
+        }
+    });
+
+    // The admin listener outlives the drain, so /readyz reports it.
+    let admin_stop = CancellationToken::new();
+    let admin = tokio::spawn({
+        let stop = admin_stop.clone();
+        let router = admin::router(state.clone(), metrics);
+        async move {
+            let _ = axum::serve(listeners.admin, router).with_graceful_shutdown(stop.cancelled_owned()).await;
+        }
+    });
+
+    server::serve(listeners.public, app::app(state.clone()), shutdown.clone(), tracker.clone()).await;
+    info!("shutting down: closing client connections");
+    tracker.close();
+    let grace = state.config.timers.shutdown_grace;
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        warn!(grace_secs = grace.as_secs(), "some connections did not close within the grace period");
+    }
+    admin_stop.cancel();
+    let _ = admin.await;
+    info!("shutdown complete");
+    Ok(())
+}

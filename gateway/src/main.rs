@@ -1,0 +1,91 @@
+//! The `gateway` binary: parse configuration, set up logging and metrics, bind, run.
+
+use std::{io::IsTerminal, process::ExitCode};
+
+use clap::Parser;
+use gateway::config::{Cli, Command, Config, LogFormat, ServeArgs};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve(cli.serve)) {
+        Command::Serve(args) => serve(args),
+        Command::Config(args) => match Config::from_args(args) {
+            Ok(config) => {
+                println!("{config:#?}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e.to_string(), 2),
+        },
+        Command::Publish(args) => {
+            init_tracing(LogFormat::Text);
+            runtime().block_on(gateway::publish_cli::run(args))
+        }
+    }
+}
+
+fn fail(msg: &str, code: u8) -> ExitCode {
+    eprintln!("gateway: {msg}");
+    ExitCode::from(code)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts")
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let config = match Config::from_args(args) {
+        Ok(c) => c,
+        Err(e) => return fail(&e.to_string(), 2),
+    };
+    init_tracing(config.log_format);
+    let metrics = gateway::metrics::install();
+    runtime().block_on(async move {
+        let public = match TcpListener::bind(config.listen).await {
+            Ok(l) => l,
+            Err(e) => return fail(&format!("cannot listen on {}: {e}", config.listen), 1),
+        };
+        let admin = match TcpListener::bind(config.admin_listen).await {
+            Ok(l) => l,
+            Err(e) => return fail(&format!("cannot listen on {} (admin): {e}", config.admin_listen), 1),
+        };
+        let shutdown = CancellationToken::new();
+        tokio::spawn(watch_signals(shutdown.clone()));
+        match gateway::run(config, gateway::Listeners { public, admin }, shutdown, metrics).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e.to_string(), 1),
+        }
+    })
+}
+
+/// First SIGTERM or SIGINT: graceful shutdown. A second one: exit at once.
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::warn!("second signal: exiting now");
+    std::process::exit(130);
+}

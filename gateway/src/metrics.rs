@@ -1,0 +1,66 @@
+//! Metric names and the Prometheus recorder. Names follow
+//! `gateway_<name>_<unit>[_total]`; label values come from small fixed sets (transport,
+//! reason, result) and never from channel names or users.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Open client connections (gauge), by `transport`.
+pub const CONNECTIONS: &str = "gateway_connections";
+/// Client connections accepted (counter), by `transport`.
+pub const CONNECTIONS_TOTAL: &str = "gateway_connections_total";
+/// Client disconnects (counter), by `transport` and `reason`.
+pub const DISCONNECTS_TOTAL: &str = "gateway_disconnects_total";
+/// Messages received from the broker (counter).
+pub const BROKER_MESSAGES_TOTAL: &str = "gateway_broker_messages_received_total";
+/// Messages handed to client queues (counter), by `transport`.
+pub const DELIVERIES_TOTAL: &str = "gateway_deliveries_total";
+/// Messages not delivered (counter), by `reason`.
+pub const DROPPED_TOTAL: &str = "gateway_dropped_messages_total";
+/// Clients disconnected because their queue overflowed (counter), by `transport`.
+pub const SLOW_CONSUMER_TOTAL: &str = "gateway_slow_consumer_disconnects_total";
+/// Channels with local interest (gauge).
+pub const CHANNELS: &str = "gateway_channels";
+/// Channel subscriptions of local clients (gauge).
+pub const SUBSCRIPTIONS: &str = "gateway_subscriptions";
+/// Broker link state, 1 up / 0 down (gauge).
+pub const BROKER_LINK_UP: &str = "gateway_broker_link_up";
+/// Broker reconnects after a lost link (counter).
+pub const BROKER_RECONNECTS_TOTAL: &str = "gateway_broker_reconnects_total";
+/// Publish requests (counter), by `result`.
+pub const PUBLISH_TOTAL: &str = "gateway_publish_requests_total";
+/// Requests refused for bad input (counter), by `reason`.
+pub const REJECTED_TOTAL: &str = "gateway_rejected_requests_total";
+
+/// Installs the global Prometheus recorder once per process and returns its handle.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed; then ours just stays empty.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_gauge!(CONNECTIONS, "Open client connections by transport.");
+    describe_counter!(CONNECTIONS_TOTAL, "Client connections accepted by transport.");
+    describe_counter!(DISCONNECTS_TOTAL, "Client disconnects by transport and reason.");
+    describe_counter!(BROKER_MESSAGES_TOTAL, "Messages received from the broker.");
+    describe_counter!(DELIVERIES_TOTAL, "Messages handed to client queues by transport.");
+    describe_counter!(DROPPED_TOTAL, "Messages not delivered, by reason.");
+    describe_counter!(SLOW_CONSUMER_TOTAL, "Clients disconnected because their queue overflowed.");
+    describe_gauge!(CHANNELS, "Channels with local subscribers (or lingering).");
+    describe_gauge!(SUBSCRIPTIONS, "Channel subscriptions held by local clients.");
+    describe_gauge!(BROKER_LINK_UP, "1 while the broker link is up, 0 while down.");
+    describe_counter!(BROKER_RECONNECTS_TOTAL, "Broker reconnects after a lost link.");
+    describe_counter!(PUBLISH_TOTAL, "Publish requests by result.");
+    describe_counter!(REJECTED_TOTAL, "Requests refused for bad input, by reason.");
+}

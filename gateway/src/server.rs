@@ -1,0 +1,90 @@
+//! The public listener's accept loop: HTTP/1.1 with upgrades, one task per connection.
+//!
+//! Unlike `axum::serve`, every connection gets a [`ConnCtx`] in its request extensions
+//! with a `close` token: the hub cancels it to cut off a slow consumer (after a short
+//! grace for a final frame), and shutdown makes idle keep-alive connections close.
+
+use std::{net::SocketAddr, time::Duration};
+
+use axum::{Router, extract::Request};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower::ServiceExt;
+use tracing::{Instrument, debug, warn};
+
+/// Longest time to read a request's headers (slow-loris protection).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest request head accepted, in bytes.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Time a closed connection gets to flush its final frame before the socket is dropped.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Per-connection context handed to handlers.
+#[derive(Debug, Clone)]
+pub struct ConnCtx {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Cancel to close this HTTP connection (after [`CLOSE_GRACE`]).
+    pub close: CancellationToken,
+}
+
+/// Serves `router` on `listener` until `shutdown`; connection tasks join `tracker`.
+pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken, tracker: TaskTracker) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(err) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let shutdown = shutdown.clone();
+        let span = tracing::debug_span!("conn", peer = %peer);
+        tracker.spawn(serve_conn(stream, peer, router, shutdown).instrument(span));
+    }
+}
+
+async fn serve_conn(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    router: Router,
+    shutdown: CancellationToken,
+) {
+    let ctx = ConnCtx { peer, close: CancellationToken::new() };
+    let close = ctx.close.clone();
+    let svc = tower::service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(ctx.clone());
+        router.clone().oneshot(req.map(axum::body::Body::new))
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES.max(8192));
+    let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc)).with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(err) = r { debug!(%err, "connection ended with an error") }
+        }
+        _ = close.cancelled() => {
+            let _ = tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await;
+        }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(CLOSE_GRACE * 2, conn.as_mut()).await;
+        }
+    }
+}

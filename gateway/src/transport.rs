@@ -1,0 +1,109 @@
+//! Client transports, one module per wire protocol. Each turns subscriptions into
+//! frames on a socket; they know the hub, never the broker's internals.
+//!
+//! This module holds what they share: query parsing, channel checks and connection
+//! accounting.
+
+pub mod poll;
+pub mod sse;
+pub mod ws;
+
+use std::{sync::Arc, time::Duration};
+
+use metrics::{counter, gauge};
+
+use crate::{broker::Ready, config::Limits, error::ApiError, hub::Transport};
+
+/// How long a new subscriber waits for the broker to confirm its channels before it
+/// is served anyway (messages flow as soon as the link is back).
+pub const READY_WAIT: Duration = Duration::from_secs(3);
+
+/// The query string, decoded.
+#[derive(Debug, Default)]
+pub struct Query {
+    /// Every `channel=` value, in order.
+    pub channels: Vec<String>,
+    /// Other parameters (last value wins).
+    pub params: Vec<(String, String)>,
+}
+
+impl Query {
+    /// Decodes a raw query string.
+    pub fn parse(raw: Option<&str>) -> Self {
+        let mut q = Query::default();
+        for (k, v) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+            if k == "channel" {
+                q.channels.push(v.into_owned());
+            } else {
+                q.params.push((k.into_owned(), v.into_owned()));
+            }
+        }
+        q
+    }
+
+    /// The last value of parameter `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.params.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Checks a list of channels: each valid, no more than the limit; duplicates removed.
+pub fn check_channels(
+    channels: Vec<String>,
+    limits: &Limits,
+    required: bool,
+) -> Result<Vec<String>, ApiError> {
+    if required && channels.is_empty() {
+        return Err(ApiError::bad_request("at least one channel is required, e.g. ?channel=news"));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(channels.len());
+    for ch in channels {
+        shared::validate_channel(&ch, limits.max_channel_len)
+            .map_err(|e| ApiError::invalid_channel(&ch, e))?;
+        if !out.contains(&ch) {
+            out.push(ch);
+        }
+    }
+    if out.len() > limits.max_channels_per_connection {
+        return Err(ApiError::too_many_channels(out.len(), limits.max_channels_per_connection));
+    }
+    Ok(out)
+}
+
+/// Waits (bounded) until every subscription is live at the broker.
+pub async fn wait_ready(readies: impl IntoIterator<Item = Arc<Ready>>) {
+    let all = futures_util::future::join_all(readies.into_iter().map(|r| async move { r.wait().await }));
+    if tokio::time::timeout(READY_WAIT, all).await.is_err() {
+        tracing::debug!("broker subscription not confirmed in time; serving anyway");
+    }
+}
+
+/// Counts a client connection while it lives, and why it ended.
+#[derive(Debug)]
+pub struct ConnGuard {
+    transport: Transport,
+    reason: &'static str,
+}
+
+impl ConnGuard {
+    /// Counts a new connection.
+    pub fn new(transport: Transport) -> Self {
+        gauge!(crate::metrics::CONNECTIONS, "transport" => transport.as_str()).increment(1.0);
+        counter!(crate::metrics::CONNECTIONS_TOTAL, "transport" => transport.as_str()).increment(1);
+        Self { transport, reason: "client_closed" }
+    }
+
+    /// Records why the connection ends (a small fixed set: `client_closed`,
+    /// `slow_consumer`, `shutdown`, `timeout`, `protocol_error`, `server_closed`).
+    pub fn set_reason(&mut self, reason: &'static str) {
+        self.reason = reason;
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let t = self.transport.as_str();
+        gauge!(crate::metrics::CONNECTIONS, "transport" => t).decrement(1.0);
+        counter!(crate::metrics::DISCONNECTS_TOTAL, "transport" => t, "reason" => self.reason).increment(1);
+    }
+}

@@ -1,0 +1,166 @@
+//! Long-poll: `GET /poll?channel=a&cursor=...&timeout=25`.
+//!
+//! Answers at once when messages after the cursor are buffered, else holds the request
+//! until one arrives or the timeout passes. The body is
+//! `{"messages":[envelope...],"cursor":"..."}` built from the shared JSON encodings.
+//! Between polls the hub keeps the channel subscribed and buffered, so the next poll
+//! with the returned cursor misses nothing. A cursor this node cannot place (it came
+//! from another node or an earlier run, or the buffer was overrun) gets
+//! `"reset": true` with the affected channels, then live messages.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use axum::{
+    Extension,
+    body::Body,
+    extract::{RawQuery, State},
+    http::{HeaderValue, header},
+    response::Response,
+};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use serde::{Deserialize, Serialize};
+
+use super::{ConnGuard, Query, check_channels, wait_ready};
+use crate::{
+    app::AppState,
+    delivery::Delivery,
+    error::ApiError,
+    hub::{Inbox, Transport},
+    server::ConnCtx,
+};
+
+/// Positions per channel on one node run, carried opaquely by the client.
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+struct Cursor {
+    /// The node run (hub epoch) the positions belong to.
+    e: u64,
+    /// Last seen position per channel.
+    p: BTreeMap<String, u64>,
+}
+
+impl Cursor {
+    fn encode(&self) -> String {
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(self).expect("cursor serializes"))
+    }
+
+    fn decode(s: &str) -> Option<Self> {
+        let bytes = URL_SAFE_NO_PAD.decode(s.trim_end_matches('=')).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
+/// `GET /poll`.
+pub async fn handler(
+    State(state): State<AppState>,
+    ctx: Option<Extension<ConnCtx>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let query = Query::parse(query.as_deref());
+    let timers = &state.config.timers;
+    let timeout = match query.get("timeout") {
+        None | Some("") => timers.poll_timeout,
+        Some(t) => match t.parse::<f64>() {
+            Ok(secs) if secs.is_finite() && secs >= 0.0 => {
+                Duration::from_secs_f64(secs).min(timers.poll_max_timeout)
+            }
+            _ => return Err(ApiError::bad_request("timeout must be a number of seconds, e.g. timeout=25")),
+        },
+    };
+    let cursor = match query.get("cursor").filter(|c| !c.is_empty()) {
+        None => None,
+        Some(c) => Some(Cursor::decode(c).ok_or_else(|| {
+            ApiError::bad_request("invalid cursor: pass back the \"cursor\" of the previous answer unchanged")
+        })?),
+    };
+    let channels = check_channels(query.channels, &state.config.limits, true)?;
+    if state.shutdown.is_cancelled() {
+        return Err(ApiError::shutting_down());
+    }
+    let hub = &state.hub;
+    let foreign = cursor.as_ref().is_some_and(|c| c.e != hub.epoch());
+    let close = ctx.map(|Extension(c)| c.close).unwrap_or_default();
+    let (inbox, mut rx) = Inbox::new(Transport::Poll, state.config.limits.queue_size, close);
+    let mut guard = ConnGuard::new(Transport::Poll);
+
+    let mut joins = Vec::with_capacity(channels.len());
+    let mut messages: Vec<Arc<Delivery>> = Vec::new();
+    let mut reset_channels = Vec::new();
+    for ch in &channels {
+        let after = match &cursor {
+            Some(c) if !foreign => c.p.get(ch).copied(),
+            _ => None,
+        };
+        let join = hub.poll_join(ch, after, &inbox);
+        if foreign || join.gap {
+            reset_channels.push(ch.clone());
+        }
+        messages.extend(join.backlog.iter().cloned());
+        joins.push(join);
+    }
+    if messages.is_empty() && reset_channels.is_empty() {
+        wait_ready(joins.iter().map(|j| j.ready.clone())).await;
+        tokio::select! {
+            d = rx.recv() => {
+                if let Some(d) = d {
+                    messages.push(d);
+                    while let Ok(d) = rx.try_recv() {
+                        messages.push(d);
+                    }
+                }
+            }
+            _ = tokio::time::sleep(timeout) => {}
+            _ = state.shutdown.cancelled() => guard.set_reason("shutdown"),
+            _ = inbox.closed().cancelled() => guard.set_reason("server_closed"),
+        }
+    }
+    messages.sort_by_key(|d| d.seq);
+
+    let mut next = Cursor { e: hub.epoch(), p: BTreeMap::new() };
+    for (ch, join) in channels.iter().zip(&joins) {
+        next.p.insert(ch.clone(), join.position);
+    }
+    for d in &messages {
+        let pos = next.p.entry(d.channel.to_string()).or_default();
+        *pos = (*pos).max(d.seq);
+    }
+    for ch in &channels {
+        hub.keep_alive(ch);
+    }
+    drop(joins);
+
+    let mut body = Vec::with_capacity(64 + messages.iter().map(|d| d.json().len() + 1).sum::<usize>());
+    body.extend_from_slice(br#"{"messages":["#);
+    for (i, d) in messages.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(d.json());
+    }
+    body.extend_from_slice(br#"],"cursor":"#);
+    body.extend_from_slice(serde_json::to_string(&next.encode()).expect("string").as_bytes());
+    if !reset_channels.is_empty() {
+        body.extend_from_slice(br#","reset":true,"reset_channels":"#);
+        body.extend_from_slice(&serde_json::to_vec(&reset_channels).expect("strings serialize"));
+    }
+    body.push(b'}');
+    let mut resp = Response::new(Body::from(body));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_round_trips_and_rejects_garbage() {
+        let c = Cursor { e: 7, p: BTreeMap::from([("a".to_owned(), 3), ("b:c".to_owned(), 9)]) };
+        let s = c.encode();
+        assert!(s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "URL-safe: {s}");
+        assert_eq!(Cursor::decode(&s), Some(c));
+        assert_eq!(Cursor::decode("not a cursor"), None);
+        assert_eq!(Cursor::decode(&URL_SAFE_NO_PAD.encode("[1,2]")), None);
+    }
+}
