@@ -146,7 +146,10 @@ impl Gateway {
     /// Starts a node on free ports; `redis` is a URL or `None` for the memory broker.
     pub fn start(redis: Option<&str>, extra: &[&str]) -> Self {
         let mut cmd = Command::new(gateway_bin());
-        cmd.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--linger-ms", "200"]);
+        cmd.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
+        if !extra.contains(&"--linger-ms") {
+            cmd.args(["--linger-ms", "200"]);
+        }
         if let Some(url) = redis {
             cmd.args(["--redis-url", url]);
         }
