@@ -62,12 +62,32 @@ fn check_event(event: Option<&str>) -> Result<(), ApiError> {
     }
 }
 
+/// Longest idempotency key.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
+
+fn check_idempotency_key(key: Option<&str>) -> Result<(), ApiError> {
+    match key {
+        Some(k) if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_LEN || k.chars().any(|c| c.is_control()) => {
+            Err(ApiError::bad_request(format!(
+                "idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters without control characters"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 async fn publish_one(state: &AppState, msg: Publish) -> Result<PublishResult, ApiError> {
     let channel = msg.channel.clone();
     match state.hub.broker().publish(msg).await {
         Ok(outcome) => {
-            counter!(m::PUBLISH_TOTAL, "result" => "ok").increment(1);
-            Ok(PublishResult { channel, id: outcome.id, subscribed: outcome.subscribed })
+            let result = if outcome.duplicate { "duplicate" } else { "ok" };
+            counter!(m::PUBLISH_TOTAL, "result" => result).increment(1);
+            Ok(PublishResult {
+                channel,
+                id: outcome.id,
+                subscribed: outcome.subscribed,
+                duplicate: outcome.duplicate,
+            })
         }
         Err(err) => {
             counter!(m::PUBLISH_TOTAL, "result" => "broker_error").increment(1);
@@ -107,7 +127,11 @@ pub async fn publish_raw(
     let query = Query::parse(query.as_deref());
     let event = query.get("event").map(str::to_owned);
     check_event(event.as_deref()).map_err(reject)?;
-    publish_one(&state, Publish { channel, data: body, event }).await.map(Json)
+    let idempotency_key = headers.get("idempotency-key").map(|v| v.to_str().unwrap_or("\u{0}").to_owned());
+    check_idempotency_key(idempotency_key.as_deref()).map_err(reject)?;
+    publish_one(&state, Publish { channel, data: body, event, history: true, idempotency_key })
+        .await
+        .map(Json)
 }
 
 /// `POST /api/publish`: JSON `{"channel" | "channels", "data", "event"?}`.
@@ -136,9 +160,7 @@ pub async fn publish_json(
             )));
         }
     };
-    if req.idempotency_key.is_some() {
-        return Err(reject(ApiError::bad_request("idempotency_key is not supported by this version yet")));
-    }
+    check_idempotency_key(req.idempotency_key.as_deref()).map_err(reject)?;
     let limits = &state.config.limits;
     if channels.len() > limits.max_channels_per_connection {
         return Err(reject(ApiError::too_many_channels(channels.len(), limits.max_channels_per_connection)));
@@ -153,7 +175,17 @@ pub async fn publish_json(
     let mut results = Vec::with_capacity(channels.len());
     for channel in channels {
         results.push(
-            publish_one(&state, Publish { channel, data: data.clone(), event: req.event.clone() }).await?,
+            publish_one(
+                &state,
+                Publish {
+                    channel,
+                    data: data.clone(),
+                    event: req.event.clone(),
+                    history: true,
+                    idempotency_key: req.idempotency_key.clone(),
+                },
+            )
+            .await?,
         );
     }
     Ok(Json(PublishResponse { results }))

@@ -15,6 +15,7 @@ use std::sync::{
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
+use shared::StreamPos;
 use tokio::sync::{Notify, watch};
 
 /// Receives messages from the broker (implemented by the hub).
@@ -26,7 +27,7 @@ pub trait Sink: Send + Sync + 'static {
 }
 
 /// A message to publish.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Publish {
     /// Target channel (already validated).
     pub channel: String,
@@ -34,6 +35,10 @@ pub struct Publish {
     pub data: Bytes,
     /// Optional event name (already validated).
     pub event: Option<String>,
+    /// Append to the channel's history (and get a position) before publishing.
+    pub history: bool,
+    /// Suppresses a repeat of the same publish within the idempotency window.
+    pub idempotency_key: Option<String>,
 }
 
 /// What a publish achieved.
@@ -43,11 +48,48 @@ pub struct PublishOutcome {
     pub id: Option<String>,
     /// Whether any node (or, in memory, any local client) had subscribers.
     pub subscribed: bool,
+    /// The idempotency key was seen before: nothing was published again and `id` is
+    /// the original message's.
+    pub duplicate: bool,
+}
+
+/// One message read back from history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    /// Its position.
+    pub pos: StreamPos,
+    /// Event name, if any.
+    pub event: Option<String>,
+    /// Payload.
+    pub data: Bytes,
+}
+
+/// What history can say about the messages after a position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovery {
+    /// History covers the gap: these are all the messages after it, oldest first.
+    Covered(Vec<HistoryEntry>),
+    /// History no longer covers the gap (trimmed, expired or wiped): tell the client.
+    Gap,
+}
+
+/// Limits of per-channel history.
+#[derive(Debug, Clone)]
+pub struct HistoryConfig {
+    /// Most messages kept per channel.
+    pub max_len: usize,
+    /// Oldest message kept.
+    pub max_age: std::time::Duration,
+    /// How long an idempotency key suppresses repeats.
+    pub idempotency_window: std::time::Duration,
 }
 
 /// Why a broker operation failed; shown to clients only as "broker unavailable".
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
+    /// Redis answered something this gateway does not understand.
+    #[error("unexpected reply from redis: {0}")]
+    Protocol(String),
     /// Redis could not be reached or answered with an error.
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
@@ -106,6 +148,9 @@ pub trait Broker: Send + Sync + 'static {
     fn unsubscribe(&self, channel: Arc<str>);
     /// Publishes a message to every node.
     fn publish(&self, msg: Publish) -> BoxFuture<'_, Result<PublishOutcome, BrokerError>>;
+    /// The messages of `channel` after `from`, if history still covers them.
+    fn since<'a>(&'a self, channel: &'a str, from: StreamPos)
+    -> BoxFuture<'a, Result<Recovery, BrokerError>>;
     /// The link state, watched by readiness and metrics.
     fn link(&self) -> watch::Receiver<LinkState>;
     /// Short name for logs: `memory` or `redis`.

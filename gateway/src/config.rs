@@ -10,6 +10,8 @@ use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
+use crate::broker::HistoryConfig;
+
 /// Default public listener (SSE, WebSocket, long-poll, publish API, demo page).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 /// Default admin listener (metrics, health, readiness).
@@ -41,6 +43,12 @@ pub const DEFAULT_LINGER_MS: u64 = 2000;
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
 /// Default `retry:` hint sent to SSE clients when the server goes away, in ms.
 pub const DEFAULT_SSE_RETRY_MS: u64 = 2000;
+/// Default most messages kept in each channel's history.
+pub const DEFAULT_HISTORY_SIZE: usize = 1000;
+/// Default age after which history messages are dropped, in seconds.
+pub const DEFAULT_HISTORY_TTL_SECS: u64 = 3600;
+/// Default window in which a repeated `idempotency_key` is suppressed, in seconds.
+pub const DEFAULT_IDEMPOTENCY_WINDOW_SECS: u64 = 300;
 /// Default Redis connection pool size (publishing).
 pub const DEFAULT_REDIS_POOL_SIZE: usize = 16;
 
@@ -128,6 +136,15 @@ pub struct ServeArgs {
     /// Seconds to drain connections on SIGTERM before exiting [default: 30].
     #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<u64>,
+    /// Most messages kept in each channel's history (for resume) [default: 1000].
+    #[arg(long, env = "GATEWAY_HISTORY_SIZE")]
+    pub history_size: Option<usize>,
+    /// Seconds a message stays in history [default: 3600].
+    #[arg(long, env = "GATEWAY_HISTORY_TTL_SECS")]
+    pub history_ttl_secs: Option<u64>,
+    /// Seconds during which a repeated publish `idempotency_key` is suppressed [default: 300].
+    #[arg(long, env = "GATEWAY_IDEMPOTENCY_WINDOW_SECS")]
+    pub idempotency_window_secs: Option<u64>,
     /// Log format: text or json [default: text]. Levels come from RUST_LOG.
     #[arg(long, env = "GATEWAY_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -191,6 +208,9 @@ pub struct FileConfig {
     poll_keepalive_secs: Option<u64>,
     linger_ms: Option<u64>,
     shutdown_grace_secs: Option<u64>,
+    history_size: Option<usize>,
+    history_ttl_secs: Option<u64>,
+    idempotency_window_secs: Option<u64>,
     log_format: Option<LogFormat>,
 }
 
@@ -260,6 +280,8 @@ pub struct Config {
     pub limits: Limits,
     /// Timers of the transports.
     pub timers: Timers,
+    /// Per-channel history limits.
+    pub history: HistoryConfig,
     /// Whether WebSocket clients may publish.
     pub ws_publish: bool,
     /// Log format.
@@ -312,6 +334,7 @@ impl fmt::Debug for Config {
             .field("api_keys", &self.api_keys)
             .field("limits", &self.limits)
             .field("timers", &self.timers)
+            .field("history", &self.history)
             .field("ws_publish", &self.ws_publish)
             .field("log_format", &self.log_format)
             .finish()
@@ -428,6 +451,21 @@ impl Config {
             api_keys,
             limits,
             timers,
+            history: HistoryConfig {
+                max_len: positive(
+                    "history_size",
+                    args.history_size.or(file.history_size).unwrap_or(DEFAULT_HISTORY_SIZE),
+                )?,
+                max_age: Duration::from_secs(positive(
+                    "history_ttl_secs",
+                    args.history_ttl_secs.or(file.history_ttl_secs).unwrap_or(DEFAULT_HISTORY_TTL_SECS),
+                )?),
+                idempotency_window: Duration::from_secs(
+                    args.idempotency_window_secs
+                        .or(file.idempotency_window_secs)
+                        .unwrap_or(DEFAULT_IDEMPOTENCY_WINDOW_SECS),
+                ),
+            },
             ws_publish: args.ws_publish.or(file.ws_publish).unwrap_or(false),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         })

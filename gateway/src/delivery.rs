@@ -4,7 +4,7 @@
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
-use shared::EnvelopeRef;
+use shared::{EnvelopeRef, StreamPos};
 
 /// One message for one channel, shared by every local subscriber via `Arc`.
 #[derive(Debug)]
@@ -13,6 +13,10 @@ pub struct Delivery {
     pub channel: Arc<str>,
     /// History position, when the publisher assigned one.
     pub id: Option<Box<str>>,
+    /// `id` parsed, for ordering and de-duplication.
+    pub pos: Option<StreamPos>,
+    /// Not a message but a notice that history could not cover a gap on `channel`.
+    pub reset: bool,
     /// Event name, when the publisher named one.
     pub event: Option<Box<str>>,
     /// The payload as text (invalid UTF-8 is replaced, since every wire format is text).
@@ -22,6 +26,7 @@ pub struct Delivery {
     /// Publish time in ms since the Unix epoch, when the publisher stamped one.
     pub published_ms: Option<u64>,
     sse: OnceLock<Bytes>,
+    sse_body: OnceLock<Bytes>,
     json: OnceLock<Bytes>,
     ws: OnceLock<Bytes>,
 }
@@ -40,17 +45,32 @@ impl Delivery {
             Ok(_) => data,
             Err(_) => Bytes::from(String::from_utf8_lossy(&data).into_owned()),
         };
+        let pos = id.as_deref().and_then(|i| i.parse().ok());
         Self {
             channel,
             id,
+            pos,
+            reset: false,
             event,
             data,
             seq,
             published_ms,
             sse: OnceLock::new(),
+            sse_body: OnceLock::new(),
             json: OnceLock::new(),
             ws: OnceLock::new(),
         }
+    }
+
+    /// A notice that messages of `channel` were missed and cannot be recovered.
+    pub fn reset(channel: Arc<str>, seq: u64) -> Self {
+        let mut d = Self::new(channel, None, None, Bytes::new(), seq, None);
+        d.reset = true;
+        d
+    }
+
+    fn reset_json(&self) -> String {
+        serde_json::json!({ "channel": &*self.channel }).to_string()
     }
 
     /// The payload as `&str` (always valid: checked in `new`).
@@ -58,13 +78,36 @@ impl Delivery {
         std::str::from_utf8(&self.data).unwrap_or_default()
     }
 
-    /// The SSE event (`id:`, `event:`, `data:` lines), plain format.
+    /// The SSE event (`id:`, `event:`, `data:` lines), plain format. A reset is
+    /// `event: reset` with `{"channel":...}` as data.
     pub fn sse(&self) -> &Bytes {
         self.sse.get_or_init(|| {
             let mut s = String::new();
-            shared::sse::encode_event(&mut s, self.id.as_deref(), self.event.as_deref(), self.data_str());
+            if self.reset {
+                shared::sse::encode_event(&mut s, None, Some("reset"), &self.reset_json());
+            } else {
+                shared::sse::encode_event(&mut s, self.id.as_deref(), self.event.as_deref(), self.data_str());
+            }
             Bytes::from(s)
         })
+    }
+
+    /// The SSE event without its `id:` line, for streams that write a compound id of
+    /// their own in front of it.
+    pub fn sse_body(&self, json: bool) -> Bytes {
+        if json {
+            let mut s = String::new();
+            let data = std::str::from_utf8(self.json()).unwrap_or_default();
+            shared::sse::encode_event(&mut s, None, self.event.as_deref(), data);
+            return Bytes::from(s);
+        }
+        self.sse_body
+            .get_or_init(|| {
+                let mut s = String::new();
+                shared::sse::encode_event(&mut s, None, self.event.as_deref(), self.data_str());
+                Bytes::from(s)
+            })
+            .clone()
     }
 
     /// The JSON envelope `{"channel","id","event","data"}` (long-poll, SSE `format=json`).
@@ -82,6 +125,9 @@ impl Delivery {
 
     /// The SSE event carrying the JSON envelope as data (`format=json`).
     pub fn sse_json(&self) -> Bytes {
+        if self.reset {
+            return self.sse().clone();
+        }
         // The envelope has no raw line breaks, so it is one `data:` line; built from the
         // shared JSON encoding and cheap enough not to cache separately.
         let json = self.json();
@@ -98,6 +144,14 @@ impl Delivery {
     /// The WebSocket text frame `{"type":"message",...}`.
     pub fn ws(&self) -> &Bytes {
         self.ws.get_or_init(|| {
+            if self.reset {
+                return Bytes::from(
+                    serde_json::to_vec(&shared::protocol::ServerFrame::Reset {
+                        channel: self.channel.to_string(),
+                    })
+                    .expect("frame serializes"),
+                );
+            }
             let json = self.json();
             let mut v = Vec::with_capacity(json.len() + 17);
             v.extend_from_slice(br#"{"type":"message","#);

@@ -19,12 +19,13 @@ use std::{
 
 use bytes::Bytes;
 use metrics::{Counter, Gauge, counter, gauge};
+use shared::{StreamPos, envelope::FrameHeader};
 use slab::Slab;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    broker::{Broker, Ready, Sink},
+    broker::{Broker, HistoryEntry, Ready, Recovery, Sink},
     delivery::Delivery,
     metrics as m,
 };
@@ -113,6 +114,10 @@ struct Channel {
     ready: Arc<Ready>,
     /// Keep the channel subscribed until then even with no subscribers (long-poll).
     keep_until: Option<Instant>,
+    /// Last history position dispatched here; older or equal ones are duplicates.
+    last_pos: Option<StreamPos>,
+    /// While history is replayed after a broker outage, live payloads wait here.
+    recovering: Option<Vec<Bytes>>,
 }
 
 #[derive(Default)]
@@ -144,6 +149,7 @@ struct HubMetrics {
 
 /// The node-local registry of channels and subscribers.
 pub struct Hub {
+    me: Weak<Hub>,
     shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
     broker: Arc<dyn Broker>,
@@ -192,6 +198,8 @@ pub struct PollJoin {
     pub gap: bool,
     /// Set once the broker subscription is live.
     pub ready: Arc<Ready>,
+    /// The last history position this node delivered on the channel.
+    pub last_pos: Option<StreamPos>,
 }
 
 impl Hub {
@@ -208,6 +216,7 @@ impl Hub {
                 subscriptions: gauge!(m::SUBSCRIPTIONS),
             };
             Hub {
+                me: weak.clone(),
                 shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
                 hasher: RandomState::new(),
                 broker: make_broker(sink),
@@ -243,7 +252,16 @@ impl Hub {
             self.metrics.channels.increment(1.0);
             shard.channels.insert(
                 name.clone(),
-                Channel { name, subs: Slab::new(), ring: None, floor: 0, ready, keep_until: None },
+                Channel {
+                    name,
+                    subs: Slab::new(),
+                    ring: None,
+                    floor: 0,
+                    ready,
+                    keep_until: None,
+                    last_pos: None,
+                    recovering: None,
+                },
             );
         }
         shard.channels.get_mut(channel).expect("inserted above")
@@ -287,9 +305,10 @@ impl Hub {
         let key = ch.subs.insert(Sub { inbox: inbox.clone() });
         let subscription = Subscription { hub: self.clone(), channel: ch.name.clone(), key };
         let ready = ch.ready.clone();
+        let last_pos = ch.last_pos;
         drop(shard);
         self.metrics.subscriptions.increment(1.0);
-        PollJoin { subscription, backlog, position, gap, ready }
+        PollJoin { subscription, backlog, position, gap, ready, last_pos }
     }
 
     /// Keeps `channel` subscribed for a while without a subscriber (between polls).
@@ -362,22 +381,37 @@ impl Hub {
         }
     }
 
-    /// Fans one message out to the local subscribers of `channel`.
+    /// Fans one message from the broker out to the local subscribers of `channel`.
     pub fn dispatch(&self, channel: &str, payload: Bytes) {
         self.metrics.broker_messages.increment(1);
-        let (header, data) = shared::envelope::decode_frame(&payload);
-        let data = payload.slice_ref(data);
         let mut shard = self.shard(channel);
         let Some(ch) = shard.channels.get_mut(channel) else { return };
+        if let Some(waiting) = &mut ch.recovering {
+            waiting.push(payload);
+            return;
+        }
+        let (header, data) = shared::envelope::decode_frame(&payload);
+        let data = payload.slice_ref(data);
+        self.dispatch_locked(ch, header, data);
+    }
+
+    fn dispatch_locked(&self, ch: &mut Channel, header: FrameHeader, data: Bytes) {
         let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
-        let delivery = Arc::new(Delivery::new(
+        let delivery = Delivery::new(
             ch.name.clone(),
             header.id.map(Into::into),
             header.event.map(Into::into),
             data,
             seq,
             header.ts,
-        ));
+        );
+        if let Some(pos) = delivery.pos {
+            if ch.last_pos.is_some_and(|last| pos <= last) {
+                return; // already delivered (replay overlapping live delivery)
+            }
+            ch.last_pos = Some(pos);
+        }
+        let delivery = Arc::new(delivery);
         if let Some(ring) = &mut ch.ring {
             if ring.len() >= self.config.poll_buffer
                 && let Some(old) = ring.pop_front()
@@ -386,6 +420,11 @@ impl Hub {
             }
             ring.push_back(delivery.clone());
         }
+        self.fan_out(ch, &delivery);
+    }
+
+    /// Hands `delivery` to every subscriber's inbox; kicks those whose inbox is full.
+    fn fan_out(&self, ch: &Channel, delivery: &Arc<Delivery>) {
         let mut delivered = [0u64; 3];
         let mut slow = [0u64; 3];
         for (_, sub) in ch.subs.iter() {
@@ -402,7 +441,6 @@ impl Hub {
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
-        drop(shard);
         for t in Transport::ALL {
             let i = t as usize;
             if delivered[i] > 0 {
@@ -415,11 +453,64 @@ impl Hub {
             }
         }
     }
+
+    /// After a broker outage: replays, per channel that has seen history messages, what
+    /// was published meanwhile (live messages wait until the replay is done), or tells
+    /// subscribers about the gap when history cannot cover it.
+    pub async fn recover_after_outage(self: Arc<Self>) {
+        let mut todo = Vec::new();
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for ch in shard.channels.values_mut() {
+                if let Some(pos) = ch.last_pos {
+                    ch.recovering.get_or_insert_with(Vec::new);
+                    todo.push((ch.name.clone(), pos));
+                }
+            }
+        }
+        for (name, from) in todo {
+            let result = self.broker.since(&name, from).await;
+            let mut shard = self.shard(&name);
+            let Some(ch) = shard.channels.get_mut(&*name) else { continue };
+            match result {
+                Ok(Recovery::Covered(entries)) => {
+                    counter!(m::RECOVERIES_TOTAL, "result" => "replayed").increment(1);
+                    counter!(m::REPLAYED_TOTAL).increment(entries.len() as u64);
+                    for e in entries {
+                        self.dispatch_entry(ch, e);
+                    }
+                }
+                Ok(Recovery::Gap) | Err(_) => {
+                    let why = if result.is_ok() { "reset" } else { "error" };
+                    counter!(m::RECOVERIES_TOTAL, "result" => why).increment(1);
+                    tracing::warn!(channel = %crate::error::quote(&name), why, "history cannot cover the outage; clients get a reset");
+                    let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
+                    self.fan_out(ch, &Arc::new(Delivery::reset(ch.name.clone(), seq)));
+                }
+            }
+            for payload in ch.recovering.take().unwrap_or_default() {
+                let (header, data) = shared::envelope::decode_frame(&payload);
+                let data = payload.slice_ref(data);
+                self.dispatch_locked(ch, header, data);
+            }
+        }
+    }
+
+    fn dispatch_entry(&self, ch: &mut Channel, e: HistoryEntry) {
+        let header = FrameHeader { id: Some(e.pos.to_string()), event: e.event, ts: None };
+        self.dispatch_locked(ch, header, e.data);
+    }
 }
 
 impl Sink for Hub {
     fn deliver(&self, channel: &str, payload: Bytes) {
         self.dispatch(channel, payload);
+    }
+
+    fn link_restored(&self) {
+        if let Some(hub) = self.me.upgrade() {
+            tokio::spawn(hub.recover_after_outage());
+        }
     }
 }
 
@@ -435,7 +526,7 @@ mod tests {
                 poll_buffer: 4,
                 poll_keepalive: Duration::from_millis(0),
             },
-            |sink| Arc::new(MemoryBroker::new(sink)),
+            |sink| Arc::new(MemoryBroker::new(sink, crate::broker::memory::test_history())),
         )
     }
 

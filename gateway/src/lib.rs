@@ -79,11 +79,12 @@ pub async fn run(
     let mut broker_err = None;
     let hub = Hub::new(hub_config, |sink| -> Arc<dyn Broker> {
         match &config.redis_url {
-            None => Arc::new(MemoryBroker::new(sink)),
+            None => Arc::new(MemoryBroker::new(sink, config.history.clone())),
             Some(url) => {
                 match RedisBroker::start(
                     url.expose(),
                     config.redis_pool_size,
+                    config.history.clone(),
                     sink.clone(),
                     shutdown.clone(),
                     &tracker,
@@ -91,7 +92,7 @@ pub async fn run(
                     Ok(b) => Arc::new(b),
                     Err(e) => {
                         broker_err = Some(e);
-                        Arc::new(MemoryBroker::new(sink))
+                        Arc::new(MemoryBroker::new(sink, config.history.clone()))
                     }
                 }
             }

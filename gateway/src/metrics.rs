@@ -30,6 +30,13 @@ pub const BROKER_LINK_UP: &str = "gateway_broker_link_up";
 pub const BROKER_RECONNECTS_TOTAL: &str = "gateway_broker_reconnects_total";
 /// Publish requests (counter), by `result`.
 pub const PUBLISH_TOTAL: &str = "gateway_publish_requests_total";
+/// History recoveries (client resumes and link restores) (counter), by `result`
+/// (`replayed`, `reset`, `error`).
+pub const RECOVERIES_TOTAL: &str = "gateway_history_recoveries_total";
+/// Messages replayed from history (counter).
+pub const REPLAYED_TOTAL: &str = "gateway_history_replayed_messages_total";
+/// Gap notices (`reset`) sent to clients (counter), by `transport`.
+pub const RESETS_TOTAL: &str = "gateway_resets_total";
 /// Requests refused for bad input (counter), by `reason`.
 pub const REJECTED_TOTAL: &str = "gateway_rejected_requests_total";
 
@@ -62,5 +69,8 @@ fn describe() {
     describe_gauge!(BROKER_LINK_UP, "1 while the broker link is up, 0 while down.");
     describe_counter!(BROKER_RECONNECTS_TOTAL, "Broker reconnects after a lost link.");
     describe_counter!(PUBLISH_TOTAL, "Publish requests by result.");
+    describe_counter!(RECOVERIES_TOTAL, "History recoveries by result.");
+    describe_counter!(REPLAYED_TOTAL, "Messages replayed from history.");
+    describe_counter!(RESETS_TOTAL, "Gap notices sent to clients.");
     describe_counter!(REJECTED_TOTAL, "Requests refused for bad input, by reason.");
 }

@@ -106,7 +106,7 @@ fn parse_line(args: &PublishArgs, line: String, max_payload: usize) -> Result<Pu
     if data.len() > max_payload {
         return Err(format!("payload of {} bytes exceeds the limit of {max_payload}", data.len()));
     }
-    Ok(Publish { channel, data: Bytes::from(data), event })
+    Ok(Publish { channel, data: Bytes::from(data), event, history: true, idempotency_key: None })
 }
 
 async fn connect(args: &PublishArgs) -> Result<Target, String> {

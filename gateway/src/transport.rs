@@ -12,7 +12,15 @@ use std::{sync::Arc, time::Duration};
 
 use metrics::{counter, gauge};
 
-use crate::{broker::Ready, config::Limits, error::ApiError, hub::Transport};
+use shared::{Resume, StreamPos};
+
+use crate::{
+    broker::{Ready, Recovery},
+    config::Limits,
+    delivery::Delivery,
+    error::ApiError,
+    hub::{Hub, Transport},
+};
 
 /// How long a new subscriber waits for the broker to confirm its channels before it
 /// is served anyway (messages flow as soon as the link is back).
@@ -106,4 +114,97 @@ impl Drop for ConnGuard {
         gauge!(crate::metrics::CONNECTIONS, "transport" => t).decrement(1.0);
         counter!(crate::metrics::DISCONNECTS_TOTAL, "transport" => t, "reason" => self.reason).increment(1);
     }
+}
+
+/// The last history position delivered per channel on one connection. Replayed and
+/// live messages can overlap while a client resumes; this drops the repeats and keeps
+/// each channel in order.
+#[derive(Debug, Default)]
+pub struct Positions(Vec<(Arc<str>, StreamPos)>);
+
+impl Positions {
+    /// Records `d` and says whether to send it (false: already sent, or older).
+    pub fn accept(&mut self, d: &Delivery) -> bool {
+        let Some(pos) = d.pos else { return true };
+        match self.0.iter_mut().find(|(c, _)| **c == *d.channel) {
+            Some((_, last)) if pos <= *last => false,
+            Some((_, last)) => {
+                *last = pos;
+                true
+            }
+            None => {
+                self.0.push((d.channel.clone(), pos));
+                true
+            }
+        }
+    }
+
+    /// Sets the position of `channel` (a client's resume point).
+    pub fn set(&mut self, channel: &Arc<str>, pos: StreamPos) {
+        match self.0.iter_mut().find(|(c, _)| c == channel) {
+            Some((_, last)) => *last = pos,
+            None => self.0.push((channel.clone(), pos)),
+        }
+    }
+
+    /// The position of `channel`, if known.
+    pub fn get(&self, channel: &str) -> Option<StreamPos> {
+        self.0.iter().find(|(c, _)| &**c == channel).map(|(_, p)| *p)
+    }
+
+    /// All positions as a compound id `chan~pos,...`.
+    pub fn compound(&self) -> String {
+        shared::position::encode_compound(self.0.iter().map(|(c, p)| (&**c, *p)))
+    }
+}
+
+/// What a resuming subscriber gets before live messages.
+#[derive(Debug)]
+pub enum Replay {
+    /// The missed messages, oldest first (maybe none).
+    Messages(Vec<Arc<Delivery>>),
+    /// History cannot cover the gap: send this reset notice, then go live.
+    Reset(Arc<Delivery>),
+}
+
+/// Reads what `channel` published after `from` from history. Call it after the live
+/// subscription is ready, so nothing falls between history and live delivery.
+pub async fn replay(hub: &Hub, channel: &Arc<str>, from: StreamPos) -> Replay {
+    let result = hub.broker().since(channel, from).await;
+    match result {
+        Ok(Recovery::Covered(entries)) => {
+            counter!(crate::metrics::RECOVERIES_TOTAL, "result" => "replayed").increment(1);
+            counter!(crate::metrics::REPLAYED_TOTAL).increment(entries.len() as u64);
+            Replay::Messages(
+                entries
+                    .into_iter()
+                    .map(|e| {
+                        Arc::new(Delivery::new(
+                            channel.clone(),
+                            Some(e.pos.to_string().into()),
+                            e.event.map(Into::into),
+                            e.data,
+                            0,
+                            None,
+                        ))
+                    })
+                    .collect(),
+            )
+        }
+        Ok(Recovery::Gap) => {
+            counter!(crate::metrics::RECOVERIES_TOTAL, "result" => "reset").increment(1);
+            Replay::Reset(Arc::new(Delivery::reset(channel.clone(), 0)))
+        }
+        Err(err) => {
+            tracing::warn!(%err, "history unavailable for a resuming client; sending reset");
+            counter!(crate::metrics::RECOVERIES_TOTAL, "result" => "error").increment(1);
+            Replay::Reset(Arc::new(Delivery::reset(channel.clone(), 0)))
+        }
+    }
+}
+
+/// Parses a client's resume id (`Last-Event-ID`, `last_event_id`, WS `since`).
+pub fn parse_resume(s: &str) -> Result<Resume, ApiError> {
+    Resume::parse(s)
+        .map_err(|e| ApiError::bad_request(format!("invalid last event id {}: {e}", crate::error::quote(s))))
 }

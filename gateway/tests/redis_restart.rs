@@ -33,7 +33,8 @@ async fn nodes_resubscribe_after_redis_restarts() {
         assert_eq!(reqwest::get(n.admin_url("/healthz")).await.unwrap().status(), 200);
     }
     // Publishing while Redis is down is refused clearly, not lost silently.
-    let r = reqwest::Client::new().post(n1.url(&format!("/publish/{ch}"))).body("lost?").send().await.unwrap();
+    let r =
+        reqwest::Client::new().post(n1.url(&format!("/publish/{ch}"))).body("lost?").send().await.unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"], "broker_unavailable");
 

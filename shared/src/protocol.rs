@@ -175,6 +175,10 @@ pub struct PublishResult {
     pub id: Option<String>,
     /// Whether any gateway node had subscribers for the channel.
     pub subscribed: bool,
+    /// The idempotency key was seen within its window: nothing was published again,
+    /// and `id` is the first publish's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
 }
 
 /// Body of a successful `POST /api/publish`.

@@ -20,7 +20,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
-use super::{Broker, BrokerError, LinkState, Publish, PublishOutcome, Ready, Sink};
+use shared::StreamPos;
+
+use super::{
+    Broker, BrokerError, HistoryConfig, HistoryEntry, LinkState, Publish, PublishOutcome, Ready, Recovery,
+    Sink,
+};
 use crate::{config::mask_url, metrics as m};
 
 /// Longest a single Redis command may take before the link counts as broken.
@@ -42,6 +47,32 @@ pub struct RedisBroker {
     cmds: mpsc::UnboundedSender<Cmd>,
     pool: Pool,
     link: watch::Receiver<LinkState>,
+    library: Arc<str>,
+    history: HistoryConfig,
+}
+
+/// The Redis Function library source with this node's history limits filled in.
+pub fn library_source(h: &HistoryConfig) -> String {
+    include_str!("fanout.lua")
+        .replace("__MAXLEN__", &h.max_len.to_string())
+        .replace("__MAXAGE_MS__", &h.max_age.as_millis().to_string())
+        .replace("__KEY_TTL_MS__", &(h.max_age.as_millis() + 3_600_000).to_string())
+        .replace("__IDEM_MS__", &h.idempotency_window.as_millis().max(1).to_string())
+}
+
+/// Loads (or replaces) the `fanout` function library.
+async fn load_library(conn: &mut impl redis::aio::ConnectionLike, source: &str) -> redis::RedisResult<()> {
+    redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(source)
+        .query_async::<String>(conn)
+        .await
+        .map(|_| ())
+}
+
+fn is_missing_function(e: &redis::RedisError) -> bool {
+    e.to_string().contains("Function not found")
 }
 
 impl RedisBroker {
@@ -50,6 +81,7 @@ impl RedisBroker {
     pub fn start(
         url: &str,
         pool_size: usize,
+        history: HistoryConfig,
         sink: Weak<dyn Sink>,
         shutdown: CancellationToken,
         tracker: &TaskTracker,
@@ -67,12 +99,80 @@ impl RedisBroker {
         let (cmds, rx) = mpsc::unbounded_channel();
         let (link_tx, link) = watch::channel(LinkState::Down);
         gauge!(m::BROKER_LINK_UP).set(0.0);
-        let task =
-            PubSubTask { client, sink, cmds: rx, link: link_tx, wanted: HashSet::new(), waiting: Vec::new() };
+        let library: Arc<str> = library_source(&history).into();
+        let task = PubSubTask {
+            client,
+            sink,
+            cmds: rx,
+            link: link_tx,
+            wanted: HashSet::new(),
+            waiting: Vec::new(),
+            library: library.clone(),
+        };
         info!(url = %mask_url(url), "redis broker starting");
         tracker.spawn(task.run(shutdown));
-        Ok(Self { cmds, pool, link })
+        Ok(Self { cmds, pool, link, library, history })
     }
+
+    /// Runs an FCALL, loading the function library first if Redis lost it (restart
+    /// without persistence, or a fresh server).
+    async fn fcall(&self, cmd: redis::Cmd) -> Result<redis::Value, BrokerError> {
+        let fut = async {
+            let mut conn = self.pool.get().await.map_err(|e| BrokerError::Pool(e.to_string()))?;
+            match cmd.query_async::<redis::Value>(&mut conn).await {
+                Err(e) if is_missing_function(&e) => {
+                    load_library(&mut conn, &self.library).await?;
+                    Ok(cmd.query_async::<redis::Value>(&mut conn).await?)
+                }
+                r => Ok(r?),
+            }
+        };
+        tokio::time::timeout(COMMAND_TIMEOUT, fut)
+            .await
+            .map_err(|_| BrokerError::Pool("redis timed out".into()))?
+    }
+}
+
+fn bulk(v: &redis::Value) -> Option<&[u8]> {
+    match v {
+        redis::Value::BulkString(b) => Some(b),
+        redis::Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn text(v: &redis::Value) -> Option<&str> {
+    bulk(v).and_then(|b| std::str::from_utf8(b).ok())
+}
+
+/// Parses `fanout_since`'s reply `{status, entries, last}`.
+fn parse_since(v: redis::Value) -> Result<Recovery, BrokerError> {
+    let bad = |what: &str| BrokerError::Protocol(format!("fanout_since: {what}"));
+    let redis::Value::Array(parts) = v else { return Err(bad("not an array")) };
+    let [status, entries, _last] = &parts[..] else { return Err(bad("wrong length")) };
+    match text(status) {
+        Some("reset") => return Ok(Recovery::Gap),
+        Some("ok") => {}
+        _ => return Err(bad("unknown status")),
+    }
+    let redis::Value::Array(entries) = entries else { return Err(bad("entries not an array")) };
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let redis::Value::Array(pair) = e else { return Err(bad("entry not an array")) };
+        let [id, fields] = &pair[..] else { return Err(bad("entry shape")) };
+        let pos: StreamPos = text(id).and_then(|s| s.parse().ok()).ok_or_else(|| bad("entry id"))?;
+        let redis::Value::Array(fields) = fields else { return Err(bad("entry fields")) };
+        let (mut data, mut event) = (Bytes::new(), None);
+        for kv in fields.chunks(2) {
+            match (kv.first().and_then(text), kv.get(1).and_then(bulk)) {
+                (Some("d"), Some(v)) => data = Bytes::copy_from_slice(v),
+                (Some("e"), Some(v)) => event = Some(String::from_utf8_lossy(v).into_owned()),
+                _ => {}
+            }
+        }
+        out.push(HistoryEntry { pos, event, data });
+    }
+    Ok(Recovery::Covered(out))
 }
 
 impl Broker for RedisBroker {
@@ -86,6 +186,21 @@ impl Broker for RedisBroker {
 
     fn publish(&self, msg: Publish) -> BoxFuture<'_, Result<PublishOutcome, BrokerError>> {
         Box::pin(async move {
+            if msg.history {
+                let mut cmd = redis::cmd("FCALL");
+                cmd.arg("fanout_publish").arg(1).arg(&msg.channel).arg(&msg.data[..]);
+                cmd.arg(msg.event.as_deref().unwrap_or("")).arg(msg.idempotency_key.as_deref().unwrap_or(""));
+                let reply = self.fcall(cmd).await?;
+                let redis::Value::Array(parts) = reply else {
+                    return Err(BrokerError::Protocol("fanout_publish: not an array".into()));
+                };
+                let id = parts.first().and_then(text).map(str::to_owned);
+                let receivers = match parts.get(1) {
+                    Some(redis::Value::Int(n)) => *n,
+                    _ => 0,
+                };
+                return Ok(PublishOutcome { id, subscribed: receivers > 0, duplicate: receivers < 0 });
+            }
             let payload = super::frame(&msg);
             let fut = async {
                 let mut conn = self.pool.get().await.map_err(|e| BrokerError::Pool(e.to_string()))?;
@@ -96,7 +211,21 @@ impl Broker for RedisBroker {
             let receivers = tokio::time::timeout(COMMAND_TIMEOUT, fut)
                 .await
                 .map_err(|_| BrokerError::Pool("publish timed out".into()))??;
-            Ok(PublishOutcome { id: None, subscribed: receivers > 0 })
+            Ok(PublishOutcome { id: None, subscribed: receivers > 0, duplicate: false })
+        })
+    }
+
+    fn since<'a>(
+        &'a self,
+        channel: &'a str,
+        from: StreamPos,
+    ) -> BoxFuture<'a, Result<Recovery, BrokerError>> {
+        Box::pin(async move {
+            let mut cmd = redis::cmd("FCALL_RO");
+            // Trimming is approximate (`MAXLEN ~`): read a little more than the limit.
+            let count = self.history.max_len + self.history.max_len / 2 + 100;
+            cmd.arg("fanout_since").arg(1).arg(channel).arg(from.to_string()).arg(count);
+            parse_since(self.fcall(cmd).await?)
         })
     }
 
@@ -118,6 +247,8 @@ struct PubSubTask {
     wanted: HashSet<Arc<str>>,
     /// Ready flags to set once the current link has subscribed their channel.
     waiting: Vec<(Arc<str>, Arc<Ready>)>,
+    /// Function library to (re)load whenever the link comes up.
+    library: Arc<str>,
 }
 
 /// The link failed; reconnect.
@@ -166,6 +297,16 @@ impl PubSubTask {
         ever_up: &mut bool,
     ) -> Result<(), LinkLost> {
         let (mut sink, mut stream) = pubsub.split();
+        // A restarted Redis without persistence has lost the library: load it now.
+        match tokio::time::timeout(COMMAND_TIMEOUT, self.client.get_multiplexed_async_connection()).await {
+            Err(_) => return Err(LinkLost("connect timed out".into())),
+            Ok(Ok(mut conn)) => {
+                if let Err(e) = load_library(&mut conn, &self.library).await {
+                    warn!(error = %e, "cannot load the fanout function library (history publishing will retry)");
+                }
+            }
+            Ok(Err(e)) => return Err(LinkLost(e.to_string())),
+        }
         self.drain_cmds();
         let all: Vec<Arc<str>> = self.wanted.iter().cloned().collect();
         let mut active: HashSet<Arc<str>> = HashSet::new();

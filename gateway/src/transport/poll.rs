@@ -20,7 +20,9 @@ use axum::{
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use serde::{Deserialize, Serialize};
 
-use super::{ConnGuard, Query, check_channels, wait_ready};
+use shared::StreamPos;
+
+use super::{ConnGuard, Positions, Query, Replay, check_channels, replay, wait_ready};
 use crate::{
     app::AppState,
     delivery::Delivery,
@@ -34,8 +36,11 @@ use crate::{
 struct Cursor {
     /// The node run (hub epoch) the positions belong to.
     e: u64,
-    /// Last seen position per channel.
+    /// Last seen position per channel in this node's buffer.
     p: BTreeMap<String, u64>,
+    /// Last seen history position per channel: valid on every node.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    h: BTreeMap<String, String>,
 }
 
 impl Cursor {
@@ -85,20 +90,45 @@ pub async fn handler(
     let mut joins = Vec::with_capacity(channels.len());
     let mut messages: Vec<Arc<Delivery>> = Vec::new();
     let mut reset_channels = Vec::new();
+    let mut positions = Positions::default();
+    let mut from_history = Vec::new();
     for ch in &channels {
         let after = match &cursor {
             Some(c) if !foreign => c.p.get(ch).copied(),
             _ => None,
         };
+        let history_pos = match cursor.as_ref().and_then(|c| c.h.get(ch)) {
+            Some(h) => Some(h.parse::<StreamPos>().map_err(|_| {
+                ApiError::bad_request(
+                    "invalid cursor: pass back the \"cursor\" of the previous answer unchanged",
+                )
+            })?),
+            None => None,
+        };
         let join = hub.poll_join(ch, after, &inbox);
-        if foreign || join.gap {
+        if let Some(pos) = history_pos {
+            positions.set(join.subscription.channel(), pos);
+        }
+        if after.is_some() && !join.gap {
+            // This node's buffer covers the gap (the usual case: same node, next poll).
+            messages.extend(join.backlog.iter().cloned());
+        } else if let Some(pos) = history_pos {
+            from_history.push((join.subscription.channel().clone(), pos));
+        } else if cursor.is_some() {
             reset_channels.push(ch.clone());
         }
-        messages.extend(join.backlog.iter().cloned());
         joins.push(join);
     }
+    wait_ready(joins.iter().map(|j| j.ready.clone())).await;
+    // Positions are valid on every node: read what the buffer could not give from history.
+    for (ch, from) in from_history {
+        match replay(hub, &ch, from).await {
+            Replay::Messages(ms) => messages.extend(ms),
+            Replay::Reset(_) => reset_channels.push(ch.to_string()),
+        }
+    }
+    messages.retain(|d| positions.accept(d));
     if messages.is_empty() && reset_channels.is_empty() {
-        wait_ready(joins.iter().map(|j| j.ready.clone())).await;
         tokio::select! {
             d = rx.recv() => {
                 if let Some(d) = d {
@@ -106,6 +136,7 @@ pub async fn handler(
                     while let Ok(d) = rx.try_recv() {
                         messages.push(d);
                     }
+                    messages.retain(|d| positions.accept(d));
                 }
             }
             _ = tokio::time::sleep(timeout) => {}
@@ -113,15 +144,24 @@ pub async fn handler(
             _ = inbox.closed().cancelled() => guard.set_reason("server_closed"),
         }
     }
-    messages.sort_by_key(|d| d.seq);
+    if !reset_channels.is_empty() {
+        metrics::counter!(crate::metrics::RESETS_TOTAL, "transport" => "poll")
+            .increment(reset_channels.len() as u64);
+    }
 
-    let mut next = Cursor { e: hub.epoch(), p: BTreeMap::new() };
+    let mut next = Cursor { e: hub.epoch(), p: BTreeMap::new(), h: BTreeMap::new() };
     for (ch, join) in channels.iter().zip(&joins) {
         next.p.insert(ch.clone(), join.position);
+        let pos = positions.get(ch).into_iter().chain(join.last_pos).max();
+        if let Some(pos) = pos {
+            next.h.insert(ch.clone(), pos.to_string());
+        }
     }
     for d in &messages {
-        let pos = next.p.entry(d.channel.to_string()).or_default();
-        *pos = (*pos).max(d.seq);
+        if d.seq > 0 {
+            let pos = next.p.entry(d.channel.to_string()).or_default();
+            *pos = (*pos).max(d.seq);
+        }
     }
     for ch in &channels {
         hub.keep_alive(ch);
@@ -156,7 +196,11 @@ mod tests {
 
     #[test]
     fn cursor_round_trips_and_rejects_garbage() {
-        let c = Cursor { e: 7, p: BTreeMap::from([("a".to_owned(), 3), ("b:c".to_owned(), 9)]) };
+        let c = Cursor {
+            e: 7,
+            p: BTreeMap::from([("a".to_owned(), 3), ("b:c".to_owned(), 9)]),
+            h: BTreeMap::from([("a".to_owned(), "5-1".to_owned())]),
+        };
         let s = c.encode();
         assert!(s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "URL-safe: {s}");
         assert_eq!(Cursor::decode(&s), Some(c));

@@ -5,20 +5,20 @@
 //! comments keep proxies from timing the stream out. On shutdown the stream sends a
 //! `retry:` hint and ends; a slow consumer is told why (`event: disconnect`) and cut off.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{collections::VecDeque, convert::Infallible, sync::Arc, time::Duration};
 
 use axum::{
     Extension,
     body::{Body, Bytes},
     extract::{RawQuery, State},
-    http::{HeaderValue, header},
+    http::{HeaderMap, HeaderValue, header},
     response::Response,
 };
 use bytes::BytesMut;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{ConnGuard, Query, check_channels, wait_ready};
+use super::{ConnGuard, Positions, Query, Replay, check_channels, parse_resume, replay, wait_ready};
 use crate::{
     app::AppState,
     delivery::Delivery,
@@ -34,9 +34,15 @@ const MAX_BATCH_BYTES: usize = 64 * 1024;
 pub async fn handler(
     State(state): State<AppState>,
     ctx: Option<Extension<ConnCtx>>,
+    headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let query = Query::parse(query.as_deref());
+    let resume =
+        match headers.get("last-event-id").and_then(|v| v.to_str().ok()).or(query.get("last_event_id")) {
+            Some(id) if !id.trim().is_empty() => Some(parse_resume(id)?),
+            _ => None,
+        };
     let json = match query.get("format") {
         None | Some("") | Some("text") => false,
         Some("json") => true,
@@ -61,8 +67,28 @@ pub async fn handler(
         readies.push(ready);
     }
     wait_ready(readies).await;
-    tracing::debug!(channels = channels.len(), "sse stream opened");
+    // Resume: what each channel missed since the client's last id, read after the live
+    // subscription is in place so nothing falls in between.
+    let mut positions = Positions::default();
+    let mut pending = VecDeque::new();
+    if let Some(resume) = &resume {
+        for sub in &subs {
+            let Some(from) = resume.for_channel(sub.channel()) else { continue };
+            positions.set(sub.channel(), from);
+            match replay(&state.hub, sub.channel(), from).await {
+                Replay::Messages(ms) => pending.extend(ms),
+                Replay::Reset(r) => {
+                    metrics::counter!(crate::metrics::RESETS_TOTAL, "transport" => "sse").increment(1);
+                    pending.push_back(r);
+                }
+            }
+        }
+    }
+    tracing::debug!(channels = channels.len(), resumed = resume.is_some(), "sse stream opened");
     let stream = SseStream {
+        multi: channels.len() > 1,
+        positions,
+        pending,
         rx,
         inbox,
         _subs: subs,
@@ -87,6 +113,11 @@ pub async fn handler(
 }
 
 struct SseStream {
+    /// Several channels: ids are compound (`chan~pos,...`), written per connection.
+    multi: bool,
+    positions: Positions,
+    /// Replayed messages, sent before live ones.
+    pending: VecDeque<Arc<Delivery>>,
     rx: mpsc::Receiver<Arc<Delivery>>,
     inbox: Arc<Inbox>,
     _subs: Vec<Subscription>,
@@ -100,8 +131,33 @@ struct SseStream {
 }
 
 impl SseStream {
-    fn encode(&self, d: &Delivery) -> Bytes {
-        if self.json { d.sse_json() } else { d.sse().clone() }
+    /// The bytes for `d`, or `None` when it repeats something already sent.
+    fn encode(&mut self, d: &Delivery) -> Option<Bytes> {
+        if !self.positions.accept(d) {
+            return None;
+        }
+        if self.multi && d.pos.is_some() {
+            let body = d.sse_body(self.json);
+            let id = self.positions.compound();
+            let mut buf = BytesMut::with_capacity(id.len() + 5 + body.len());
+            buf.extend_from_slice(b"id: ");
+            buf.extend_from_slice(id.as_bytes());
+            buf.extend_from_slice(b"\n");
+            buf.extend_from_slice(&body);
+            return Some(buf.freeze());
+        }
+        Some(if self.json { d.sse_json() } else { d.sse().clone() })
+    }
+
+    /// Replayed messages, all in one chunk.
+    fn replayed(&mut self) -> Option<Bytes> {
+        let mut buf = BytesMut::new();
+        while let Some(d) = self.pending.pop_front() {
+            if let Some(b) = self.encode(&d) {
+                buf.extend_from_slice(&b);
+            }
+        }
+        (!buf.is_empty()).then(|| buf.freeze())
     }
 
     /// The next chunk to write, or `None` when the stream ends.
@@ -113,42 +169,60 @@ impl SseStream {
             self.started = true;
             // Opens the stream at once (headers and a first byte reach the client) and
             // sets the reconnect delay.
-            return Some(Bytes::from(format!("retry: {}\n: ok\n\n", self.retry.as_millis())));
+            let head = format!("retry: {}\n: ok\n\n", self.retry.as_millis());
+            let mut buf = BytesMut::from(head.as_bytes());
+            if let Some(replayed) = self.replayed() {
+                buf.extend_from_slice(&replayed);
+            }
+            return Some(buf.freeze());
         }
-        tokio::select! {
-            biased;
-            _ = self.inbox.closed().cancelled() => {
-                self.done = true;
-                let (reason, message) = match self.inbox.kicked() {
-                    Some(Kick::SlowConsumer) => {
-                        ("slow_consumer", "the connection fell too far behind and was closed; reconnect")
-                    }
-                    None => ("server_closed", "the server closed the connection; reconnect"),
-                };
-                self.guard.set_reason(reason);
-                Some(disconnect_event(reason, message))
-            }
-            _ = self.shutdown.cancelled() => {
-                self.done = true;
-                self.guard.set_reason("shutdown");
-                let mut s = String::new();
-                shared::sse::encode_retry(&mut s, self.retry.as_millis() as u64);
-                let tail = disconnect_event("shutting_down", "this node is restarting; reconnect");
-                Some(Bytes::from([s.as_bytes(), &tail].concat()))
-            }
-            d = self.rx.recv() => {
-                let first = self.encode(d.as_deref()?);
-                let Ok(next) = self.rx.try_recv() else { return Some(first) };
-                let mut buf = BytesMut::with_capacity(first.len() * 2);
-                buf.extend_from_slice(&first);
-                buf.extend_from_slice(&self.encode(&next));
-                while buf.len() < MAX_BATCH_BYTES {
-                    let Ok(d) = self.rx.try_recv() else { break };
-                    buf.extend_from_slice(&self.encode(&d));
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.inbox.closed().cancelled() => {
+                    self.done = true;
+                    let (reason, message) = match self.inbox.kicked() {
+                        Some(Kick::SlowConsumer) => {
+                            ("slow_consumer", "the connection fell too far behind and was closed; reconnect")
+                        }
+                        None => ("server_closed", "the server closed the connection; reconnect"),
+                    };
+                    self.guard.set_reason(reason);
+                    return Some(disconnect_event(reason, message));
                 }
-                Some(buf.freeze())
+                _ = self.shutdown.cancelled() => {
+                    self.done = true;
+                    self.guard.set_reason("shutdown");
+                    let mut s = String::new();
+                    shared::sse::encode_retry(&mut s, self.retry.as_millis() as u64);
+                    let tail = disconnect_event("shutting_down", "this node is restarting; reconnect");
+                    return Some(Bytes::from([s.as_bytes(), &tail].concat()));
+                }
+                d = self.rx.recv() => {
+                    let first = self.encode(d.as_deref()?);
+                    let Ok(next) = self.rx.try_recv() else {
+                        match first {
+                            Some(b) => return Some(b),
+                            None => continue, // a repeat of a replayed message
+                        }
+                    };
+                    let mut buf = BytesMut::new();
+                    buf.extend_from_slice(&first.unwrap_or_default());
+                    let mut next = Some(next);
+                    while let Some(d) = next.take() {
+                        if let Some(b) = self.encode(&d) {
+                            buf.extend_from_slice(&b);
+                        }
+                        if buf.len() < MAX_BATCH_BYTES {
+                            next = self.rx.try_recv().ok();
+                        }
+                    }
+                    if !buf.is_empty() {
+                        return Some(buf.freeze());
+                    }
+                }
+                _ = tokio::time::sleep(self.heartbeat) => return Some(Bytes::from_static(b":\n\n")),
             }
-            _ = tokio::time::sleep(self.heartbeat) => Some(Bytes::from_static(b":\n\n")),
         }
     }
 }

@@ -31,7 +31,9 @@ use tokio_tungstenite::{
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::{ConnGuard, Query, check_channels, wait_ready};
+use shared::{Resume, StreamPos, protocol::Since};
+
+use super::{ConnGuard, Positions, Query, Replay, check_channels, parse_resume, replay, wait_ready};
 use crate::{
     app::AppState,
     broker::Publish,
@@ -140,6 +142,7 @@ pub struct Session {
     inbox: Arc<Inbox>,
     rx: mpsc::Receiver<Arc<Delivery>>,
     subs: HashMap<Arc<str>, Subscription>,
+    positions: Positions,
     guard: ConnGuard,
 }
 
@@ -156,6 +159,7 @@ impl Session {
             inbox,
             rx,
             subs: HashMap::new(),
+            positions: Positions::default(),
             guard: ConnGuard::new(Transport::Ws),
         }
     }
@@ -165,7 +169,7 @@ impl Session {
     where
         S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
     {
-        if !initial.is_empty() && self.subscribe(&mut ws, initial).await.is_err() {
+        if !initial.is_empty() && self.subscribe(&mut ws, initial, None).await.is_err() {
             return;
         }
         let mut ping = tokio::time::interval_at(Instant::now() + self.ping_every, self.ping_every);
@@ -216,8 +220,10 @@ impl Session {
         let mut next = Some(first);
         let mut n = 0;
         while let Some(d) = next.take() {
-            let text = Utf8Bytes::try_from(d.ws().clone()).map_err(|_| End::Internal)?;
-            ws.feed(Message::Text(text)).await.map_err(|_| End::ClientGone)?;
+            if self.positions.accept(&d) {
+                let text = Utf8Bytes::try_from(d.ws().clone()).map_err(|_| End::Internal)?;
+                ws.feed(Message::Text(text)).await.map_err(|_| End::ClientGone)?;
+            }
             n += 1;
             if n < MAX_BATCH {
                 next = self.rx.try_recv().ok();
@@ -241,7 +247,7 @@ impl Session {
             Err(err) => return send(ws, &op_error(text, &err)).await,
         };
         match op {
-            ClientOp::Subscribe { channels, since: _ } => self.subscribe(ws, channels).await,
+            ClientOp::Subscribe { channels, since } => self.subscribe(ws, channels, since).await,
             ClientOp::Unsubscribe { channels } => {
                 let mut left = Vec::with_capacity(channels.len());
                 for ch in channels {
@@ -258,12 +264,21 @@ impl Session {
         }
     }
 
-    async fn subscribe<S>(&mut self, ws: &mut S, channels: Vec<String>) -> Result<(), WsError>
+    async fn subscribe<S>(
+        &mut self,
+        ws: &mut S,
+        channels: Vec<String>,
+        since: Option<Since>,
+    ) -> Result<(), WsError>
     where
         S: Sink<Message, Error = WsError> + Unpin,
     {
         let channels = match check_channels(channels, &self.limits, true) {
             Ok(c) => c,
+            Err(e) => return send(ws, &error(e.code, &e.message)).await,
+        };
+        let resume: Vec<(String, StreamPos)> = match since_positions(&channels, since) {
+            Ok(r) => r,
             Err(e) => return send(ws, &error(e.code, &e.message)).await,
         };
         let new: Vec<&String> = channels.iter().filter(|c| !self.subs.contains_key(c.as_str())).collect();
@@ -279,7 +294,36 @@ impl Session {
             readies.push(ready);
         }
         wait_ready(readies).await;
-        send(ws, &ServerFrame::Subscribed { channels, recovered: false }).await
+        // Replay after the live subscription is ready, so nothing falls in between;
+        // live messages that overlap the replay are dropped by `positions`.
+        let mut replays = Vec::with_capacity(resume.len());
+        for (ch, from) in resume {
+            let Some(name) = self.subs.get_key_value(ch.as_str()).map(|(k, _)| k.clone()) else { continue };
+            self.positions.set(&name, from);
+            replays.push(replay(&self.hub, &name, from).await);
+        }
+        let recovered = !replays.is_empty() && replays.iter().all(|r| matches!(r, Replay::Messages(_)));
+        send(ws, &ServerFrame::Subscribed { channels, recovered }).await?;
+        for r in replays {
+            match r {
+                Replay::Messages(ms) => {
+                    for d in ms {
+                        if self.positions.accept(&d) {
+                            let text = Utf8Bytes::try_from(d.ws().clone())
+                                .map_err(|_| WsError::Utf8(String::new()))?;
+                            ws.feed(Message::Text(text)).await?;
+                        }
+                    }
+                }
+                Replay::Reset(d) => {
+                    metrics::counter!(crate::metrics::RESETS_TOTAL, "transport" => "ws").increment(1);
+                    let text =
+                        Utf8Bytes::try_from(d.ws().clone()).map_err(|_| WsError::Utf8(String::new()))?;
+                    ws.feed(Message::Text(text)).await?;
+                }
+            }
+        }
+        ws.flush().await
     }
 
     async fn publish(&self, channel: String, data: String, event: Option<String>) -> ServerFrame {
@@ -299,7 +343,13 @@ impl Session {
             let e = ApiError::payload_too_large(self.limits.max_payload_bytes);
             return error(e.code, &e.message);
         }
-        let msg = Publish { channel: channel.clone(), data: Bytes::from(data), event };
+        let msg = Publish {
+            channel: channel.clone(),
+            data: Bytes::from(data),
+            event,
+            history: true,
+            idempotency_key: None,
+        };
         match self.hub.broker().publish(msg).await {
             Ok(outcome) => ServerFrame::Published { channel, id: outcome.id },
             Err(err) => {
@@ -340,6 +390,27 @@ impl Session {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.send(Message::Close(Some(frame)))).await;
         }
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close()).await;
+    }
+}
+
+/// The resume position per channel from a `subscribe` op's `since`.
+fn since_positions(channels: &[String], since: Option<Since>) -> Result<Vec<(String, StreamPos)>, ApiError> {
+    match since {
+        None => Ok(Vec::new()),
+        Some(Since::One(s)) => {
+            let resume = parse_resume(&s)?;
+            Ok(channels.iter().filter_map(|c| resume.for_channel(c).map(|p| (c.clone(), p))).collect())
+        }
+        Some(Since::PerChannel(map)) => map
+            .into_iter()
+            .filter(|(c, _)| channels.contains(c))
+            .map(|(c, s)| match parse_resume(&s)? {
+                Resume::One(p) => Ok((c, p)),
+                Resume::PerChannel(_) => {
+                    Err(ApiError::bad_request("a per-channel \"since\" value must be one id"))
+                }
+            })
+            .collect(),
     }
 }
 

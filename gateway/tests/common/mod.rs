@@ -279,10 +279,10 @@ impl SseClient {
                 for ev in parser.feed(&chunk) {
                     let _ = tx.send(ev);
                 }
-                if parser.comments() > 0 {
-                    if let Some(t) = opened_tx.take() {
-                        let _ = t.send(());
-                    }
+                if parser.comments() > 0
+                    && let Some(t) = opened_tx.take()
+                {
+                    let _ = t.send(());
                 }
             }
             *ended2.lock().unwrap() = Some(parser.retry());
@@ -366,4 +366,14 @@ pub async fn poll(gw: &Gateway, query: &str) -> PollResponse {
 /// `message` frame helper.
 pub fn message(channel: &str, data: &str) -> ServerFrame {
     ServerFrame::Message { channel: channel.into(), id: None, event: None, data: data.into() }
+}
+
+/// The frame with its history id removed, for comparing payloads.
+pub fn without_id(frame: ServerFrame) -> ServerFrame {
+    match frame {
+        ServerFrame::Message { channel, event, data, .. } => {
+            ServerFrame::Message { channel, id: None, event, data }
+        }
+        other => other,
+    }
 }

@@ -1,0 +1,76 @@
+#!lua name=fanout
+-- Publishing with history, callable by any Redis client:
+--   FCALL fanout_publish 1 <channel> <data> [<event> [<idempotency-key>]]
+-- appends to the bounded stream fanout:history:{<channel>} and PUBLISHes a gateway
+-- frame carrying the new id, so every node delivers it with its position.
+--   FCALL_RO fanout_since 1 <channel> <id> <count>
+-- returns {status, entries, last}: status 'ok' when history covers everything after
+-- <id> (entries = XRANGE after it), 'reset' when it cannot (trimmed, expired, wiped).
+-- The gateway fills in the limits below when it loads this library.
+local MAXLEN = __MAXLEN__
+local MAXAGE_MS = __MAXAGE_MS__
+local KEY_TTL_MS = __KEY_TTL_MS__
+local IDEM_MS = __IDEM_MS__
+local MAGIC = '\0fo1\n'
+
+local function stream_key(ch) return 'fanout:history:{' .. ch .. '}' end
+
+local function publish(keys, args)
+  local ch = keys[1]
+  local data = args[1]
+  if ch == nil or data == nil then
+    return redis.error_reply('usage: FCALL fanout_publish 1 <channel> <data> [<event> [<idempotency-key>]]')
+  end
+  local event = args[2] or ''
+  local idem = args[3] or ''
+  local ikey = nil
+  if idem ~= '' then
+    ikey = 'fanout:idem:{' .. ch .. '}:' .. idem
+    local prev = redis.call('GET', ikey)
+    if prev then return {prev, -1} end
+  end
+  local t = redis.call('TIME')
+  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local key = stream_key(ch)
+  local id
+  if event ~= '' then
+    id = redis.call('XADD', key, 'MAXLEN', '~', MAXLEN, '*', 'd', data, 'e', event)
+  else
+    id = redis.call('XADD', key, 'MAXLEN', '~', MAXLEN, '*', 'd', data)
+  end
+  if MAXAGE_MS > 0 then
+    redis.call('XTRIM', key, 'MINID', '~', (now_ms - MAXAGE_MS) .. '-0')
+  end
+  redis.call('PEXPIRE', key, KEY_TTL_MS)
+  if ikey then redis.call('SET', ikey, id, 'PX', IDEM_MS) end
+  local header = '{"id":"' .. id .. '","ts":' .. now_ms
+  if event ~= '' then header = header .. ',"event":' .. cjson.encode(event) end
+  local n = redis.call('PUBLISH', ch, MAGIC .. header .. '}\n' .. data)
+  return {id, n}
+end
+
+local function since(keys, args)
+  local key = stream_key(keys[1])
+  local from = args[1] or '0-0'
+  local count = tonumber(args[2] or '1000')
+  if redis.call('EXISTS', key) == 0 then
+    if from == '0-0' then return {'ok', {}, '0-0'} end
+    return {'reset', {}, '0-0'}
+  end
+  local info = redis.call('XINFO', 'STREAM', key)
+  local last, maxdel = '0-0', '0-0'
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then last = info[i + 1] end
+    if info[i] == 'max-deleted-entry-id' then maxdel = info[i + 1] end
+  end
+  if from == last then return {'ok', {}, last} end
+  if from == '0-0' then
+    if maxdel ~= '0-0' then return {'reset', {}, last} end
+  elseif #redis.call('XRANGE', key, from, from) == 0 then
+    return {'reset', {}, last}
+  end
+  return {'ok', redis.call('XRANGE', key, '(' .. from, '+', 'COUNT', count), last}
+end
+
+redis.register_function('fanout_publish', publish)
+redis.register_function{function_name = 'fanout_since', callback = since, flags = {'no-writes'}}
