@@ -483,7 +483,12 @@ impl Hub {
                 Ok(Recovery::Gap) | Err(_) => {
                     let why = if result.is_ok() { "reset" } else { "error" };
                     counter!(m::RECOVERIES_TOTAL, "result" => why).increment(1);
-                    tracing::warn!(channel = %crate::error::quote(&name), why, "history cannot cover the outage; clients get a reset");
+                    tracing::warn!(
+                        channel = %crate::error::quote(&name),
+                        %from,
+                        why,
+                        "history cannot cover the outage; clients get a reset"
+                    );
                     let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
                     self.fan_out(ch, &Arc::new(Delivery::reset(ch.name.clone(), seq)));
                 }

@@ -28,6 +28,8 @@ pub const SUBSCRIPTIONS: &str = "gateway_subscriptions";
 pub const BROKER_LINK_UP: &str = "gateway_broker_link_up";
 /// Broker reconnects after a lost link (counter).
 pub const BROKER_RECONNECTS_TOTAL: &str = "gateway_broker_reconnects_total";
+/// Whole seconds the broker link was down (counter).
+pub const BROKER_OUTAGE_SECONDS: &str = "gateway_broker_outage_seconds_total";
 /// Publish requests (counter), by `result`.
 pub const PUBLISH_TOTAL: &str = "gateway_publish_requests_total";
 /// History recoveries (client resumes and link restores) (counter), by `result`
@@ -68,6 +70,7 @@ fn describe() {
     describe_gauge!(SUBSCRIPTIONS, "Channel subscriptions held by local clients.");
     describe_gauge!(BROKER_LINK_UP, "1 while the broker link is up, 0 while down.");
     describe_counter!(BROKER_RECONNECTS_TOTAL, "Broker reconnects after a lost link.");
+    describe_counter!(BROKER_OUTAGE_SECONDS, "Seconds the broker link was down.");
     describe_counter!(PUBLISH_TOTAL, "Publish requests by result.");
     describe_counter!(RECOVERIES_TOTAL, "History recoveries by result.");
     describe_counter!(REPLAYED_TOTAL, "Messages replayed from history.");

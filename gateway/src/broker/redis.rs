@@ -34,6 +34,11 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest reconnect delay.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often the pub/sub link is probed with PING: a silently wedged link (a paused
+/// Redis, a dead peer behind a NAT) shows up within `HEALTH_EVERY + HEALTH_TIMEOUT`.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
+/// Longest a probe may take before the link counts as down.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most channels in one SUBSCRIBE/UNSUBSCRIBE command.
 const BATCH: usize = 1000;
 
@@ -258,6 +263,7 @@ impl PubSubTask {
     async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = BACKOFF_MIN;
         let mut ever_up = false;
+        let mut down_since = Some(std::time::Instant::now());
         loop {
             let connect = tokio::time::timeout(COMMAND_TIMEOUT, self.client.get_async_pubsub());
             let result = tokio::select! {
@@ -267,7 +273,7 @@ impl PubSubTask {
             let err = match result {
                 Ok(Ok(pubsub)) => {
                     backoff = BACKOFF_MIN;
-                    match self.serve(pubsub, &shutdown, &mut ever_up).await {
+                    match self.serve(pubsub, &shutdown, &mut ever_up, &mut down_since).await {
                         Ok(()) => return,
                         Err(LinkLost(why)) => why,
                     }
@@ -278,6 +284,7 @@ impl PubSubTask {
             if *self.link.borrow() == LinkState::Up {
                 self.link.send_replace(LinkState::Down);
                 gauge!(m::BROKER_LINK_UP).set(0.0);
+                down_since = Some(std::time::Instant::now());
             }
             let delay = jitter(backoff);
             warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "redis pub/sub link down");
@@ -295,6 +302,7 @@ impl PubSubTask {
         pubsub: redis::aio::PubSub,
         shutdown: &CancellationToken,
         ever_up: &mut bool,
+        down_since: &mut Option<std::time::Instant>,
     ) -> Result<(), LinkLost> {
         let (mut sink, mut stream) = pubsub.split();
         // A restarted Redis without persistence has lost the library: load it now.
@@ -317,6 +325,11 @@ impl PubSubTask {
         self.release_waiting(&active);
         self.link.send_replace(LinkState::Up);
         gauge!(m::BROKER_LINK_UP).set(1.0);
+        if let Some(since) = down_since.take()
+            && *ever_up
+        {
+            counter!(m::BROKER_OUTAGE_SECONDS).increment(since.elapsed().as_secs());
+        }
         if *ever_up {
             counter!(m::BROKER_RECONNECTS_TOTAL).increment(1);
             info!(channels = active.len(), "redis pub/sub link restored, channels resubscribed");
@@ -327,10 +340,19 @@ impl PubSubTask {
             info!(channels = active.len(), "redis pub/sub link up");
         }
         *ever_up = true;
+        let mut health = tokio::time::interval(HEALTH_EVERY);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
+                _ = health.tick() => {
+                    match tokio::time::timeout(HEALTH_TIMEOUT, sink.ping::<redis::Value>()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Err(LinkLost(format!("health probe failed: {e}"))),
+                        Err(_) => return Err(LinkLost("health probe timed out: link wedged".into())),
+                    }
+                }
                 msg = stream.next() => {
                     let Some(msg) = msg else { return Err(LinkLost("connection closed".into())) };
                     let Some(hub) = self.sink.upgrade() else { return Ok(()) };

@@ -54,6 +54,7 @@ pub struct Redis {
     pub port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    persistent: bool,
 }
 
 impl Redis {
@@ -63,24 +64,36 @@ impl Redis {
 
     pub fn start_on(port: u16) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut r = Self { port, child: None, dir };
+        let mut r = Self { port, child: None, dir, persistent: false };
         r.restart();
         r
     }
 
+    /// A server that writes every command to an append-only file before answering,
+    /// so a restart (even after SIGKILL) keeps the data.
+    pub fn start_persistent() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Self { port: free_port(), child: None, dir, persistent: true };
+        r.restart();
+        r
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, ...) to the server.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        assert!(Command::new("kill").args(["-s", sig, &pid]).status().unwrap().success());
+    }
+
     /// (Re)starts the server on the same port.
     pub fn restart(&mut self) {
+        let persistence: &[&str] = if self.persistent {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--appendonly", "no"]
+        };
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(persistence)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
