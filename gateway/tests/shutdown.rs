@@ -1,0 +1,319 @@
+//! Graceful shutdown. On SIGTERM (or SIGINT) a node stops accepting, fails readiness,
+//! tells its clients to reconnect elsewhere — WebSocket close 1012, an SSE stream that
+//! ends with `retry:` and `event: disconnect` (`shutting_down`), an in-flight long-poll
+//! answered at once — lets in-flight requests finish, and exits 0 well within the grace
+//! period. Also: the in-process broker serves every transport when no Redis is set.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use shared::protocol::{PollResponse, PublishResponse, PublishResult, ServerFrame};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    task::JoinHandle,
+};
+
+/// Bound for a signalled node to exit: well under the default 30 s grace period, so a
+/// node that waits out the grace instead of closing its clients fails.
+const EXIT_BOUND: Duration = Duration::from_secs(15);
+/// A long-poll hold time far beyond every bound used here.
+const LONG_POLL_SECS: u32 = 60;
+
+const OPEN_POLLS: &str = "gateway_connections{transport=\"poll\"}";
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// An SSE stream read as raw bytes in the background. The task returns every byte of
+/// the body and, if the stream did not end cleanly, the error.
+async fn raw_sse(url: &str) -> JoinHandle<(Vec<u8>, Option<String>)> {
+    let resp = reqwest::get(url).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut all = Vec::new();
+    while find(&all, b": ok\n").is_none() {
+        let chunk = tokio::time::timeout(WAIT, stream.next()).await.expect("SSE opens in time");
+        all.extend_from_slice(&chunk.expect("SSE stream open").unwrap());
+    }
+    tokio::spawn(async move {
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(c) => all.extend_from_slice(&c),
+                Err(e) => return (all, Some(e.to_string())),
+            }
+        }
+        (all, None)
+    })
+}
+
+/// A `POST /publish/{ch}` whose handler is running and reading the body (the server
+/// asked for it with `100 Continue`) while the client holds back the last bytes.
+struct HeldPublish {
+    stream: TcpStream,
+    rest: &'static [u8],
+}
+
+impl HeldPublish {
+    async fn start(gw: &Gateway, ch: &str) -> Self {
+        let (first, rest): (&[u8], &'static [u8]) = (b"held-", b"back!");
+        let mut stream = TcpStream::connect(gw.public).await.unwrap();
+        let head = format!(
+            "POST /publish/{ch} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+            gw.public,
+            first.len() + rest.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while find(&buf, b"\r\n\r\n").is_none() {
+            let n = tokio::time::timeout(WAIT, stream.read(&mut chunk)).await.expect("100 Continue").unwrap();
+            assert!(n > 0, "EOF before 100 Continue");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        assert!(buf.starts_with(b"HTTP/1.1 100"), "{:?}", String::from_utf8_lossy(&buf));
+        stream.write_all(first).await.unwrap();
+        Self { stream, rest }
+    }
+
+    /// Sends the rest of the body; returns the whole response once the server closes
+    /// the connection.
+    async fn finish(mut self) -> String {
+        self.stream.write_all(self.rest).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(WAIT, self.stream.read_to_end(&mut out))
+            .await
+            .expect("response and close in time")
+            .unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// The payload of a WebSocket `message` frame.
+fn ws_data(frame: ServerFrame) -> String {
+    match frame {
+        ServerFrame::Message { data, .. } => data,
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+/// A node with an SSE client (parsed), an SSE client (raw bytes), a WebSocket client, a
+/// long-poll in flight and a publish in flight gets `sig`; checks every promise of the
+/// drain and a clean exit.
+async fn loaded_node_drains_and_exits_0(redis: Option<&Redis>, sig: &str) {
+    let url = redis.map(Redis::url);
+    let mut gw = Gateway::start(url.as_deref(), &[]);
+    let ch = channel("drain");
+    let sse_url = gw.url(&format!("/sse?channel={ch}"));
+    let mut sse = SseClient::connect(&sse_url).await;
+    let raw = raw_sse(&sse_url).await;
+    let mut ws = ws_connect(&gw.ws_url("/ws")).await;
+    ws_subscribe(&mut ws, &[&ch]).await;
+    let first = poll(&gw, &format!("channel={ch}&timeout=0")).await;
+
+    // Everything is live.
+    let r: PublishResult = reqwest::Client::new()
+        .post(gw.url(&format!("/publish/{ch}")))
+        .body("before")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(r.subscribed);
+    assert_eq!(sse.next().await.data, "before");
+    assert_eq!(ws_data(ws_next(&mut ws).await), "before");
+    let r = poll(&gw, &format!("channel={ch}&cursor={}&timeout=5", first.cursor)).await;
+    assert_eq!(r.messages.iter().map(|m| m.data.as_str()).collect::<Vec<_>>(), ["before"]);
+    eventually(WAIT, "the node to be ready", async || (gw.ready_status().await == 200).then_some(())).await;
+
+    // A long-poll held open, waiting for the next message.
+    let held_poll = tokio::spawn(reqwest::get(
+        gw.url(&format!("/poll?channel={ch}&cursor={}&timeout={LONG_POLL_SECS}", r.cursor)),
+    ));
+    eventually(WAIT, "the long-poll to be held", async || (gw.metric(OPEN_POLLS).await == 1.0).then_some(()))
+        .await;
+    // A publish whose handler is reading its body.
+    let held_publish = HeldPublish::start(&gw, &ch).await;
+
+    gw.signal(sig);
+
+    // While the publish is still in flight the node drains: not ready (admin still up),
+    // and the public listener no longer accepts.
+    eventually(WAIT, "/readyz to fail while draining", async || {
+        let status = gw.ready_status().await;
+        assert_ne!(status, 0, "the admin listener must stay up while requests are in flight");
+        (status == 503).then_some(())
+    })
+    .await;
+    eventually(WAIT, "the public listener to stop accepting", async || {
+        TcpStream::connect(gw.public).await.is_err().then_some(())
+    })
+    .await;
+    // The in-flight publish is allowed to finish, then its connection is closed.
+    let resp = held_publish.finish().await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "in-flight publish completes during the drain: {resp}");
+
+    // WebSocket: close 1012, "service restart", reconnect elsewhere.
+    let (code, reason) = ws_close_frame(&mut ws).await;
+    assert_eq!(code, 1012, "close reason: {reason}");
+
+    // SSE: `event: disconnect` with reason shutting_down, then the stream ends.
+    let ev = sse.next().await;
+    assert_eq!(ev.event.as_deref(), Some("disconnect"), "{ev:?}");
+    let body: serde_json::Value = serde_json::from_str(&ev.data).unwrap();
+    assert_eq!(body["reason"], "shutting_down", "{body}");
+    let end = tokio::time::timeout(WAIT, sse.events.recv()).await.expect("the SSE stream ends in time");
+    assert!(end.is_none(), "nothing after the disconnect event: {end:?}");
+    let retry = eventually(WAIT, "the SSE reader to see the end", async || *sse.ended.lock().unwrap()).await;
+    assert!(retry.is_some_and(|ms| ms > 0), "a retry: hint, got {retry:?}");
+    // On the wire: after the last message come a `retry:` field and the disconnect
+    // event, and the response ends cleanly.
+    let (bytes, err) = tokio::time::timeout(WAIT, raw).await.expect("raw SSE stream ends in time").unwrap();
+    assert_eq!(err, None, "the SSE response ends cleanly");
+    let text = String::from_utf8(bytes).unwrap();
+    let tail = &text[text.rfind("data: before\n\n").expect("the message") + 14..];
+    let tail_lines: Vec<&str> = tail.lines().collect();
+    let retry_at = tail_lines
+        .iter()
+        .position(|l| {
+            l.strip_prefix("retry:").is_some_and(|v| v.trim().parse::<u64>().is_ok_and(|ms| ms > 0))
+        })
+        .unwrap_or_else(|| panic!("a retry: field after the last message: {tail:?}"));
+    let disconnect_at = tail_lines
+        .iter()
+        .position(|l| *l == "event: disconnect")
+        .unwrap_or_else(|| panic!("event: disconnect after the last message: {tail:?}"));
+    assert!(retry_at < disconnect_at, "retry: comes with the final disconnect: {tail:?}");
+    assert!(tail.contains("shutting_down") && tail.ends_with("\n\n"), "{tail:?}");
+
+    // The held long-poll is answered now, not after its 60 s.
+    let resp =
+        tokio::time::timeout(WAIT, held_poll).await.expect("long-poll answered promptly").unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: PollResponse = resp.json().await.unwrap();
+    assert!(body.messages.is_empty(), "{body:?}");
+    assert!(!body.cursor.is_empty());
+
+    // Exit 0 without waiting out the grace period.
+    let status =
+        gw.wait_exit(EXIT_BOUND).unwrap_or_else(|| panic!("no exit within {EXIT_BOUND:?} of SIG{sig}"));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let logs = gw.logs();
+    assert!(logs.contains(&format!("SIG{sig} received")), "{logs}");
+    assert!(logs.contains("shutdown complete"), "{logs}");
+    assert!(!logs.contains("did not close within the grace period"), "every client closed in time:\n{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_node_on_redis_and_exits_0() {
+    let redis = Redis::start();
+    loaded_node_drains_and_exits_0(Some(&redis), "TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_node_on_the_memory_broker_and_exits_0() {
+    loaded_node_drains_and_exits_0(None, "TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_drains_a_node_like_sigterm() {
+    let redis = Redis::start();
+    loaded_node_drains_and_exits_0(Some(&redis), "INT").await;
+}
+
+/// With no clients there is nothing to drain: SIGINT ends the node at once (far sooner
+/// than the grace period), exit code 0, admin listener gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_node_exits_0_quickly_on_sigint() {
+    let redis = Redis::start();
+    for url in [None, Some(redis.url())] {
+        let mut gw = Gateway::start(url.as_deref(), &["--shutdown-grace-secs", "60"]);
+        eventually(WAIT, "the node to be ready", async || (gw.ready_status().await == 200).then_some(()))
+            .await;
+        gw.signal("INT");
+        let status = gw.wait_exit(WAIT).expect("an idle node exits at once");
+        assert_eq!(status.code(), Some(0), "{status:?}");
+        assert_eq!(gw.ready_status().await, 0, "admin listener closed");
+        assert!(TcpStream::connect(gw.public).await.is_err(), "public listener closed");
+        assert!(!gw.logs().contains("did not close within the grace period"), "{}", gw.logs());
+    }
+}
+
+/// No Redis configured: one node on the in-process broker, said so at start, serves SSE,
+/// WebSocket and long-poll from its own HTTP publish API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_broker_serves_every_transport_without_redis() {
+    let gw = Gateway::start(None, &[]);
+    // (The harness may return just before it stored the "listening" line.)
+    eventually(WAIT, "the startup log to name the in-process broker", async || {
+        let logs = gw.logs();
+        (logs.contains("in-process broker") && logs.contains("broker=\"memory\"")).then_some(())
+    })
+    .await;
+    let ready: serde_json::Value = reqwest::get(gw.admin_url("/readyz")).await.unwrap().json().await.unwrap();
+    assert_eq!(ready["broker"], "memory", "{ready}");
+    assert_eq!(ready["status"], "ready", "{ready}");
+
+    let ch = channel("memory");
+    let mut sse = SseClient::connect(&gw.url(&format!("/sse?channel={ch}"))).await;
+    let mut ws = ws_connect(&gw.ws_url(&format!("/ws?channel={ch}"))).await;
+    assert!(matches!(ws_next(&mut ws).await, ServerFrame::Subscribed { .. }));
+    let first = poll(&gw, &format!("channel={ch}&timeout=0")).await;
+    let http = reqwest::Client::new();
+
+    // Raw body publish.
+    let r: PublishResult = http
+        .post(gw.url(&format!("/publish/{ch}")))
+        .body("raw body")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!((r.channel.as_str(), r.subscribed), (ch.as_str(), true));
+    // JSON publish with an event, to this channel and one nobody listens to.
+    let nobody = channel("memory-nobody");
+    let r: PublishResponse = http
+        .post(gw.url("/api/publish"))
+        .json(&serde_json::json!({"channels": [ch, nobody], "data": "two\nlines", "event": "note"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let subscribed: Vec<_> = r.results.iter().map(|r| (r.channel.as_str(), r.subscribed)).collect();
+    assert_eq!(subscribed, [(ch.as_str(), true), (nobody.as_str(), false)]);
+
+    let ev = sse.next().await;
+    assert_eq!((ev.event.as_deref(), ev.data.as_str()), (None, "raw body"));
+    let ev = sse.next().await;
+    assert_eq!((ev.event.as_deref(), ev.data.as_str()), (Some("note"), "two\nlines"));
+
+    let (a, b) = (ws_next(&mut ws).await, ws_next(&mut ws).await);
+    assert!(
+        matches!(&a, ServerFrame::Message { channel, event: None, data, .. } if *channel == ch && data == "raw body"),
+        "{a:?}"
+    );
+    assert!(
+        matches!(&b, ServerFrame::Message { channel, event: Some(e), data, .. }
+            if *channel == ch && e == "note" && data == "two\nlines"),
+        "{b:?}"
+    );
+
+    let r = poll(&gw, &format!("channel={ch}&cursor={}&timeout=5", first.cursor)).await;
+    let got: Vec<_> =
+        r.messages.iter().map(|m| (m.channel.as_str(), m.event.as_deref(), m.data.as_str())).collect();
+    assert_eq!(got, [(ch.as_str(), None, "raw body"), (ch.as_str(), Some("note"), "two\nlines")]);
+    assert!(!r.reset);
+
+    // Nothing else arrives, in particular nothing of the other channel.
+    sse.assert_quiet(Duration::from_millis(300)).await;
+}
