@@ -1,0 +1,259 @@
+//! The open-loop publisher: seq k is due at `t0 + k / rate` and carries that scheduled
+//! time in its payload, whether or not the publisher is running late. Publishes are
+//! pipelined (up to `--max-inflight` outstanding) so one slow reply does not hold back
+//! the schedule. Seq k goes to channel `k % channels`.
+
+use std::{collections::BTreeMap, future::Future, pin::Pin, time::Duration};
+
+use anyhow::{Context, Result};
+use futures_util::{StreamExt, stream::FuturesUnordered};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::{
+    cli::{PublishVia, Settings},
+    payload::{self, Payload},
+};
+
+/// How long a single publish may take before it counts as failed.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the publisher did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PublishReport {
+    /// `redis` or `http`.
+    pub via: String,
+    /// Messages planned.
+    pub scheduled: u64,
+    /// Messages sent (fewer than planned only if the hard deadline hit).
+    pub sent: u64,
+    /// Publishes acknowledged.
+    pub ok: u64,
+    /// Publishes that failed.
+    pub failed: u64,
+    /// Acknowledged publishes that reached no subscriber (Redis: 0 receivers; HTTP:
+    /// `"subscribed": false`).
+    pub no_receivers: u64,
+    /// Acknowledged publishes in the measured window.
+    pub measured: u64,
+    /// Failures by kind.
+    pub errors: BTreeMap<String, u64>,
+    /// Seconds from the first due time to the last reply.
+    pub duration_secs: f64,
+    /// Sent messages per second over the schedule.
+    pub achieved_rate: f64,
+    /// Largest delay between a message's due time and its send, ms.
+    pub max_lag_ms: f64,
+    /// Mean delay between due time and send, ms (timer granularity and scheduling; it
+    /// is part of the measured latency).
+    pub mean_lag_ms: f64,
+    /// Messages sent more than 10 ms after their due time.
+    pub late_10ms: u64,
+    /// Seqs that failed (not expected by subscribers).
+    #[serde(skip)]
+    pub failed_seqs: Vec<u64>,
+}
+
+type PublishFuture = Pin<Box<dyn Future<Output = (u64, Result<bool, String>)> + Send>>;
+
+/// Where messages go.
+#[derive(Clone)]
+pub enum Sink {
+    /// Redis `PUBLISH` over one multiplexed (pipelined) connection.
+    Redis(redis::aio::MultiplexedConnection),
+    /// `POST /publish/{channel}` on the gateway.
+    Http {
+        /// Pooled client.
+        client: reqwest::Client,
+        /// `http://host:port[/base]`.
+        base: String,
+        /// `X-API-Key`, if any.
+        api_key: Option<String>,
+    },
+}
+
+impl Sink {
+    /// Connects to the publish target and checks it answers.
+    pub async fn connect(s: &Settings) -> Result<Self> {
+        match s.args.publish {
+            PublishVia::Redis => {
+                let client = redis::Client::open(s.args.redis_url.as_str()).context("opening --redis-url")?;
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(5)))
+                    .set_response_timeout(Some(PUBLISH_TIMEOUT));
+                let mut conn = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .with_context(|| format!("connecting to Redis at {}", s.args.redis_url))?;
+                let _: String = redis::cmd("PING").query_async(&mut conn).await.context("Redis PING")?;
+                Ok(Sink::Redis(conn))
+            }
+            PublishVia::Http => {
+                let client = reqwest::Client::builder()
+                    .no_proxy()
+                    .timeout(PUBLISH_TIMEOUT)
+                    .pool_max_idle_per_host(s.args.max_inflight.min(256))
+                    .tcp_nodelay(true)
+                    .build()
+                    .context("building HTTP client")?;
+                let base = format!("http://{}{}", s.host_header, s.base_path);
+                Ok(Sink::Http { client, base, api_key: s.args.api_key.clone() })
+            }
+            PublishVia::None => anyhow::bail!("--publish none has no sink"),
+        }
+    }
+
+    fn publish(&self, seq: u64, channel: String, payload: String) -> PublishFuture {
+        match self.clone() {
+            Sink::Redis(mut conn) => Box::pin(async move {
+                let r: redis::RedisResult<i64> =
+                    redis::cmd("PUBLISH").arg(&channel).arg(payload).query_async(&mut conn).await;
+                let r = r.map(|n| n > 0).map_err(|e| {
+                    if e.is_timeout() {
+                        "redis_timeout".to_owned()
+                    } else {
+                        format!("redis_{:?}", e.kind()).to_lowercase()
+                    }
+                });
+                (seq, r)
+            }),
+            Sink::Http { client, base, api_key } => Box::pin(async move {
+                let mut req = client.post(format!("{base}/publish/{channel}")).body(payload);
+                if let Some(k) = api_key {
+                    req = req.header("x-api-key", k);
+                }
+                let r = async {
+                    let resp = req.send().await.map_err(|e| {
+                        if e.is_timeout() { "http_timeout".to_owned() } else { "http_send".to_owned() }
+                    })?;
+                    let status = resp.status();
+                    if !status.is_success() {
+                        return Err(format!("http_{}", status.as_u16()));
+                    }
+                    let body: shared::protocol::PublishResult =
+                        resp.json().await.map_err(|_| "http_bad_body".to_owned())?;
+                    Ok(body.subscribed)
+                }
+                .await;
+                (seq, r)
+            }),
+        }
+    }
+}
+
+/// Publishes seqs `0..settings.total_messages` on schedule from `t0` (wall clock
+/// `t0_us`); stops early at `deadline`.
+pub async fn run(sink: &Sink, s: &Settings, t0: Instant, t0_us: u64, deadline: Instant) -> PublishReport {
+    let rate = s.args.rate;
+    let total = s.total_messages;
+    let channels = s.args.channels as u64;
+    let mut report =
+        PublishReport { via: s.args.publish.as_str().to_owned(), scheduled: total, ..Default::default() };
+    let mut inflight: FuturesUnordered<PublishFuture> = FuturesUnordered::new();
+    let max_inflight = s.args.max_inflight;
+    let offset = |k: u64| Duration::from_secs_f64(k as f64 / rate);
+    let mut text = String::with_capacity(s.args.payload_bytes + 64);
+    let mut next: u64 = 0;
+    let mut max_lag = Duration::ZERO;
+    let mut sum_lag = Duration::ZERO;
+    let mut last_send = t0;
+
+    let settle = |report: &mut PublishReport, (seq, r): (u64, Result<bool, String>)| match r {
+        Ok(subscribed) => {
+            report.ok += 1;
+            if !subscribed {
+                report.no_receivers += 1;
+            }
+            if seq >= s.measure_from {
+                report.measured += 1;
+            }
+        }
+        Err(kind) => {
+            report.failed += 1;
+            report.failed_seqs.push(seq);
+            *report.errors.entry(kind).or_default() += 1;
+        }
+    };
+
+    // A dedicated thread keeps the schedule: tokio's timer rounds every sleep up to the
+    // next millisecond, which would add ~1 ms of publisher lag to every measurement;
+    // `thread::sleep` wakes within tens of µs. It never waits for publishes (open loop):
+    // if this task falls behind, due seqs queue up and their lag is measured.
+    let (tick_tx, mut ticks) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let (t0_std, deadline_std) = (t0.into_std(), deadline.into_std());
+    let ticker = std::thread::Builder::new().name("loadgen-schedule".into()).spawn(move || {
+        for k in 0..total {
+            let due = t0_std + Duration::from_secs_f64(k as f64 / rate);
+            if due > deadline_std {
+                break;
+            }
+            let now = std::time::Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if tick_tx.send(k).is_err() {
+                break;
+            }
+        }
+    });
+    if let Err(e) = ticker {
+        report.errors.insert(format!("no_schedule_thread: {e}"), 1);
+        return report;
+    }
+
+    loop {
+        let seq = tokio::select! {
+            biased;
+            k = ticks.recv() => match k {
+                Some(k) => k,
+                None => break,
+            },
+            Some(done) = inflight.next(), if !inflight.is_empty() => {
+                settle(&mut report, done);
+                continue;
+            }
+        };
+        while inflight.len() >= max_inflight {
+            // Back-pressure: late messages keep their scheduled time, so the wait shows
+            // up in the measured latency.
+            if let Some(done) = inflight.next().await {
+                settle(&mut report, done);
+            }
+        }
+        let lag = Instant::now().saturating_duration_since(t0 + offset(seq));
+        max_lag = max_lag.max(lag);
+        sum_lag += lag;
+        if lag > Duration::from_millis(10) {
+            report.late_10ms += 1;
+        }
+        let ch = seq % channels;
+        let t_us = t0_us + (seq as f64 * 1e6 / rate) as u64;
+        payload::encode(Payload { seq, ch, t_us }, s.args.payload_bytes, &mut text);
+        inflight.push(sink.publish(seq, s.channel_name(ch), text.clone()));
+        last_send = Instant::now();
+        next = seq + 1;
+    }
+    report.sent = next;
+    // Collect the last replies (each is bounded by the client's own timeout).
+    let tail = tokio::time::timeout(PUBLISH_TIMEOUT + Duration::from_secs(1), async {
+        while let Some(done) = inflight.next().await {
+            settle(&mut report, done);
+        }
+    })
+    .await;
+    if tail.is_err() {
+        report.errors.insert("no_reply".into(), inflight.len() as u64);
+        report.failed += inflight.len() as u64;
+        // The seqs still in flight are unknown here; they may or may not arrive.
+    }
+    report.failed_seqs.sort_unstable();
+    report.duration_secs = t0.elapsed().as_secs_f64();
+    report.achieved_rate = if report.sent > 0 {
+        report.sent as f64 / (last_send.saturating_duration_since(t0).as_secs_f64() + 1.0 / rate)
+    } else {
+        0.0
+    };
+    report.max_lag_ms = max_lag.as_secs_f64() * 1000.0;
+    report.mean_lag_ms = if next > 0 { sum_lag.as_secs_f64() * 1000.0 / next as f64 } else { 0.0 };
+    report
+}

@@ -1,0 +1,697 @@
+//! Subscribers: one task per connection, speaking SSE, WebSocket or long-poll over a
+//! socket opened by [`crate::net::connect`] (so it can have its own source address).
+//!
+//! Subscriber `g` (global index across workers) subscribes to channel `g % channels`
+//! and keeps a bitset of the seqs it has seen on that channel, which is enough to count
+//! missing and duplicate deliveries at the end. A subscriber counts as subscribed when
+//! the server confirms it: SSE — the first `: ok` comment; WebSocket — the `subscribed`
+//! frame; long-poll — the answer to a first `timeout=0` poll (from then on the server
+//! buffers the channel for us between polls).
+
+use std::{
+    collections::BTreeMap,
+    ops::Range,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use shared::{
+    protocol::{PollResponse, ServerFrame},
+    sse::SseParser,
+};
+use tokio::{
+    net::TcpStream,
+    sync::{Semaphore, mpsc},
+    task::JoinSet,
+    time::{Instant, sleep, sleep_until, timeout, timeout_at},
+};
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{Error as WsError, Message, protocol::WebSocketConfig},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    cli::{Settings, Transport},
+    http::{BodyDecoder, HttpConn},
+    net::{self, io_kind},
+    payload::{self, Payload},
+    report::{ConnectReport, DeliveryReport, MAX_LATENCY_US, Window, encode_histogram, new_histogram},
+};
+
+/// Latency histograms are sharded to keep lock contention low.
+const HIST_SHARDS: usize = 32;
+/// Largest long-poll answer accepted.
+const MAX_POLL_BODY: usize = 64 << 20;
+/// Most reconnects of one long-poll subscriber after the server closed its connection.
+const MAX_POLL_RECONNECTS: u32 = 100;
+
+/// Microseconds since the Unix epoch.
+pub fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What one subscriber saw.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    /// The channel index it subscribes to.
+    pub channel: u64,
+    /// Whether it subscribed successfully.
+    pub connected: bool,
+    /// Seen seqs of its channel: bit `seq / channels`.
+    bits: Vec<u64>,
+    max_seq: Option<u64>,
+    /// First copies received (any window).
+    pub unique: u64,
+    /// Extra copies.
+    pub duplicates: u64,
+    /// Arrivals after a higher seq.
+    pub reordered: u64,
+    /// Messages for another channel or an unplanned seq.
+    pub unexpected: u64,
+    /// Messages not in the payload format.
+    pub bad_payload: u64,
+    /// Why and when (µs since the epoch) the connection was lost, if it was.
+    pub disconnect: Option<(String, u64)>,
+}
+
+/// Whether a delivery was new.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// First copy.
+    New,
+    /// A copy of a seq already seen.
+    Duplicate,
+    /// Not a message this subscriber should get.
+    Unexpected,
+}
+
+impl Tracker {
+    /// A tracker for a subscriber of channel `channel`.
+    pub fn new(channel: u64) -> Self {
+        Self { channel, ..Default::default() }
+    }
+
+    /// Records a delivery; seqs at or above `seq_limit` were never planned.
+    pub fn record(&mut self, p: Payload, channels: u64, seq_limit: u64) -> Seen {
+        if p.ch != self.channel || p.seq % channels != p.ch || p.seq >= seq_limit {
+            self.unexpected += 1;
+            return Seen::Unexpected;
+        }
+        let k = p.seq / channels;
+        let (word, bit) = ((k / 64) as usize, k % 64);
+        if word >= self.bits.len() {
+            self.bits.resize(word + 1, 0);
+        }
+        if self.bits[word] & (1 << bit) != 0 {
+            self.duplicates += 1;
+            return Seen::Duplicate;
+        }
+        self.bits[word] |= 1 << bit;
+        self.unique += 1;
+        match self.max_seq {
+            Some(m) if p.seq < m => self.reordered += 1,
+            _ => self.max_seq = Some(p.seq),
+        }
+        Seen::New
+    }
+
+    fn has(&self, k: u64) -> bool {
+        self.bits.get((k / 64) as usize).is_some_and(|w| w & (1 << (k % 64)) != 0)
+    }
+
+    /// Deliveries expected in `w` and how many of them are missing: the seqs of this
+    /// subscriber's channel in the measured window, published while it was connected.
+    pub fn tally(&self, w: &Window, channels: u64) -> (u64, u64) {
+        if !self.connected {
+            return (0, 0);
+        }
+        let end = match &self.disconnect {
+            Some((_, at)) => w.end_seq.min(w.scheduled_by(*at)),
+            None => w.end_seq,
+        };
+        let (mut expected, mut missing) = (0, 0);
+        let mut s = first_on_channel(w.measure_from, self.channel, channels);
+        while s < end {
+            if w.failed.binary_search(&s).is_err() {
+                expected += 1;
+                if !self.has(s / channels) {
+                    missing += 1;
+                }
+            }
+            s += channels;
+        }
+        (expected, missing)
+    }
+}
+
+/// The first seq at or after `from` that goes to channel `c` of `m`.
+pub fn first_on_channel(from: u64, c: u64, m: u64) -> u64 {
+    let r = from % m;
+    if r <= c { from - r + c } else { from - r + m + c }
+}
+
+/// State shared by one process's subscribers.
+struct Shared {
+    s: Settings,
+    channels: u64,
+    sem: Semaphore,
+    stop: CancellationToken,
+    hists: Vec<Mutex<Histogram<u64>>>,
+    in_window: AtomicU64,
+    poll_resets: AtomicU64,
+    poll_reconnects: AtomicU64,
+}
+
+impl Shared {
+    fn deliver(&self, g: u64, tr: &Mutex<Tracker>, data: &str, now: u64) {
+        let Some(p) = payload::decode(data) else {
+            lock(tr).bad_payload += 1;
+            return;
+        };
+        let seen = lock(tr).record(p, self.channels, self.s.total_messages);
+        if seen == Seen::New && p.seq >= self.s.measure_from {
+            self.in_window.fetch_add(1, Relaxed);
+            let us = now.saturating_sub(p.t_us).clamp(1, MAX_LATENCY_US);
+            lock(&self.hists[g as usize % HIST_SHARDS]).saturating_record(us);
+        }
+    }
+}
+
+/// One process's subscribers.
+pub struct Pool {
+    shared: Arc<Shared>,
+    trackers: Vec<Arc<Mutex<Tracker>>>,
+    tasks: JoinSet<()>,
+    outcomes: mpsc::UnboundedReceiver<Result<Duration, String>>,
+    started: Instant,
+    phase_deadline: Instant,
+    label: String,
+}
+
+impl Pool {
+    /// Starts subscribers `range` (global indices); at most `concurrency` connect at once,
+    /// and none starts connecting after `phase_deadline`.
+    pub fn start(
+        s: &Settings,
+        range: Range<u64>,
+        concurrency: usize,
+        phase_deadline: Instant,
+        label: String,
+    ) -> Self {
+        let channels = s.args.channels as u64;
+        let shared = Arc::new(Shared {
+            s: s.clone(),
+            channels,
+            sem: Semaphore::new(concurrency.max(1)),
+            stop: CancellationToken::new(),
+            hists: (0..HIST_SHARDS).map(|_| Mutex::new(new_histogram())).collect(),
+            in_window: AtomicU64::new(0),
+            poll_resets: AtomicU64::new(0),
+            poll_reconnects: AtomicU64::new(0),
+        });
+        let (tx, outcomes) = mpsc::unbounded_channel();
+        let mut tasks = JoinSet::new();
+        let mut trackers = Vec::with_capacity((range.end - range.start) as usize);
+        for g in range {
+            let tr = Arc::new(Mutex::new(Tracker::new(g % channels)));
+            trackers.push(tr.clone());
+            tasks.spawn(subscriber(shared.clone(), g, tr, tx.clone(), phase_deadline));
+        }
+        Self { shared, trackers, tasks, outcomes, started: Instant::now(), phase_deadline, label }
+    }
+
+    /// Waits until every subscriber has subscribed or failed; prints progress to stderr.
+    pub async fn wait_connected(&mut self) -> ConnectReport {
+        let total = self.trackers.len() as u64;
+        let mut report = ConnectReport { attempted: total, ..Default::default() };
+        let mut hist = new_histogram();
+        let mut last = Instant::now();
+        let mut last_outcome = self.started;
+        let give_up = self.phase_deadline + Duration::from_secs(15);
+        while report.ok + report.failed < total {
+            tokio::select! {
+                o = self.outcomes.recv() => {
+                    last_outcome = Instant::now();
+                    match o {
+                        Some(Ok(took)) => {
+                            report.ok += 1;
+                            hist.saturating_record((took.as_micros() as u64).max(1));
+                        }
+                        Some(Err(kind)) => {
+                            report.failed += 1;
+                            *report.errors.entry(kind).or_default() += 1;
+                        }
+                        None => break,
+                    }
+                }
+                _ = sleep(Duration::from_secs(2)) => {}
+                _ = sleep_until(give_up) => break,
+            }
+            if last.elapsed() >= Duration::from_secs(2) {
+                last = Instant::now();
+                eprintln!("{}connecting: {} ok, {} failed of {total}", self.label, report.ok, report.failed);
+            }
+        }
+        let unaccounted = total - report.ok - report.failed;
+        if unaccounted > 0 {
+            report.failed += unaccounted;
+            *report.errors.entry("no_outcome".into()).or_default() += unaccounted;
+        }
+        report.duration_secs = last_outcome.duration_since(self.started).as_secs_f64();
+        report.connect_time_hist = encode_histogram(&hist);
+        report
+    }
+
+    /// Waits (at most `drain`) for the deliveries `window` expects, then reports.
+    pub async fn finish(&mut self, window: &Window, drain: Duration) -> DeliveryReport {
+        let channels = self.shared.channels;
+        let expected: u64 = self.trackers.iter().map(|t| lock(t).tally(window, channels).0).sum();
+        let deadline = Instant::now() + drain;
+        while self.shared.in_window.load(Relaxed) < expected && Instant::now() < deadline {
+            sleep(Duration::from_millis(20)).await;
+        }
+        self.report(window)
+    }
+
+    fn report(&self, window: &Window) -> DeliveryReport {
+        let channels = self.shared.channels;
+        let mut r = DeliveryReport { loadgen_processes: 1, ..Default::default() };
+        let mut disconnects: BTreeMap<String, u64> = BTreeMap::new();
+        for t in &self.trackers {
+            let t = lock(t);
+            let (expected, missing) = t.tally(window, channels);
+            r.expected += expected;
+            r.missing += missing;
+            r.duplicates += t.duplicates;
+            r.reordered += t.reordered;
+            r.unexpected += t.unexpected;
+            r.bad_payload += t.bad_payload;
+            r.received_total += t.unique;
+            match &t.disconnect {
+                Some((reason, _)) => *disconnects.entry(reason.clone()).or_default() += 1,
+                None if t.connected => r.connected_at_end += 1,
+                None => {}
+            }
+        }
+        r.received = r.expected - r.missing;
+        r.disconnects = disconnects;
+        let mut hist = new_histogram();
+        for h in &self.shared.hists {
+            hist.add(&*lock(h)).expect("histograms share bounds");
+        }
+        r.latency_hist = encode_histogram(&hist);
+        r.poll_resets = self.shared.poll_resets.load(Relaxed);
+        r.poll_reconnects = self.shared.poll_reconnects.load(Relaxed);
+        if let Ok(me) = crate::procfs::sample(None) {
+            r.loadgen_cpu_secs = me.cpu_secs;
+            r.loadgen_rss_kib = me.rss_kib;
+        }
+        r
+    }
+
+    /// Closes every connection and ends the tasks.
+    pub async fn shutdown(mut self) {
+        self.shared.stop.cancel();
+        let all = async { while self.tasks.join_next().await.is_some() {} };
+        if timeout(Duration::from_secs(10), all).await.is_err() {
+            self.tasks.abort_all();
+        }
+    }
+}
+
+async fn subscriber(
+    sh: Arc<Shared>,
+    g: u64,
+    tr: Arc<Mutex<Tracker>>,
+    tx: mpsc::UnboundedSender<Result<Duration, String>>,
+    phase_deadline: Instant,
+) {
+    let attempt = async {
+        let _permit = sh.sem.acquire().await.map_err(|_| "closed".to_owned())?;
+        let begin = Instant::now();
+        let connect_timeout = Duration::from_secs_f64(sh.s.args.connect_timeout);
+        match timeout(connect_timeout, connect(&sh, g, &tr)).await {
+            Ok(Ok(session)) => Ok((session, begin.elapsed())),
+            Ok(Err(kind)) => Err(kind),
+            Err(_) => Err("connect_timeout".to_owned()),
+        }
+    };
+    let result = tokio::select! {
+        _ = sh.stop.cancelled() => return,
+        r = timeout_at(phase_deadline, attempt) => r.unwrap_or_else(|_| Err("connect_phase_deadline".into())),
+    };
+    let mut session = match result {
+        Ok((session, took)) => {
+            lock(&tr).connected = true;
+            let _ = tx.send(Ok(took));
+            session
+        }
+        Err(kind) => {
+            let _ = tx.send(Err(kind));
+            return;
+        }
+    };
+    drop(tx);
+    let reason = tokio::select! {
+        _ = sh.stop.cancelled() => return,
+        r = session.run(&sh, g, &tr) => r,
+    };
+    if !sh.stop.is_cancelled() {
+        lock(&tr).disconnect = Some((reason, now_us()));
+    }
+}
+
+/// A subscribed connection.
+enum Session {
+    Sse(SseSession),
+    Ws(Box<WebSocketStream<TcpStream>>),
+    Poll(PollSession),
+}
+
+async fn connect(sh: &Shared, g: u64, tr: &Mutex<Tracker>) -> Result<Session, String> {
+    let ips = &sh.s.source_ips;
+    let source = (!ips.is_empty()).then(|| ips[g as usize % ips.len()]);
+    let stream = net::connect(sh.s.dest, source).await.map_err(|e| io_kind(&e))?;
+    let ch = sh.s.channel_name(g % sh.channels);
+    match sh.s.args.transport {
+        Transport::Sse => SseSession::connect(sh, g, tr, stream, &ch).await.map(Session::Sse),
+        Transport::Ws => connect_ws(sh, g, tr, stream, &ch).await.map(|ws| Session::Ws(Box::new(ws))),
+        Transport::Poll => PollSession::connect(sh, g, tr, stream, ch, source).await.map(Session::Poll),
+    }
+}
+
+impl Session {
+    /// Receives until the connection ends; returns why.
+    async fn run(&mut self, sh: &Shared, g: u64, tr: &Mutex<Tracker>) -> String {
+        match self {
+            Session::Sse(s) => loop {
+                match s.step(sh, g, tr).await {
+                    Ok(true) => {}
+                    Ok(false) => return "eof".into(),
+                    Err(kind) => return kind,
+                }
+            },
+            Session::Ws(ws) => run_ws(sh, g, tr, ws).await,
+            Session::Poll(p) => p.run(sh, g, tr).await,
+        }
+    }
+}
+
+struct SseSession {
+    conn: HttpConn,
+    body: BodyDecoder,
+    parser: SseParser,
+    out: Vec<u8>,
+}
+
+impl SseSession {
+    async fn connect(
+        sh: &Shared,
+        g: u64,
+        tr: &Mutex<Tracker>,
+        stream: TcpStream,
+        ch: &str,
+    ) -> Result<Self, String> {
+        let mut conn = HttpConn::new(stream);
+        let path = format!("{}/sse?channel={ch}", sh.s.base_path);
+        conn.send_get(&sh.s.host_header, &path, "text/event-stream").await.map_err(|e| io_kind(&e))?;
+        let head = conn.read_head().await.map_err(|e| e.kind())?;
+        if head.status != 200 {
+            return Err(format!("http_{}", head.status));
+        }
+        let mut s =
+            Self { conn, body: BodyDecoder::for_head(&head), parser: SseParser::new(), out: Vec::new() };
+        while s.parser.comments() == 0 {
+            if !s.step(sh, g, tr).await? {
+                return Err("eof_before_subscribed".into());
+            }
+        }
+        Ok(s)
+    }
+
+    /// Reads once and handles the events completed; `Ok(false)` at the end of the stream.
+    async fn step(&mut self, sh: &Shared, g: u64, tr: &Mutex<Tracker>) -> Result<bool, String> {
+        if !self.conn.read_body_some(&mut self.body, &mut self.out).await.map_err(|e| e.kind())? {
+            return Ok(false);
+        }
+        let events = self.parser.feed(&self.out);
+        if events.is_empty() {
+            return Ok(true);
+        }
+        let now = now_us();
+        for ev in events {
+            match ev.event.as_deref() {
+                None | Some("message") => sh.deliver(g, tr, &ev.data, now),
+                Some("disconnect") => {
+                    let reason = serde_json::from_str::<serde_json::Value>(&ev.data)
+                        .ok()
+                        .and_then(|v| v.get("reason")?.as_str().map(str::to_owned))
+                        .unwrap_or_else(|| "unknown".into());
+                    return Err(format!("sse_disconnect_{reason}"));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(true)
+    }
+}
+
+fn ws_kind(e: &WsError) -> String {
+    match e {
+        WsError::Http(resp) => format!("http_{}", resp.status().as_u16()),
+        WsError::Io(e) => io_kind(e),
+        WsError::ConnectionClosed | WsError::AlreadyClosed => "closed".into(),
+        WsError::Protocol(_) => "ws_protocol".into(),
+        WsError::Capacity(_) => "ws_capacity".into(),
+        _ => "ws_other".into(),
+    }
+}
+
+/// What a server text frame meant to us.
+enum WsEvent {
+    Subscribed,
+    Error(String),
+    Other,
+}
+
+fn ws_text(sh: &Shared, g: u64, tr: &Mutex<Tracker>, text: &str) -> WsEvent {
+    match serde_json::from_str::<ServerFrame>(text) {
+        Ok(ServerFrame::Message { data, .. }) => {
+            sh.deliver(g, tr, &data, now_us());
+            WsEvent::Other
+        }
+        Ok(ServerFrame::Subscribed { .. }) => WsEvent::Subscribed,
+        Ok(ServerFrame::Error { code, .. }) => WsEvent::Error(code),
+        Ok(_) => WsEvent::Other,
+        Err(_) => {
+            lock(tr).bad_payload += 1;
+            WsEvent::Other
+        }
+    }
+}
+
+async fn connect_ws(
+    sh: &Shared,
+    g: u64,
+    tr: &Mutex<Tracker>,
+    stream: TcpStream,
+    ch: &str,
+) -> Result<WebSocketStream<TcpStream>, String> {
+    let url = format!("ws://{}{}/ws?channel={ch}", sh.s.host_header, sh.s.base_path);
+    let config = WebSocketConfig::default().read_buffer_size(8 * 1024).write_buffer_size(0);
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+        .await
+        .map_err(|e| ws_kind(&e))?;
+    loop {
+        match ws.next().await {
+            None => return Err("eof_before_subscribed".into()),
+            Some(Err(e)) => return Err(ws_kind(&e)),
+            Some(Ok(Message::Text(t))) => match ws_text(sh, g, tr, &t) {
+                WsEvent::Subscribed => return Ok(ws),
+                WsEvent::Error(code) => return Err(format!("ws_error_{code}")),
+                WsEvent::Other => {}
+            },
+            Some(Ok(Message::Close(f))) => {
+                return Err(format!("ws_close_{}", f.map_or(1005, |f| u16::from(f.code))));
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+async fn run_ws(sh: &Shared, g: u64, tr: &Mutex<Tracker>, ws: &mut WebSocketStream<TcpStream>) -> String {
+    let mut error = None;
+    loop {
+        match ws.next().await {
+            None => return error.unwrap_or_else(|| "eof".into()),
+            Some(Err(e)) => return error.unwrap_or_else(|| ws_kind(&e)),
+            Some(Ok(Message::Text(t))) => {
+                if let WsEvent::Error(code) = ws_text(sh, g, tr, &t) {
+                    error = Some(format!("ws_error_{code}"));
+                }
+            }
+            Some(Ok(Message::Close(f))) => {
+                let close = format!("ws_close_{}", f.map_or(1005, |f| u16::from(f.code)));
+                return error.map_or(close.clone(), |e| format!("{e}_{close}"));
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+struct PollSession {
+    conn: HttpConn,
+    channel: String,
+    cursor: String,
+    source: Option<std::net::Ipv4Addr>,
+    reconnect: bool,
+    reconnects: u32,
+}
+
+impl PollSession {
+    async fn connect(
+        sh: &Shared,
+        g: u64,
+        tr: &Mutex<Tracker>,
+        stream: TcpStream,
+        channel: String,
+        source: Option<std::net::Ipv4Addr>,
+    ) -> Result<Self, String> {
+        let mut s = Self {
+            conn: HttpConn::new(stream),
+            channel,
+            cursor: String::new(),
+            source,
+            reconnect: false,
+            reconnects: 0,
+        };
+        s.poll(sh, g, tr, 0).await?;
+        Ok(s)
+    }
+
+    /// One poll: asks for messages after the cursor, holding up to `hold` seconds.
+    async fn poll(&mut self, sh: &Shared, g: u64, tr: &Mutex<Tracker>, hold: u64) -> Result<(), String> {
+        let mut path = format!("{}/poll?channel={}&timeout={hold}", sh.s.base_path, self.channel);
+        if !self.cursor.is_empty() {
+            path.push_str("&cursor=");
+            percent_encode(&self.cursor, &mut path);
+        }
+        self.conn.send_get(&sh.s.host_header, &path, "application/json").await.map_err(|e| io_kind(&e))?;
+        let head = self.conn.read_head().await.map_err(|e| e.kind())?;
+        let body = self.conn.read_body(&head, MAX_POLL_BODY).await.map_err(|e| e.kind())?;
+        if head.close {
+            self.reconnect = true;
+        }
+        if head.status != 200 {
+            return Err(format!("http_{}", head.status));
+        }
+        let resp: PollResponse = serde_json::from_slice(&body).map_err(|_| "poll_bad_body".to_owned())?;
+        if resp.reset && !self.cursor.is_empty() {
+            sh.poll_resets.fetch_add(1, Relaxed);
+        }
+        let now = now_us();
+        for m in &resp.messages {
+            sh.deliver(g, tr, &m.data, now);
+        }
+        self.cursor = resp.cursor;
+        Ok(())
+    }
+
+    async fn run(&mut self, sh: &Shared, g: u64, tr: &Mutex<Tracker>) -> String {
+        let hold = sh.s.args.poll_timeout;
+        let limit = Duration::from_secs(hold + 15);
+        loop {
+            if self.reconnect {
+                if self.reconnects >= MAX_POLL_RECONNECTS {
+                    return "poll_too_many_reconnects".into();
+                }
+                self.reconnects += 1;
+                sh.poll_reconnects.fetch_add(1, Relaxed);
+                match net::connect(sh.s.dest, self.source).await {
+                    Ok(stream) => self.conn = HttpConn::new(stream),
+                    Err(e) => return format!("poll_reconnect_{}", io_kind(&e)),
+                }
+                self.reconnect = false;
+            }
+            match timeout(limit, self.poll(sh, g, tr, hold)).await {
+                Ok(Ok(())) => {}
+                // A kept-alive connection the server closed: poll again (same cursor) on a new one.
+                Ok(Err(kind)) if kind == "eof" || kind == "reset" || kind == "broken_pipe" => {
+                    self.reconnect = true
+                }
+                Ok(Err(kind)) => return kind,
+                Err(_) => return "poll_no_answer".into(),
+            }
+        }
+    }
+}
+
+/// Appends `s` percent-encoded for a query value (unreserved characters kept).
+fn percent_encode(s: &str, out: &mut String) {
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(seq: u64, channels: u64) -> Payload {
+        Payload { seq, ch: seq % channels, t_us: 0 }
+    }
+
+    #[test]
+    fn tracker_counts_missing_duplicates_and_order() {
+        let m = 4;
+        let mut t = Tracker::new(1);
+        t.connected = true;
+        // Channel 1 of 4 gets seqs 1, 5, 9, 13, 17, ...
+        for seq in [1, 5, 13, 9, 13] {
+            t.record(p(seq, m), m, 100);
+        }
+        assert_eq!((t.unique, t.duplicates, t.reordered), (4, 1, 1));
+        assert_eq!(t.record(p(2, m), m, 100), Seen::Unexpected);
+        assert_eq!(t.record(p(101, m), m, 100), Seen::Unexpected);
+        // Window: seqs 4..20 sent → channel 1 expects 5, 9, 13, 17; 17 is missing.
+        let w = Window { measure_from: 4, end_seq: 20, t0_us: 0, rate: 1e6, failed: vec![] };
+        assert_eq!(t.tally(&w, m), (4, 1));
+        // A failed publish is not expected.
+        let w2 = Window { failed: vec![17], ..w.clone() };
+        assert_eq!(t.tally(&w2, m), (3, 0));
+        // Dropped at t=10µs (seqs 0..=10 scheduled at 1 µs each): expects 5, 9 only.
+        t.disconnect = Some(("eof".into(), 10));
+        assert_eq!(t.tally(&w, m), (2, 0));
+        // Never connected: nothing expected.
+        assert_eq!(Tracker::new(1).tally(&w, m), (0, 0));
+    }
+
+    #[test]
+    fn first_seq_of_a_channel() {
+        assert_eq!(first_on_channel(0, 3, 10), 3);
+        assert_eq!(first_on_channel(13, 3, 10), 13);
+        assert_eq!(first_on_channel(14, 3, 10), 23);
+        assert_eq!(first_on_channel(7, 0, 1), 7);
+    }
+
+    #[test]
+    fn cursor_encoding() {
+        let mut s = String::new();
+        percent_encode("eyJl-_Ij/+=", &mut s);
+        assert_eq!(s, "eyJl-_Ij%2F%2B%3D");
+    }
+}
