@@ -4,7 +4,10 @@
 use axum::{
     Json,
     body::Bytes,
-    extract::{Path, RawQuery, State, rejection::BytesRejection, rejection::JsonRejection},
+    extract::{
+        Path, RawQuery, State,
+        rejection::{BytesRejection, JsonRejection, PathRejection},
+    },
     http::{HeaderMap, StatusCode},
 };
 use metrics::counter;
@@ -105,12 +108,19 @@ fn reject(err: ApiError) -> ApiError {
 /// `POST /publish/{channel}`: the raw body is the payload; `?event=` names an event.
 pub async fn publish_raw(
     State(state): State<AppState>,
-    Path(channel): Path<String>,
+    channel: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<PublishResult>, ApiError> {
     check_api_key(&headers, &state.config.api_keys).map_err(reject)?;
+    let Path(channel) = channel.map_err(|_| {
+        reject(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            error_code::INVALID_CHANNEL,
+            "invalid channel: the path must be /publish/<channel> with a UTF-8 channel name",
+        ))
+    })?;
     shared::validate_channel(&channel, state.config.limits.max_channel_len)
         .map_err(|e| reject(ApiError::invalid_channel(&channel, e)))?;
     let body = body.map_err(|r| {

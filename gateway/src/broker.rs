@@ -23,6 +23,7 @@ pub trait Sink: Send + Sync + 'static {
     /// One message published to `channel`, as raw bytes (possibly a gateway frame).
     fn deliver(&self, channel: &str, payload: Bytes);
     /// The link to the broker came back after an outage (messages may have been missed).
+    /// Called before any message from the new link is delivered.
     fn link_restored(&self) {}
 }
 
@@ -151,6 +152,8 @@ pub trait Broker: Send + Sync + 'static {
     /// The messages of `channel` after `from`, if history still covers them.
     fn since<'a>(&'a self, channel: &'a str, from: StreamPos)
     -> BoxFuture<'a, Result<Recovery, BrokerError>>;
+    /// The position of the newest message in `channel`'s history, if any.
+    fn head<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Option<StreamPos>, BrokerError>>;
     /// The link state, watched by readiness and metrics.
     fn link(&self) -> watch::Receiver<LinkState>;
     /// Short name for logs: `memory` or `redis`.

@@ -88,13 +88,13 @@ pub struct ServeArgs {
     #[arg(long, env = "GATEWAY_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
     /// Redis URL, e.g. redis://127.0.0.1:6379. Unset: single node on an in-process broker.
-    #[arg(long, env = "GATEWAY_REDIS_URL")]
+    #[arg(long, env = "GATEWAY_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
     /// Redis connection pool size for publishing [default: 16].
     #[arg(long, env = "GATEWAY_REDIS_POOL_SIZE")]
     pub redis_pool_size: Option<usize>,
     /// API key(s) required to publish; comma-separated. Unset: publishing is open.
-    #[arg(long, env = "GATEWAY_API_KEYS", value_delimiter = ',')]
+    #[arg(long, env = "GATEWAY_API_KEYS", value_delimiter = ',', hide_env_values = true)]
     pub api_keys: Vec<String>,
     /// Largest payload accepted, in bytes [default: 65536].
     #[arg(long, env = "GATEWAY_MAX_PAYLOAD_BYTES")]
@@ -162,13 +162,13 @@ pub struct PublishArgs {
     #[arg(long)]
     pub event: Option<String>,
     /// Publish straight to this Redis.
-    #[arg(long, env = "GATEWAY_REDIS_URL")]
+    #[arg(long, env = "GATEWAY_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
     /// Publish through a gateway's HTTP API instead, e.g. http://127.0.0.1:8080.
     #[arg(long, env = "GATEWAY_URL")]
     pub gateway_url: Option<String>,
     /// API key for --gateway-url.
-    #[arg(long, env = "GATEWAY_API_KEY")]
+    #[arg(long, env = "GATEWAY_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Largest payload accepted, in bytes [default: 65536].
     #[arg(long, env = "GATEWAY_MAX_PAYLOAD_BYTES")]

@@ -3,7 +3,7 @@
 
 use axum::{
     Json,
-    http::StatusCode,
+    http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use shared::protocol::{ErrorBody, error_code as code};
@@ -75,7 +75,17 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         metrics::counter!(m::REJECTED_TOTAL, "reason" => self.code).increment(1);
-        (self.status, Json(ErrorBody { error: self.code.to_owned(), message: self.message })).into_response()
+        let mut resp = (self.status, Json(ErrorBody { error: self.code.to_owned(), message: self.message }))
+            .into_response();
+        // The request body may be left unread: say so instead of letting a keep-alive
+        // client send its next request on a connection the server then drops.
+        if matches!(self.status, StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNAUTHORIZED) {
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if self.status == StatusCode::UPGRADE_REQUIRED {
+            resp.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        }
+        resp
     }
 }
 

@@ -116,6 +116,10 @@ struct Channel {
     keep_until: Option<Instant>,
     /// Last history position dispatched here; older or equal ones are duplicates.
     last_pos: Option<StreamPos>,
+    /// The channel's newest history position when this node subscribed it: where an
+    /// outage replay starts if no history message has arrived here since. Not used for
+    /// de-duplication (it may arrive after newer live messages).
+    head: Option<StreamPos>,
     /// While history is replayed after a broker outage, live payloads wait here.
     recovering: Option<Vec<Bytes>>,
 }
@@ -250,6 +254,7 @@ impl Hub {
             let ready = Ready::new();
             self.broker.subscribe(name.clone(), ready.clone());
             self.metrics.channels.increment(1.0);
+            self.fetch_head(name.clone(), ready.clone());
             shard.channels.insert(
                 name.clone(),
                 Channel {
@@ -260,11 +265,27 @@ impl Hub {
                     ready,
                     keep_until: None,
                     last_pos: None,
+                    head: None,
                     recovering: None,
                 },
             );
         }
         shard.channels.get_mut(channel).expect("inserted above")
+    }
+
+    /// Learns where `channel`'s history stands once its subscription is live, so an
+    /// outage before its first history message can still be replayed.
+    fn fetch_head(&self, name: Arc<str>, ready: Arc<Ready>) {
+        let (Ok(rt), Some(hub)) = (tokio::runtime::Handle::try_current(), self.me.upgrade()) else { return };
+        rt.spawn(async move {
+            if tokio::time::timeout(crate::transport::READY_WAIT, ready.wait()).await.is_err() {
+                return;
+            }
+            let Ok(Some(head)) = hub.broker.head(&name).await else { return };
+            if let Some(ch) = hub.shard(&name).channels.get_mut(&name) {
+                ch.head = Some(head);
+            }
+        });
     }
 
     /// Adds `inbox` as a subscriber of `channel` (already validated).
@@ -305,7 +326,7 @@ impl Hub {
         let key = ch.subs.insert(Sub { inbox: inbox.clone() });
         let subscription = Subscription { hub: self.clone(), channel: ch.name.clone(), key };
         let ready = ch.ready.clone();
-        let last_pos = ch.last_pos;
+        let last_pos = ch.last_pos.or(ch.head);
         drop(shard);
         self.metrics.subscriptions.increment(1.0);
         PollJoin { subscription, backlog, position, gap, ready, last_pos }
@@ -454,20 +475,28 @@ impl Hub {
         }
     }
 
-    /// After a broker outage: replays, per channel that has seen history messages, what
-    /// was published meanwhile (live messages wait until the replay is done), or tells
-    /// subscribers about the gap when history cannot cover it.
-    pub async fn recover_after_outage(self: Arc<Self>) {
+    /// Starts recovery after a broker outage: every channel that has seen history
+    /// messages holds its live messages from now on (this runs before the broker reads
+    /// anything from the new link, so no live message can overtake the replay). Returns
+    /// the channels and the positions to replay from.
+    fn begin_recovery(&self) -> Vec<(Arc<str>, StreamPos)> {
         let mut todo = Vec::new();
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             for ch in shard.channels.values_mut() {
-                if let Some(pos) = ch.last_pos {
+                if let Some(pos) = ch.last_pos.or(ch.head) {
                     ch.recovering.get_or_insert_with(Vec::new);
                     todo.push((ch.name.clone(), pos));
                 }
             }
         }
+        todo
+    }
+
+    /// Replays, per channel, what was published during the outage (then the live
+    /// messages that waited), or tells subscribers about the gap when history cannot
+    /// cover it.
+    async fn finish_recovery(self: Arc<Self>, todo: Vec<(Arc<str>, StreamPos)>) {
         for (name, from) in todo {
             let result = self.broker.since(&name, from).await;
             let mut shard = self.shard(&name);
@@ -513,8 +542,9 @@ impl Sink for Hub {
     }
 
     fn link_restored(&self) {
+        let todo = self.begin_recovery();
         if let Some(hub) = self.me.upgrade() {
-            tokio::spawn(hub.recover_after_outage());
+            tokio::spawn(hub.finish_recovery(todo));
         }
     }
 }

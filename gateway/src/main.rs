@@ -4,7 +4,6 @@ use std::{io::IsTerminal, process::ExitCode};
 
 use clap::Parser;
 use gateway::config::{Cli, Command, Config, LogFormat, ServeArgs};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -52,11 +51,11 @@ fn serve(args: ServeArgs) -> ExitCode {
     init_tracing(config.log_format);
     let metrics = gateway::metrics::install();
     runtime().block_on(async move {
-        let public = match TcpListener::bind(config.listen).await {
+        let public = match gateway::server::bind(config.listen) {
             Ok(l) => l,
             Err(e) => return fail(&format!("cannot listen on {}: {e}", config.listen), 1),
         };
-        let admin = match TcpListener::bind(config.admin_listen).await {
+        let admin = match gateway::server::bind(config.admin_listen) {
             Ok(l) => l,
             Err(e) => return fail(&format!("cannot listen on {} (admin): {e}", config.admin_listen), 1),
         };

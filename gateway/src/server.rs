@@ -24,6 +24,19 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Time a closed connection gets to flush its final frame before the socket is dropped.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
+/// Pending connections the kernel queues before `accept` (the default 128 overflows
+/// under connection bursts: clients then wait a full SYN retry, about a second).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listener with [`LISTEN_BACKLOG`] and `SO_REUSEADDR`.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Per-connection context handed to handlers.
 #[derive(Debug, Clone)]
 pub struct ConnCtx {

@@ -134,10 +134,11 @@ async fn poll_loop(urls: Vec<String>, ch: String, mut cursor: String) -> Vec<Str
 }
 
 async fn wait_for_all(seen: &Arc<Mutex<Seen>>, what: &str) {
-    eventually(Duration::from_secs(60), what, || async {
-        (seen.lock().unwrap().data.len() >= MESSAGES).then_some(())
-    })
-    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while seen.lock().unwrap().data.len() < MESSAGES && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_exactly_all(seen, what);
 }
 
 fn assert_exactly_all(seen: &Arc<Mutex<Seen>>, what: &str) {
@@ -145,7 +146,8 @@ fn assert_exactly_all(seen: &Arc<Mutex<Seen>>, what: &str) {
     assert_eq!(s.resets, 0, "{what}: no reset expected");
     if s.data != expected() {
         let first_bad = s.data.iter().zip(expected()).position(|(a, b)| *a != b);
-        panic!("{what}: {} messages, first difference at {first_bad:?}", s.data.len());
+        let around = first_bad.map(|i| &s.data[i.saturating_sub(2)..(i + 3).min(s.data.len())]);
+        panic!("{what}: {} messages, first difference at {first_bad:?}: {around:?}", s.data.len());
     }
 }
 

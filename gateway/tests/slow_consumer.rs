@@ -440,8 +440,6 @@ const SSE_SLOW_REASON: &str = "gateway_disconnects_total{transport=\"sse\",reaso
 /// policy: each session ends (counted with reason `slow_consumer`) while its client
 /// still reads nothing — it must not hold a socket, a task and its buffers forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: a kicked WebSocket session blocked in `ws.feed` (transport/ws.rs write_batch) \
-            never sees the kick (or shutdown), so the connection is never closed"]
 async fn never_reading_websockets_are_closed_without_the_clients_reading() {
     let redis = Redis::start();
     let gw = start_gateway(&redis);
@@ -494,9 +492,6 @@ async fn never_reading_sse_streams_are_closed_without_the_clients_reading() {
 /// reason `slow_consumer`), like the WebSocket's, also when its socket is so full that
 /// the stream cannot write its `event: disconnect` any more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: transport/sse.rs sets the disconnect reason only when hyper polls the stream \
-            after the kick; with the socket full it never does, server.rs drops the connection \
-            after CLOSE_GRACE and it is counted as reason=\"client_closed\""]
 async fn slow_sse_disconnects_are_counted_with_reason_slow_consumer() {
     let redis = Redis::start();
     let gw = start_gateway(&redis);

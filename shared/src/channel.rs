@@ -34,6 +34,13 @@ pub enum ChannelError {
     },
     /// The name starts with the reserved prefix `__`.
     Reserved,
+    /// An event name holds a control character or white space.
+    InvalidEventChar {
+        /// The first offending character.
+        ch: char,
+        /// Its byte offset in the name.
+        at: usize,
+    },
 }
 
 impl fmt::Display for ChannelError {
@@ -43,8 +50,13 @@ impl fmt::Display for ChannelError {
             Self::TooLong { len, max } => write!(f, "name is {len} bytes long, the limit is {max}"),
             Self::InvalidChar { ch, at } => write!(
                 f,
-                "character {:?} at byte {at} is not allowed (use letters, digits and _-.:@/=)",
-                ch.escape_default().to_string()
+                "character '{}' at byte {at} is not allowed (use letters, digits and _-.:@/=)",
+                ch.escape_default()
+            ),
+            Self::InvalidEventChar { ch, at } => write!(
+                f,
+                "character '{}' at byte {at} is not allowed (no spaces or control characters)",
+                ch.escape_default()
             ),
             Self::Reserved => write!(f, "names starting with {RESERVED_PREFIX:?} are reserved"),
         }
@@ -84,7 +96,7 @@ pub fn validate_event(name: &str) -> Result<(), ChannelError> {
         return Err(ChannelError::TooLong { len: name.len(), max: MAX_EVENT_LEN });
     }
     if let Some((at, ch)) = name.char_indices().find(|&(_, c)| c.is_control() || c.is_whitespace()) {
-        return Err(ChannelError::InvalidChar { ch, at });
+        return Err(ChannelError::InvalidEventChar { ch, at });
     }
     Ok(())
 }

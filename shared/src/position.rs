@@ -86,6 +86,9 @@ impl Resume {
         s.split(',')
             .map(|part| {
                 let (ch, pos) = part.rsplit_once(COMPOUND_SEP).ok_or(BadPosition)?;
+                if ch.is_empty() {
+                    return Err(BadPosition);
+                }
                 Ok((ch.to_owned(), pos.parse()?))
             })
             .collect::<Result<Vec<_>, _>>()
@@ -128,5 +131,6 @@ mod tests {
         assert_eq!(r.for_channel("other"), None);
         assert_eq!(Resume::parse("5-1").unwrap().for_channel("any"), Some(p1));
         assert!(Resume::parse("news~x").is_err());
+        assert!(Resume::parse("~1-0").is_err(), "a compound part needs a channel");
     }
 }

@@ -6,6 +6,8 @@
 --   FCALL_RO fanout_since 1 <channel> <id> <count>
 -- returns {status, entries, last}: status 'ok' when history covers everything after
 -- <id> (entries = XRANGE after it), 'reset' when it cannot (trimmed, expired, wiped).
+--   FCALL_RO fanout_head 1 <channel>
+-- returns the id of the channel's newest message, or nil.
 -- The gateway fills in the limits below when it loads this library.
 local MAXLEN = __MAXLEN__
 local MAXAGE_MS = __MAXAGE_MS__
@@ -72,5 +74,16 @@ local function since(keys, args)
   return {'ok', redis.call('XRANGE', key, '(' .. from, '+', 'COUNT', count), last}
 end
 
+local function head(keys, args)
+  local key = stream_key(keys[1])
+  if redis.call('EXISTS', key) == 0 then return false end
+  local info = redis.call('XINFO', 'STREAM', key)
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then return info[i + 1] end
+  end
+  return false
+end
+
 redis.register_function('fanout_publish', publish)
+redis.register_function{function_name = 'fanout_head', callback = head, flags = {'no-writes'}}
 redis.register_function{function_name = 'fanout_since', callback = since, flags = {'no-writes'}}

@@ -161,6 +161,11 @@ impl Broker for MemoryBroker {
         Box::pin(async move { Ok(result) })
     }
 
+    fn head<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Option<StreamPos>, BrokerError>> {
+        let head = self.state().streams.get(channel).map(|s| s.last);
+        Box::pin(async move { Ok(head) })
+    }
+
     fn link(&self) -> watch::Receiver<LinkState> {
         self.link.subscribe()
     }

@@ -234,6 +234,14 @@ impl Broker for RedisBroker {
         })
     }
 
+    fn head<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Option<StreamPos>, BrokerError>> {
+        Box::pin(async move {
+            let mut cmd = redis::cmd("FCALL_RO");
+            cmd.arg("fanout_head").arg(1).arg(channel);
+            Ok(text(&self.fcall(cmd).await?).and_then(|s| s.parse().ok()))
+        })
+    }
+
     fn link(&self) -> watch::Receiver<LinkState> {
         self.link.clone()
     }

@@ -66,7 +66,7 @@ pub async fn handler(
         None | Some("") => timers.poll_timeout,
         Some(t) => match t.parse::<f64>() {
             Ok(secs) if secs.is_finite() && secs >= 0.0 => {
-                Duration::from_secs_f64(secs).min(timers.poll_max_timeout)
+                Duration::from_secs_f64(secs.min(timers.poll_max_timeout.as_secs_f64()))
             }
             _ => return Err(ApiError::bad_request("timeout must be a number of seconds, e.g. timeout=25")),
         },

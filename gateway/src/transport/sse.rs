@@ -227,6 +227,16 @@ impl SseStream {
     }
 }
 
+impl Drop for SseStream {
+    fn drop(&mut self) {
+        // A client that stopped reading is cut off before the stream is polled again:
+        // record why here, where it is known for sure.
+        if self.inbox.kicked() == Some(Kick::SlowConsumer) {
+            self.guard.set_reason("slow_consumer");
+        }
+    }
+}
+
 fn disconnect_event(reason: &str, message: &str) -> Bytes {
     let data = serde_json::json!({ "reason": reason, "message": message }).to_string();
     let mut s = String::new();

@@ -217,24 +217,29 @@ impl Session {
     where
         S: Sink<Message, Error = WsError> + Unpin,
     {
-        let mut next = Some(first);
-        let mut n = 0;
-        while let Some(d) = next.take() {
-            if self.positions.accept(&d) {
-                let text = Utf8Bytes::try_from(d.ws().clone()).map_err(|_| End::Internal)?;
-                ws.feed(Message::Text(text)).await.map_err(|_| End::ClientGone)?;
+        let (closed, shutdown) = (self.inbox.closed().clone(), self.shutdown.clone());
+        let (rx, positions) = (&mut self.rx, &mut self.positions);
+        let write = async move {
+            let mut next = Some(first);
+            let mut n = 0;
+            while let Some(d) = next.take() {
+                if positions.accept(&d) {
+                    let text = Utf8Bytes::try_from(d.ws().clone()).map_err(|_| End::Internal)?;
+                    ws.feed(Message::Text(text)).await.map_err(|_| End::ClientGone)?;
+                }
+                n += 1;
+                if n < MAX_BATCH {
+                    next = rx.try_recv().ok();
+                }
             }
-            n += 1;
-            if n < MAX_BATCH {
-                next = self.rx.try_recv().ok();
-            }
-        }
-        // A client that stops reading blocks the flush; its inbox then overflows and
-        // the hub closes it, which ends the wait here too.
+            ws.flush().await.map_err(|_| End::ClientGone)
+        };
+        // A client that stops reading blocks the write; its inbox then overflows and the
+        // hub closes it, which ends the wait here too (as does shutdown).
         tokio::select! {
-            r = ws.flush() => r.map_err(|_| End::ClientGone),
-            _ = self.inbox.closed().cancelled() => Err(End::Slow),
-            _ = self.shutdown.cancelled() => Err(End::Shutdown),
+            r = write => r,
+            _ = closed.cancelled() => Err(End::Slow),
+            _ = shutdown.cancelled() => Err(End::Shutdown),
         }
     }
 
@@ -414,7 +419,11 @@ fn since_positions(channels: &[String], since: Option<Since>) -> Result<Vec<(Str
     }
 }
 
-fn error(code: &str, message: &str) -> ServerFrame {
+/// An `error` frame; refusals of client input are counted like HTTP rejections.
+fn error(code: &'static str, message: &str) -> ServerFrame {
+    if code != shared::protocol::error_code::SLOW_CONSUMER {
+        metrics::counter!(crate::metrics::REJECTED_TOTAL, "reason" => code).increment(1);
+    }
     ServerFrame::Error { code: code.to_owned(), message: message.to_owned() }
 }
 
