@@ -5,7 +5,7 @@
 //! comments keep proxies from timing the stream out. On shutdown the stream sends a
 //! `retry:` hint and ends; a slow consumer is told why (`event: disconnect`) and cut off.
 
-use std::{collections::VecDeque, convert::Infallible, sync::Arc, time::Duration};
+use std::{collections::VecDeque, convert::Infallible, pin::Pin, sync::Arc, time::Duration};
 
 use axum::{
     Extension,
@@ -16,7 +16,8 @@ use axum::{
 };
 use bytes::BytesMut;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::{ConnGuard, Positions, Query, Replay, check_channels, parse_resume, replay, wait_ready};
 use crate::{
@@ -85,6 +86,7 @@ pub async fn handler(
         }
     }
     tracing::debug!(channels = channels.len(), resumed = resume.is_some(), "sse stream opened");
+    let inbox_closed = inbox.closed().clone().cancelled_owned();
     let stream = SseStream {
         multi: channels.len() > 1,
         positions,
@@ -93,7 +95,10 @@ pub async fn handler(
         inbox,
         _subs: subs,
         guard: ConnGuard::new(Transport::Sse),
-        shutdown: state.shutdown.clone(),
+        closed: Box::pin(inbox_closed),
+        shutdown_wait: Box::pin(state.shutdown.clone().cancelled_owned()),
+        beat: Box::pin(tokio::time::sleep(state.config.timers.sse_heartbeat)),
+        last_write: tokio::time::Instant::now(),
         heartbeat: state.config.timers.sse_heartbeat,
         retry: state.config.timers.sse_retry,
         json,
@@ -122,7 +127,13 @@ struct SseStream {
     inbox: Arc<Inbox>,
     _subs: Vec<Subscription>,
     guard: ConnGuard,
-    shutdown: CancellationToken,
+    /// Kept across chunks: re-creating these futures per message registers a waiter
+    /// or a timer each time.
+    closed: Pin<Box<WaitForCancellationFutureOwned>>,
+    shutdown_wait: Pin<Box<WaitForCancellationFutureOwned>>,
+    beat: Pin<Box<Sleep>>,
+    /// A heartbeat is due `heartbeat` after the last write, whatever it was.
+    last_write: Instant,
     heartbeat: Duration,
     retry: Duration,
     json: bool,
@@ -179,7 +190,7 @@ impl SseStream {
         loop {
             tokio::select! {
                 biased;
-                _ = self.inbox.closed().cancelled() => {
+                _ = self.closed.as_mut() => {
                     self.done = true;
                     let (reason, message) = match self.inbox.kicked() {
                         Some(Kick::SlowConsumer) => {
@@ -190,7 +201,7 @@ impl SseStream {
                     self.guard.set_reason(reason);
                     return Some(disconnect_event(reason, message));
                 }
-                _ = self.shutdown.cancelled() => {
+                _ = self.shutdown_wait.as_mut() => {
                     self.done = true;
                     self.guard.set_reason("shutdown");
                     let mut s = String::new();
@@ -202,7 +213,10 @@ impl SseStream {
                     let first = self.encode(d.as_deref()?);
                     let Ok(next) = self.rx.try_recv() else {
                         match first {
-                            Some(b) => return Some(b),
+                            Some(b) => {
+                                self.last_write = Instant::now();
+                                return Some(b);
+                            }
                             None => continue, // a repeat of a replayed message
                         }
                     };
@@ -218,10 +232,23 @@ impl SseStream {
                         }
                     }
                     if !buf.is_empty() {
+                        self.last_write = Instant::now();
                         return Some(buf.freeze());
                     }
                 }
-                _ = tokio::time::sleep(self.heartbeat) => return Some(Bytes::from_static(b":\n\n")),
+                _ = self.beat.as_mut() => {
+                    // Re-armed from the last write, so a busy stream sends no heartbeats
+                    // and costs no timer work per message.
+                    let due = self.last_write + self.heartbeat;
+                    let now = Instant::now();
+                    if due > now {
+                        self.beat.as_mut().reset(due);
+                        continue;
+                    }
+                    self.last_write = now;
+                    self.beat.as_mut().reset(now + self.heartbeat);
+                    return Some(Bytes::from_static(b":\n\n"));
+                }
             }
         }
     }

@@ -7,7 +7,7 @@
 //! normal, 1002 protocol error, 1008 slow consumer / policy, 1009 message too big,
 //! 1011 server error, 1012 server restarting (reconnect elsewhere).
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
 
 use axum::{
     extract::{RawQuery, Request, State},
@@ -28,7 +28,7 @@ use tokio_tungstenite::{
         protocol::{CloseFrame, Role, WebSocketConfig, frame::coding::CloseCode},
     },
 };
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::debug;
 
 use shared::{Resume, StreamPos, protocol::Since};
@@ -43,8 +43,9 @@ use crate::{
     hub::{Hub, Inbox, Subscription, Transport},
 };
 
-/// Read buffer per connection; messages from clients are small ops.
-const READ_BUFFER: usize = 4 * 1024;
+/// Read buffer per connection; messages from clients are small ops (it grows for a
+/// larger one, up to the message size limit).
+const READ_BUFFER: usize = 1024;
 /// Write buffer per connection before a flush is forced.
 const WRITE_BUFFER: usize = 16 * 1024;
 /// Most frames written before one flush.
@@ -174,14 +175,19 @@ impl Session {
         }
         let mut ping = tokio::time::interval_at(Instant::now() + self.ping_every, self.ping_every);
         let mut last_seen = Instant::now();
+        // Created once: a fresh `cancelled()` future per loop turn registers and
+        // unregisters a waiter every time, which showed up in profiles.
+        let closed = self.inbox.closed().clone().cancelled_owned();
+        let shutdown = self.shutdown.clone().cancelled_owned();
+        tokio::pin!(closed, shutdown);
         let end = loop {
             tokio::select! {
                 biased;
-                _ = self.inbox.closed().cancelled() => break End::Slow,
-                _ = self.shutdown.cancelled() => break End::Shutdown,
+                _ = &mut closed => break End::Slow,
+                _ = &mut shutdown => break End::Shutdown,
                 d = self.rx.recv() => {
                     let Some(d) = d else { break End::Internal };
-                    if let Err(end) = self.write_batch(&mut ws, d).await { break end }
+                    if let Err(end) = self.write_batch(&mut ws, d, closed.as_mut(), shutdown.as_mut()).await { break end }
                 }
                 msg = ws.next() => {
                     last_seen = Instant::now();
@@ -213,11 +219,16 @@ impl Session {
         self.finish(&mut ws, end).await;
     }
 
-    async fn write_batch<S>(&mut self, ws: &mut S, first: Arc<Delivery>) -> Result<(), End>
+    async fn write_batch<S>(
+        &mut self,
+        ws: &mut S,
+        first: Arc<Delivery>,
+        closed: Pin<&mut WaitForCancellationFutureOwned>,
+        shutdown: Pin<&mut WaitForCancellationFutureOwned>,
+    ) -> Result<(), End>
     where
         S: Sink<Message, Error = WsError> + Unpin,
     {
-        let (closed, shutdown) = (self.inbox.closed().clone(), self.shutdown.clone());
         let (rx, positions) = (&mut self.rx, &mut self.positions);
         let write = async move {
             let mut next = Some(first);
@@ -238,8 +249,8 @@ impl Session {
         // hub closes it, which ends the wait here too (as does shutdown).
         tokio::select! {
             r = write => r,
-            _ = closed.cancelled() => Err(End::Slow),
-            _ = shutdown.cancelled() => Err(End::Shutdown),
+            _ = closed => Err(End::Slow),
+            _ = shutdown => Err(End::Shutdown),
         }
     }
 
