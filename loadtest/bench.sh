@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Reproducible benchmark runs for loadtest/RESULTS.md. Each scenario starts its own
+# redis-server and a fresh release gateway on free loopback ports, runs loadgen, and
+# stops them. Usage: loadtest/bench.sh [scenario ...]   (default: all)
+# Scenarios: idle-ws idle-sse idle-poll cpu-ws cpu-sse fanout-100x100 latency-1k
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-target/bench}
+mkdir -p "$OUT"
+cargo build --release -q -p gateway -p loadgen
+GW=./target/release/gateway
+LG=./target/release/loadgen
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+run() { # name, gateway-extra-args..., -- loadgen args...
+  local name=$1; shift
+  local gwargs=()
+  while [ "$1" != "--" ]; do gwargs+=("$1"); shift; done; shift
+  local rport pport aport
+  rport=$(free_port); pport=$(free_port); aport=$(free_port)
+  redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no >/dev/null 2>&1 &
+  local rpid=$!
+  sleep 0.3
+  "$GW" --listen 127.0.0.1:"$pport" --admin-listen 127.0.0.1:"$aport" \
+        --redis-url redis://127.0.0.1:"$rport" "${gwargs[@]}" 2>"$OUT/$name.gateway.log" &
+  local gpid=$!
+  sleep 0.5
+  echo "== $name" | tee "$OUT/$name.txt"
+  "$LG" run --url http://127.0.0.1:"$pport" --redis-url redis://127.0.0.1:"$rport" \
+        --server-pid "$gpid" --json "$OUT/$name.json" "$@" | tee -a "$OUT/$name.txt" || true
+  kill "$gpid" "$rpid" 2>/dev/null || true
+  wait "$gpid" "$rpid" 2>/dev/null || true
+}
+
+IPS=127.0.0.2-127.0.0.20
+scenario() {
+  case $1 in
+    idle-ws)   run idle-ws -- --transport ws --subscribers 10000 --channels 100 --rate 0 --duration 10 --source-ips $IPS --connect-concurrency 200 ;;
+    idle-sse)  run idle-sse -- --transport sse --subscribers 10000 --channels 100 --rate 0 --duration 10 --source-ips $IPS --connect-concurrency 200 ;;
+    idle-poll) run idle-poll -- --transport poll --subscribers 10000 --channels 100 --rate 0 --duration 10 --source-ips $IPS --connect-concurrency 200 ;;
+    cpu-ws)    run cpu-ws -- --transport ws --subscribers 10000 --channels 1 --rate 20 --duration 20 --warmup 2 --source-ips $IPS --connect-concurrency 200 ;;
+    cpu-sse)   run cpu-sse -- --transport sse --subscribers 10000 --channels 1 --rate 20 --duration 20 --warmup 2 --source-ips $IPS --connect-concurrency 200 ;;
+    fanout-100x100) run fanout-100x100 -- --transport ws --subscribers 10000 --channels 100 --rate 100 --duration 20 --warmup 2 --source-ips $IPS --connect-concurrency 200 ;;
+    latency-1k) run latency-1k -- --transport ws --subscribers 1000 --channels 1 --rate 20 --duration 20 --warmup 2 ;;
+    *) echo "unknown scenario $1" >&2; exit 2 ;;
+  esac
+}
+
+if [ $# -eq 0 ]; then set -- idle-ws idle-sse idle-poll cpu-ws cpu-sse fanout-100x100 latency-1k; fi
+for s in "$@"; do scenario "$s"; done
