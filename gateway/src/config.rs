@@ -532,6 +532,41 @@ mod tests {
     }
 
     #[test]
+    fn help_text_states_the_real_defaults() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        let cases = [
+            ("--listen", DEFAULT_LISTEN.to_string()),
+            ("--admin-listen", DEFAULT_ADMIN_LISTEN.to_string()),
+            ("--redis-pool-size", DEFAULT_REDIS_POOL_SIZE.to_string()),
+            ("--max-payload-bytes", DEFAULT_MAX_PAYLOAD_BYTES.to_string()),
+            ("--max-channels-per-connection", DEFAULT_MAX_CHANNELS_PER_CONNECTION.to_string()),
+            ("--max-channel-len", DEFAULT_MAX_CHANNEL_LEN.to_string()),
+            ("--queue-size", DEFAULT_QUEUE_SIZE.to_string()),
+            ("--sse-heartbeat-secs", DEFAULT_SSE_HEARTBEAT_SECS.to_string()),
+            ("--ws-ping-secs", DEFAULT_WS_PING_SECS.to_string()),
+            ("--poll-timeout-secs", DEFAULT_POLL_TIMEOUT_SECS.to_string()),
+            ("--poll-max-timeout-secs", DEFAULT_POLL_MAX_TIMEOUT_SECS.to_string()),
+            ("--poll-buffer", DEFAULT_POLL_BUFFER.to_string()),
+            ("--poll-keepalive-secs", DEFAULT_POLL_KEEPALIVE_SECS.to_string()),
+            ("--linger-ms", DEFAULT_LINGER_MS.to_string()),
+            ("--shutdown-grace-secs", DEFAULT_SHUTDOWN_GRACE_SECS.to_string()),
+            ("--history-size", DEFAULT_HISTORY_SIZE.to_string()),
+            ("--history-ttl-secs", DEFAULT_HISTORY_TTL_SECS.to_string()),
+            ("--idempotency-window-secs", DEFAULT_IDEMPOTENCY_WINDOW_SECS.to_string()),
+        ];
+        for (flag, default) in cases {
+            let start = help.find(&format!("{flag} <")).unwrap_or_else(|| panic!("{flag} in help"));
+            let rest = &help[start + flag.len()..];
+            let section = &rest[..rest.find("\n      --").unwrap_or(rest.len())];
+            assert!(
+                section.contains(&format!("[default: {default}]")),
+                "{flag} help must say [default: {default}]"
+            );
+        }
+    }
+
+    #[test]
     fn secrets_are_masked() {
         let c = Config::resolve(
             ServeArgs {

@@ -235,8 +235,7 @@ impl Session {
             let mut n = 0;
             while let Some(d) = next.take() {
                 if positions.accept(&d) {
-                    let text = Utf8Bytes::try_from(d.ws().clone()).map_err(|_| End::Internal)?;
-                    ws.feed(Message::Text(text)).await.map_err(|_| End::ClientGone)?;
+                    ws.feed(text_frame(&d)).await.map_err(|_| End::ClientGone)?;
                 }
                 n += 1;
                 if n < MAX_BATCH {
@@ -325,17 +324,13 @@ impl Session {
                 Replay::Messages(ms) => {
                     for d in ms {
                         if self.positions.accept(&d) {
-                            let text = Utf8Bytes::try_from(d.ws().clone())
-                                .map_err(|_| WsError::Utf8(String::new()))?;
-                            ws.feed(Message::Text(text)).await?;
+                            ws.feed(text_frame(&d)).await?;
                         }
                     }
                 }
                 Replay::Reset(d) => {
                     metrics::counter!(crate::metrics::RESETS_TOTAL, "transport" => "ws").increment(1);
-                    let text =
-                        Utf8Bytes::try_from(d.ws().clone()).map_err(|_| WsError::Utf8(String::new()))?;
-                    ws.feed(Message::Text(text)).await?;
+                    ws.feed(text_frame(&d)).await?;
                 }
             }
         }
@@ -406,6 +401,15 @@ impl Session {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.send(Message::Close(Some(frame)))).await;
         }
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close()).await;
+    }
+}
+
+/// The shared `{"type":"message",...}` (or `reset`) frame of a delivery, without a copy.
+fn text_frame(d: &Delivery) -> Message {
+    // The encoding is serde_json output, always UTF-8; the fallback copy never runs.
+    match Utf8Bytes::try_from(d.ws().clone()) {
+        Ok(text) => Message::Text(text),
+        Err(_) => Message::Text(String::from_utf8_lossy(d.ws()).into_owned().into()),
     }
 }
 
