@@ -43,6 +43,8 @@ pub const DEFAULT_LINGER_MS: u64 = 2000;
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
 /// Default `retry:` hint sent to SSE clients when the server goes away, in ms.
 pub const DEFAULT_SSE_RETRY_MS: u64 = 2000;
+/// Default time a client gets to send a request head, in seconds (slow-loris guard).
+pub const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 10;
 /// Default most messages kept in each channel's history.
 pub const DEFAULT_HISTORY_SIZE: usize = 1000;
 /// Default age after which history messages are dropped, in seconds.
@@ -136,6 +138,9 @@ pub struct ServeArgs {
     /// Seconds to drain connections on SIGTERM before exiting [default: 30].
     #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<u64>,
+    /// Seconds a client gets to send a request's headers before it is cut off [default: 10].
+    #[arg(long, env = "GATEWAY_HEADER_TIMEOUT_SECS")]
+    pub header_timeout_secs: Option<u64>,
     /// Most messages kept in each channel's history (for resume) [default: 1000].
     #[arg(long, env = "GATEWAY_HISTORY_SIZE")]
     pub history_size: Option<usize>,
@@ -208,6 +213,7 @@ pub struct FileConfig {
     poll_keepalive_secs: Option<u64>,
     linger_ms: Option<u64>,
     shutdown_grace_secs: Option<u64>,
+    header_timeout_secs: Option<u64>,
     history_size: Option<usize>,
     history_ttl_secs: Option<u64>,
     idempotency_window_secs: Option<u64>,
@@ -322,6 +328,8 @@ pub struct Timers {
     pub shutdown_grace: Duration,
     /// SSE `retry:` hint on shutdown.
     pub sse_retry: Duration,
+    /// Time to send a request head.
+    pub header_read: Duration,
 }
 
 impl fmt::Debug for Config {
@@ -429,6 +437,10 @@ impl Config {
                 DEFAULT_SHUTDOWN_GRACE_SECS,
             ),
             sse_retry: Duration::from_millis(DEFAULT_SSE_RETRY_MS),
+            header_read: Duration::from_secs(positive(
+                "header_timeout_secs",
+                args.header_timeout_secs.or(file.header_timeout_secs).unwrap_or(DEFAULT_HEADER_TIMEOUT_SECS),
+            )?),
         };
         if timers.poll_timeout > timers.poll_max_timeout {
             return Err(ConfigError(format!(
@@ -551,6 +563,7 @@ mod tests {
             ("--poll-keepalive-secs", DEFAULT_POLL_KEEPALIVE_SECS.to_string()),
             ("--linger-ms", DEFAULT_LINGER_MS.to_string()),
             ("--shutdown-grace-secs", DEFAULT_SHUTDOWN_GRACE_SECS.to_string()),
+            ("--header-timeout-secs", DEFAULT_HEADER_TIMEOUT_SECS.to_string()),
             ("--history-size", DEFAULT_HISTORY_SIZE.to_string()),
             ("--history-ttl-secs", DEFAULT_HISTORY_TTL_SECS.to_string()),
             ("--idempotency-window-secs", DEFAULT_IDEMPOTENCY_WINDOW_SECS.to_string()),

@@ -139,7 +139,15 @@ pub async fn run(
         }
     });
 
-    server::serve(listeners.public, app::app(state.clone()), shutdown.clone(), tracker.clone()).await;
+    let header_timeout = state.config.timers.header_read;
+    server::serve(
+        listeners.public,
+        app::app(state.clone()),
+        shutdown.clone(),
+        tracker.clone(),
+        header_timeout,
+    )
+    .await;
     info!("shutting down: closing client connections");
     tracker.close();
     let grace = state.config.timers.shutdown_grace;

@@ -17,8 +17,6 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 use tracing::{Instrument, debug, warn};
 
-/// Longest time to read a request's headers (slow-loris protection).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest request head accepted, in bytes.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Time a closed connection gets to flush its final frame before the socket is dropped.
@@ -46,8 +44,15 @@ pub struct ConnCtx {
     pub close: CancellationToken,
 }
 
-/// Serves `router` on `listener` until `shutdown`; connection tasks join `tracker`.
-pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken, tracker: TaskTracker) {
+/// Serves `router` on `listener` until `shutdown`; connection tasks join `tracker`. A
+/// client gets `header_timeout` to send each request head (slow-loris protection).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    header_timeout: Duration,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -65,7 +70,7 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: Cancellation
         let router = router.clone();
         let shutdown = shutdown.clone();
         let span = tracing::debug_span!("conn", peer = %peer);
-        tracker.spawn(serve_conn(stream, peer, router, shutdown).instrument(span));
+        tracker.spawn(serve_conn(stream, peer, router, shutdown, header_timeout).instrument(span));
     }
 }
 
@@ -74,6 +79,7 @@ async fn serve_conn(
     peer: SocketAddr,
     router: Router,
     shutdown: CancellationToken,
+    header_timeout: Duration,
 ) {
     let ctx = ConnCtx { peer, close: CancellationToken::new() };
     let close = ctx.close.clone();
@@ -84,7 +90,7 @@ async fn serve_conn(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(header_timeout)
         .max_buf_size(MAX_HEADER_BYTES.max(8192));
     let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc)).with_upgrades();
     tokio::pin!(conn);

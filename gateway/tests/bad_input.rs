@@ -765,3 +765,41 @@ async fn refused_oversized_body_does_not_break_keep_alive() {
     }
     f.assert_unharmed().await;
 }
+
+/// A slow-loris client dripping its request headers is cut off by the header timeout,
+/// and a normal client on the same node is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_headers_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gateway::start(None, &["--header-timeout-secs", "1"]);
+    let mut slow = tokio::net::TcpStream::connect(gw.public).await.unwrap();
+    slow.write_all(b"GET /sse?channel=x HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    // Drip one header line every 300 ms; the server must close the socket.
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            tokio::select! {
+                r = slow.read(&mut buf) => break r,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(300)) => {
+                    if slow.write_all(b"X-Drip: 1\r\n").await.is_err() {
+                        break Ok(0);
+                    }
+                }
+            }
+        }
+    })
+    .await
+    .expect("the dripping client is cut off");
+    match closed {
+        Ok(0) | Err(_) => {}
+        Ok(n) => {
+            let answer = String::from_utf8_lossy(&buf[..n]);
+            assert!(answer.starts_with("HTTP/1.1 408"), "only a timeout answer may come back: {answer}");
+        }
+    }
+    assert!(started.elapsed() < WAIT, "cut off by the header timeout, not by the test bound");
+    // Others are unaffected.
+    let ok = reqwest::get(gw.url("/poll?channel=slowloris-ok&timeout=0")).await.unwrap();
+    assert_eq!(ok.status(), 200);
+}
