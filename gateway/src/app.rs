@@ -6,13 +6,13 @@ use std::sync::Arc;
 use axum::{
     Router,
     extract::{DefaultBodyLimit, Request},
-    http::{HeaderName, Method, StatusCode, header},
+    http::{HeaderName, HeaderValue, Method, StatusCode, header},
     response::{Html, IntoResponse},
     routing::{get, post},
 };
 use shared::protocol::error_code;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tower_http::cors::{Any, CorsLayer};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::{api, config::Config, error::ApiError, hub::Hub, transport};
 
@@ -37,8 +37,15 @@ pub fn app(state: AppState) -> Router {
     // JSON escaping can grow a payload up to six times (\uXXXX); the payload itself is
     // checked against the limit after parsing.
     let json_limit = max.saturating_mul(6).saturating_add(64 * 1024);
+    let origins = &state.config.allowed_origins;
+    let allow_origin = if origins.is_empty() {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    // Never credentials: with `Any` that would let every site read responses as the user.
     let cors = CorsLayer::new()
-        .allow_origin(Any)
+        .allow_origin(allow_origin)
         .allow_methods([Method::GET, Method::POST])
         .allow_headers([
             header::CONTENT_TYPE,

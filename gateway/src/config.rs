@@ -138,6 +138,10 @@ pub struct ServeArgs {
     /// Seconds to drain connections on SIGTERM before exiting [default: 30].
     #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<u64>,
+    /// Origins allowed to open WebSockets and to read responses cross-site (CORS), comma-
+    /// separated, e.g. https://app.example.com. Unset: any origin.
+    #[arg(long, env = "GATEWAY_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
     /// Seconds a client gets to send a request's headers before it is cut off [default: 10].
     #[arg(long, env = "GATEWAY_HEADER_TIMEOUT_SECS")]
     pub header_timeout_secs: Option<u64>,
@@ -213,6 +217,7 @@ pub struct FileConfig {
     poll_keepalive_secs: Option<u64>,
     linger_ms: Option<u64>,
     shutdown_grace_secs: Option<u64>,
+    allowed_origins: Option<Vec<String>>,
     header_timeout_secs: Option<u64>,
     history_size: Option<usize>,
     history_ttl_secs: Option<u64>,
@@ -288,6 +293,8 @@ pub struct Config {
     pub timers: Timers,
     /// Per-channel history limits.
     pub history: HistoryConfig,
+    /// Origins allowed for WebSocket upgrades and CORS; empty means any.
+    pub allowed_origins: Vec<String>,
     /// Whether WebSocket clients may publish.
     pub ws_publish: bool,
     /// Log format.
@@ -343,6 +350,7 @@ impl fmt::Debug for Config {
             .field("limits", &self.limits)
             .field("timers", &self.timers)
             .field("history", &self.history)
+            .field("allowed_origins", &self.allowed_origins)
             .field("ws_publish", &self.ws_publish)
             .field("log_format", &self.log_format)
             .finish()
@@ -384,6 +392,27 @@ impl Config {
                 "redis_url must start with redis://, rediss:// or unix://, got {:?}",
                 mask_url(url)
             )));
+        }
+        let origins = if args.allowed_origins.is_empty() {
+            file.allowed_origins.unwrap_or_default()
+        } else {
+            args.allowed_origins
+        };
+        let mut allowed_origins = Vec::with_capacity(origins.len());
+        for o in origins {
+            let o = o.trim().trim_end_matches('/').to_owned();
+            if o.is_empty() {
+                continue;
+            }
+            let valid = (o.starts_with("http://") || o.starts_with("https://"))
+                && !o["https://".len().min(o.len())..].contains('/')
+                && axum::http::HeaderValue::from_str(&o).is_ok();
+            if !valid {
+                return Err(ConfigError(format!(
+                    "allowed_origins entries look like https://app.example.com (scheme, host, optional port), got {o:?}"
+                )));
+            }
+            allowed_origins.push(o);
         }
         let secs = |v: Option<u64>, f: Option<u64>, d: u64| Duration::from_secs(v.or(f).unwrap_or(d));
         let limits = Limits {
@@ -478,6 +507,7 @@ impl Config {
                         .unwrap_or(DEFAULT_IDEMPOTENCY_WINDOW_SECS),
                 ),
             },
+            allowed_origins,
             ws_publish: args.ws_publish.or(file.ws_publish).unwrap_or(false),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         })

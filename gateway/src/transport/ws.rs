@@ -60,6 +60,7 @@ pub async fn handler(
     mut req: Request,
 ) -> Result<Response, ApiError> {
     let key = check_upgrade(req.headers())?;
+    check_origin(req.headers(), &state.config.allowed_origins)?;
     let channels = check_channels(Query::parse(query.as_deref()).channels, &state.config.limits, false)?;
     if state.shutdown.is_cancelled() {
         return Err(ApiError::shutting_down());
@@ -95,6 +96,18 @@ pub async fn handler(
         HeaderValue::from_str(&derive_accept_key(key.as_bytes())).expect("base64 is a valid header"),
     );
     Ok(resp)
+}
+
+/// Cross-site WebSocket hijacking guard: a browser always sends `Origin`; when an
+/// allowlist is configured, upgrades from other origins are refused. Clients that send
+/// no `Origin` (servers, CLIs) are not browsers acting for a user and pass.
+fn check_origin(h: &HeaderMap, allowed: &[String]) -> Result<(), ApiError> {
+    let Some(origin) = h.get(header::ORIGIN) else { return Ok(()) };
+    if allowed.is_empty() || allowed.iter().any(|a| a.as_bytes().eq_ignore_ascii_case(origin.as_bytes())) {
+        return Ok(());
+    }
+    let shown = crate::error::quote(&String::from_utf8_lossy(origin.as_bytes()));
+    Err(ApiError::new(StatusCode::FORBIDDEN, code::FORBIDDEN, format!("origin {shown} is not allowed")))
 }
 
 fn check_upgrade(h: &HeaderMap) -> Result<String, ApiError> {
