@@ -386,10 +386,11 @@ impl Config {
             api_keys.into_iter().map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()).map(Secret).collect();
         let redis_url = args.redis_url.or(file.redis_url).filter(|u| !u.trim().is_empty());
         if let Some(url) = &redis_url
-            && !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://"))
+            && !(url.starts_with("redis://") || url.starts_with("unix://"))
         {
+            let hint = if url.starts_with("rediss://") { " (TLS to Redis is not built in yet)" } else { "" };
             return Err(ConfigError(format!(
-                "redis_url must start with redis://, rediss:// or unix://, got {:?}",
+                "redis_url must start with redis:// or unix://, got {:?}{hint}",
                 mask_url(url)
             )));
         }

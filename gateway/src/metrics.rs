@@ -52,9 +52,52 @@ pub fn install() -> PrometheusHandle {
             // Fails only if another recorder is installed; then ours just stays empty.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            register_known_series();
             handle
         })
         .clone()
+}
+
+/// Registers every series with a known, fixed label set at zero, so `rate()` and
+/// `increase()` see their first increment and dashboards show 0 instead of no data.
+fn register_known_series() {
+    use metrics::{counter, gauge};
+    const TRANSPORTS: [&str; 3] = ["sse", "ws", "poll"];
+    const DISCONNECT_REASONS: [&str; 6] =
+        ["client_closed", "slow_consumer", "shutdown", "timeout", "protocol_error", "server_closed"];
+    const REJECT_REASONS: [&str; 11] = [
+        "bad_request",
+        "invalid_channel",
+        "invalid_event",
+        "too_many_channels",
+        "payload_too_large",
+        "unknown_op",
+        "unauthorized",
+        "forbidden",
+        "not_found",
+        "method_not_allowed",
+        "broker_unavailable",
+    ];
+    for t in TRANSPORTS {
+        gauge!(CONNECTIONS, "transport" => t).increment(0.0);
+        counter!(CONNECTIONS_TOTAL, "transport" => t).increment(0);
+        counter!(RESETS_TOTAL, "transport" => t).increment(0);
+        for r in DISCONNECT_REASONS {
+            counter!(DISCONNECTS_TOTAL, "transport" => t, "reason" => r).increment(0);
+        }
+    }
+    for r in REJECT_REASONS {
+        counter!(REJECTED_TOTAL, "reason" => r).increment(0);
+    }
+    for r in ["ok", "duplicate", "rejected", "broker_error"] {
+        counter!(PUBLISH_TOTAL, "result" => r).increment(0);
+    }
+    for r in ["replayed", "reset", "error"] {
+        counter!(RECOVERIES_TOTAL, "result" => r).increment(0);
+    }
+    counter!(REPLAYED_TOTAL).increment(0);
+    counter!(BROKER_RECONNECTS_TOTAL).increment(0);
+    counter!(BROKER_OUTAGE_SECONDS).increment(0);
 }
 
 fn describe() {

@@ -268,6 +268,13 @@ async fn redis_restart_without_persistence_sends_reset_then_live() {
     publish_stream(urls.clone(), ch.clone(), 50).await;
     eventually(WAIT, "first messages", || async { (ws.lock().unwrap().data.len() == 50).then_some(()) })
         .await;
+    // A long-poll waiting on the node when history is lost is answered with a reset.
+    let cursor = poll(&n1, &format!("channel={ch}&timeout=0")).await.cursor;
+    let waiting = tokio::spawn({
+        let url = n1.url(&format!("/poll?channel={ch}&cursor={cursor}&timeout=20"));
+        async move { reqwest::get(url).await.unwrap().json::<shared::protocol::PollResponse>().await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     redis.kill();
     redis.restart(); // empty: history is gone
@@ -276,6 +283,9 @@ async fn redis_restart_without_persistence_sends_reset_then_live() {
         (sse.lock().unwrap().resets == 1 && ws.lock().unwrap().resets == 1).then_some(())
     })
     .await;
+    let answer = tokio::time::timeout(WAIT, waiting).await.expect("the held poll is answered").unwrap();
+    assert!(answer.reset && answer.reset_channels == [ch.clone()], "{answer:?}");
+    assert!(answer.messages.is_empty(), "a reset is not a message: {answer:?}");
     publish_stream(urls, ch.clone(), 1).await;
     eventually(WAIT, "live delivery continues", || async {
         let (s, w) = (sse.lock().unwrap(), ws.lock().unwrap());

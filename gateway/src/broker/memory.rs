@@ -53,6 +53,7 @@ fn now_ms() -> u64 {
 impl MemoryBroker {
     /// A broker delivering to `sink`.
     pub fn new(sink: Weak<dyn Sink>, history: HistoryConfig) -> Self {
+        metrics::gauge!(crate::metrics::BROKER_LINK_UP).set(1.0);
         Self {
             sink,
             channels: Mutex::default(),

@@ -336,7 +336,7 @@ impl PubSubTask {
         if let Some(since) = down_since.take()
             && *ever_up
         {
-            counter!(m::BROKER_OUTAGE_SECONDS).increment(since.elapsed().as_secs());
+            counter!(m::BROKER_OUTAGE_SECONDS).increment(since.elapsed().as_secs_f64().round() as u64);
         }
         if *ever_up {
             counter!(m::BROKER_RECONNECTS_TOTAL).increment(1);

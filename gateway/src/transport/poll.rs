@@ -136,7 +136,14 @@ pub async fn handler(
                     while let Ok(d) = rx.try_recv() {
                         messages.push(d);
                     }
-                    messages.retain(|d| positions.accept(d));
+                    // A live gap notice (history lost in a broker outage) is a reset, not
+                    // a message.
+                    for d in messages.iter().filter(|d| d.reset) {
+                        if !reset_channels.iter().any(|c| **c == *d.channel) {
+                            reset_channels.push(d.channel.to_string());
+                        }
+                    }
+                    messages.retain(|d| !d.reset && positions.accept(d));
                 }
             }
             _ = tokio::time::sleep(timeout) => {}
