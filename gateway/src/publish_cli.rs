@@ -1,6 +1,6 @@
 //! `gateway publish <channel>`: each line of standard input becomes one message,
-//! published straight to Redis (`--redis-url`) or through a gateway's HTTP API
-//! (`--gateway-url`). With `--jsonl` each line is `{"channel","data","event"?}`.
+//! published with history straight to Redis (`--redis-url`, via `FCALL
+//! fanout_publish`) or through a gateway's HTTP API (`--gateway-url`). With `--jsonl` each line is `{"channel","data","event"?}`.
 //! Prints a summary to stderr; exits 1 if any line could not be published.
 
 use std::process::ExitCode;
@@ -14,8 +14,11 @@ use shared::protocol::PublishRequest;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::{
-    broker::{Publish, frame},
-    config::{DEFAULT_MAX_CHANNEL_LEN, DEFAULT_MAX_PAYLOAD_BYTES, PublishArgs, mask_url},
+    broker::{
+        Publish,
+        redis::{is_missing_function, library_source, load_library},
+    },
+    config::{Config, DEFAULT_MAX_CHANNEL_LEN, DEFAULT_MAX_PAYLOAD_BYTES, PublishArgs, mask_url},
 };
 
 #[derive(Deserialize)]
@@ -137,14 +140,21 @@ async fn connect(args: &PublishArgs) -> Result<Target, String> {
 async fn publish(target: &mut Target, msg: Publish) -> Result<(), String> {
     match target {
         Target::Redis(conn) => {
-            let payload = frame(&msg);
-            redis::cmd("PUBLISH")
-                .arg(&msg.channel)
-                .arg(&payload[..])
-                .query_async::<i64>(conn)
-                .await
-                .map(|_| ())
-                .map_err(|e| format!("redis: {e}"))
+            // With history, like the HTTP API: `FCALL fanout_publish`. A Redis no gateway
+            // has connected to yet lacks the library; load it with the default limits.
+            let mut cmd = redis::cmd("FCALL");
+            cmd.arg("fanout_publish").arg(1).arg(&msg.channel).arg(&msg.data[..]);
+            cmd.arg(msg.event.as_deref().unwrap_or(""));
+            match cmd.query_async::<redis::Value>(conn).await {
+                Err(e) if is_missing_function(&e) => {
+                    let source = library_source(&Config::default().history);
+                    load_library(conn, &source)
+                        .await
+                        .map_err(|e| format!("redis: loading the library: {e}"))?;
+                    cmd.query_async::<redis::Value>(conn).await.map(|_| ()).map_err(|e| format!("redis: {e}"))
+                }
+                r => r.map(|_| ()).map_err(|e| format!("redis: {e}")),
+            }
         }
         Target::Http { sender, host, key } => {
             let body = PublishRequest {

@@ -137,7 +137,9 @@ async fn stdin_publish_reaches_every_transport_on_every_node() {
     assert!(stderr.contains("4 published, 0 failed"), "{stderr}");
 
     for l in lines {
-        assert_eq!(sse.next().await.data, l);
+        let ev = sse.next().await;
+        assert_eq!(ev.data, l);
+        assert!(ev.id.is_some(), "stdin publishes go through history and carry an id");
         assert_eq!(without_id(ws_next(&mut ws).await), message(&ch, l));
     }
     let r = poll(&c.nodes[2], &format!("channel={ch}&cursor={}&timeout=5", first.cursor)).await;

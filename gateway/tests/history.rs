@@ -255,3 +255,27 @@ async fn idempotency_key_suppresses_repeats() {
         assert_eq!(sse.next().await.data, "next", "the repeat was not delivered");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_publisher_loads_the_library_into_a_fresh_redis() {
+    use std::io::Write;
+    let redis = Redis::start();
+    let ch = channel("fresh");
+    let mut child = std::process::Command::new(gateway_bin())
+        .args(["publish", &ch, "--redis-url", &redis.url()])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"one\ntwo\nthree\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(redis.cli(&["XLEN", &format!("fanout:history:{{{ch}}}")]), "3");
+    // A gateway started later serves that history.
+    let gw = Gateway::start(Some(&redis.url()), &[]);
+    let url = gw.url(&format!("/sse?channel={ch}&last_event_id=0-0"));
+    let mut sse = SseClient::connect(&url).await;
+    for expected in ["one", "two", "three"] {
+        assert_eq!(sse.next().await.data, expected);
+    }
+}

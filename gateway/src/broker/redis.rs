@@ -66,7 +66,10 @@ pub fn library_source(h: &HistoryConfig) -> String {
 }
 
 /// Loads (or replaces) the `fanout` function library.
-async fn load_library(conn: &mut impl redis::aio::ConnectionLike, source: &str) -> redis::RedisResult<()> {
+pub async fn load_library(
+    conn: &mut impl redis::aio::ConnectionLike,
+    source: &str,
+) -> redis::RedisResult<()> {
     redis::cmd("FUNCTION")
         .arg("LOAD")
         .arg("REPLACE")
@@ -76,7 +79,8 @@ async fn load_library(conn: &mut impl redis::aio::ConnectionLike, source: &str) 
         .map(|_| ())
 }
 
-fn is_missing_function(e: &redis::RedisError) -> bool {
+/// Whether Redis answered that the `fanout` library is not loaded.
+pub fn is_missing_function(e: &redis::RedisError) -> bool {
     e.to_string().contains("Function not found")
 }
 
