@@ -41,6 +41,8 @@ pub const DEFAULT_POLL_KEEPALIVE_SECS: u64 = 30;
 pub const DEFAULT_LINGER_MS: u64 = 2000;
 /// Default grace period for draining connections on SIGTERM, in seconds.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
+/// Default window over which a draining node spreads its clients' reconnects, in seconds.
+pub const DEFAULT_DRAIN_WINDOW_SECS: u64 = 5;
 /// Default `retry:` hint sent to SSE clients when the server goes away, in ms.
 pub const DEFAULT_SSE_RETRY_MS: u64 = 2000;
 /// Default time a client gets to send a request head, in seconds (slow-loris guard).
@@ -135,6 +137,10 @@ pub struct ServeArgs {
     /// Milliseconds before unsubscribing a channel whose last local subscriber left [default: 2000].
     #[arg(long, env = "GATEWAY_LINGER_MS")]
     pub linger_ms: Option<u64>,
+    /// Seconds over which SIGTERM spreads telling clients to reconnect (random per
+    /// client), so they don't all hit the other nodes at once [default: 5].
+    #[arg(long, env = "GATEWAY_DRAIN_WINDOW_SECS")]
+    pub drain_window_secs: Option<u64>,
     /// Seconds to drain connections on SIGTERM before exiting [default: 30].
     #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<u64>,
@@ -217,6 +223,7 @@ pub struct FileConfig {
     poll_keepalive_secs: Option<u64>,
     linger_ms: Option<u64>,
     shutdown_grace_secs: Option<u64>,
+    drain_window_secs: Option<u64>,
     allowed_origins: Option<Vec<String>>,
     header_timeout_secs: Option<u64>,
     history_size: Option<usize>,
@@ -333,6 +340,8 @@ pub struct Timers {
     pub linger: Duration,
     /// Drain grace period on SIGTERM.
     pub shutdown_grace: Duration,
+    /// Window over which clients are told to reconnect on SIGTERM.
+    pub drain_window: Duration,
     /// SSE `retry:` hint on shutdown.
     pub sse_retry: Duration,
     /// Time to send a request head.
@@ -466,12 +475,20 @@ impl Config {
                 file.shutdown_grace_secs,
                 DEFAULT_SHUTDOWN_GRACE_SECS,
             ),
+            drain_window: secs(args.drain_window_secs, file.drain_window_secs, DEFAULT_DRAIN_WINDOW_SECS),
             sse_retry: Duration::from_millis(DEFAULT_SSE_RETRY_MS),
             header_read: Duration::from_secs(positive(
                 "header_timeout_secs",
                 args.header_timeout_secs.or(file.header_timeout_secs).unwrap_or(DEFAULT_HEADER_TIMEOUT_SECS),
             )?),
         };
+        if timers.drain_window >= timers.shutdown_grace {
+            return Err(ConfigError(format!(
+                "drain_window_secs ({}) must be shorter than shutdown_grace_secs ({})",
+                timers.drain_window.as_secs(),
+                timers.shutdown_grace.as_secs()
+            )));
+        }
         if timers.poll_timeout > timers.poll_max_timeout {
             return Err(ConfigError(format!(
                 "poll_timeout_secs ({}) must not exceed poll_max_timeout_secs ({})",
@@ -594,6 +611,7 @@ mod tests {
             ("--poll-keepalive-secs", DEFAULT_POLL_KEEPALIVE_SECS.to_string()),
             ("--linger-ms", DEFAULT_LINGER_MS.to_string()),
             ("--shutdown-grace-secs", DEFAULT_SHUTDOWN_GRACE_SECS.to_string()),
+            ("--drain-window-secs", DEFAULT_DRAIN_WINDOW_SECS.to_string()),
             ("--header-timeout-secs", DEFAULT_HEADER_TIMEOUT_SECS.to_string()),
             ("--history-size", DEFAULT_HISTORY_SIZE.to_string()),
             ("--history-ttl-secs", DEFAULT_HISTORY_TTL_SECS.to_string()),

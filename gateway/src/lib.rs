@@ -70,7 +70,12 @@ pub async fn run(
     shutdown: CancellationToken,
     metrics: PrometheusHandle,
 ) -> Result<(), StartError> {
+    // Connections join `tracker`; the broker, reaper and metrics upkeep join
+    // `background` and keep running until every connection has drained, so clients
+    // waiting for their turn to reconnect still receive messages.
     let tracker = TaskTracker::new();
+    let background = TaskTracker::new();
+    let background_stop = CancellationToken::new();
     let hub_config = HubConfig {
         linger: config.timers.linger,
         poll_buffer: config.limits.poll_buffer,
@@ -86,8 +91,8 @@ pub async fn run(
                     config.redis_pool_size,
                     config.history.clone(),
                     sink.clone(),
-                    shutdown.clone(),
-                    &tracker,
+                    background_stop.clone(),
+                    &background,
                 ) {
                     Ok(b) => Arc::new(b),
                     Err(e) => {
@@ -116,10 +121,10 @@ pub async fn run(
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     };
-    tracker.spawn(hub.clone().run_reaper(shutdown.clone()));
+    background.spawn(hub.clone().run_reaper(background_stop.clone()));
     let upkeep = metrics.clone();
-    let upkeep_stop = shutdown.clone();
-    tracker.spawn(async move {
+    let upkeep_stop = background_stop.clone();
+    background.spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
         loop {
             tokio::select! {
@@ -146,14 +151,22 @@ pub async fn run(
         shutdown.clone(),
         tracker.clone(),
         header_timeout,
+        state.config.timers.drain_window,
     )
     .await;
-    info!("shutting down: closing client connections");
+    let drain = state.config.timers.drain_window;
+    info!(
+        drain_window_ms = drain.as_millis() as u64,
+        "shutting down: telling clients to reconnect, spread over the drain window"
+    );
     tracker.close();
     let grace = state.config.timers.shutdown_grace;
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         warn!(grace_secs = grace.as_secs(), "some connections did not close within the grace period");
     }
+    background_stop.cancel();
+    background.close();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), background.wait()).await;
     admin_stop.cancel();
     let _ = admin.await;
     info!("shutdown complete");

@@ -45,13 +45,15 @@ pub struct ConnCtx {
 }
 
 /// Serves `router` on `listener` until `shutdown`; connection tasks join `tracker`. A
-/// client gets `header_timeout` to send each request head (slow-loris protection).
+/// client gets `header_timeout` to send each request head (slow-loris protection);
+/// streams get `drain_window` to end themselves after shutdown.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     header_timeout: Duration,
+    drain_window: Duration,
 ) {
     loop {
         let (stream, peer) = tokio::select! {
@@ -70,7 +72,8 @@ pub async fn serve(
         let router = router.clone();
         let shutdown = shutdown.clone();
         let span = tracing::debug_span!("conn", peer = %peer);
-        tracker.spawn(serve_conn(stream, peer, router, shutdown, header_timeout).instrument(span));
+        tracker
+            .spawn(serve_conn(stream, peer, router, shutdown, header_timeout, drain_window).instrument(span));
     }
 }
 
@@ -80,6 +83,7 @@ async fn serve_conn(
     router: Router,
     shutdown: CancellationToken,
     header_timeout: Duration,
+    drain_window: Duration,
 ) {
     let ctx = ConnCtx { peer, close: CancellationToken::new() };
     let close = ctx.close.clone();
@@ -102,8 +106,10 @@ async fn serve_conn(
             let _ = tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await;
         }
         _ = shutdown.cancelled() => {
+            // Idle keep-alive connections close now; a streaming response ends itself
+            // at its turn in the drain window.
             conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(CLOSE_GRACE * 2, conn.as_mut()).await;
+            let _ = tokio::time::timeout(drain_window + CLOSE_GRACE * 2, conn.as_mut()).await;
         }
     }
 }

@@ -86,6 +86,20 @@ pub async fn wait_ready(readies: impl IntoIterator<Item = Arc<Ready>>) {
     }
 }
 
+/// Resolves when a draining node tells this connection to reconnect.
+pub type DrainTurn = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// The connection's turn in a drain: shutdown, then a random delay within `window`, so
+/// a node's clients reconnect elsewhere spread out instead of in one storm.
+pub fn drain_turn(shutdown: tokio_util::sync::CancellationToken, window: Duration) -> DrainTurn {
+    Box::pin(async move {
+        shutdown.cancelled().await;
+        if !window.is_zero() {
+            tokio::time::sleep(window.mul_f64(rand::random::<f64>())).await;
+        }
+    })
+}
+
 /// Counts a client connection while it lives, and why it ended.
 #[derive(Debug)]
 pub struct ConnGuard {

@@ -163,8 +163,13 @@ async fn loaded_node_drains_and_exits_0(redis: Option<&Redis>, sig: &str) {
     let (code, reason) = ws_close_frame(&mut ws).await;
     assert_eq!(code, 1012, "close reason: {reason}");
 
-    // SSE: `event: disconnect` with reason shutting_down, then the stream ends.
-    let ev = sse.next().await;
+    // SSE: `event: disconnect` with reason shutting_down, then the stream ends. Until
+    // its turn in the drain window the stream still delivers (here: the in-flight publish).
+    let mut ev = sse.next().await;
+    while ev.event.is_none() {
+        assert_eq!(ev.data, "held-back!", "only the in-flight publish may arrive during the drain");
+        ev = sse.next().await;
+    }
     assert_eq!(ev.event.as_deref(), Some("disconnect"), "{ev:?}");
     let body: serde_json::Value = serde_json::from_str(&ev.data).unwrap();
     assert_eq!(body["reason"], "shutting_down", "{body}");
@@ -316,4 +321,32 @@ async fn memory_broker_serves_every_transport_without_redis() {
 
     // Nothing else arrives, in particular nothing of the other channel.
     sse.assert_quiet(Duration::from_millis(300)).await;
+}
+
+/// SIGTERM spreads the reconnect instructions over the drain window instead of closing
+/// every client at once, and messages keep flowing to clients waiting for their turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_spreads_reconnects_over_the_drain_window() {
+    let mut gw = Gateway::start(None, &["--drain-window-secs", "2"]);
+    let ch = channel("paced");
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let mut ws = ws_connect(&gw.ws_url("/ws")).await;
+        ws_subscribe(&mut ws, &[&ch]).await;
+        clients.push(ws);
+    }
+    let start = std::time::Instant::now();
+    gw.signal("TERM");
+    let closes = futures_util::future::join_all(clients.into_iter().map(|mut ws| async move {
+        let (code, _) = ws_close_frame(&mut ws).await;
+        (code, start.elapsed())
+    }))
+    .await;
+    assert!(closes.iter().all(|(code, _)| *code == 1012), "{closes:?}");
+    let first = closes.iter().map(|(_, t)| *t).min().unwrap();
+    let last = closes.iter().map(|(_, t)| *t).max().unwrap();
+    assert!(last - first >= Duration::from_millis(300), "closes spread over the window: {first:?}..{last:?}");
+    assert!(last < Duration::from_secs(4), "all within the 2 s window (+ slack): {last:?}");
+    let status = gw.wait_exit(EXIT_BOUND).expect("exits after the drain");
+    assert_eq!(status.code(), Some(0));
 }

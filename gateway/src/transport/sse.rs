@@ -19,7 +19,10 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use super::{ConnGuard, Positions, Query, Replay, check_channels, parse_resume, replay, wait_ready};
+use super::{
+    ConnGuard, DrainTurn, Positions, Query, Replay, check_channels, drain_turn, parse_resume, replay,
+    wait_ready,
+};
 use crate::{
     app::AppState,
     delivery::Delivery,
@@ -96,7 +99,7 @@ pub async fn handler(
         _subs: subs,
         guard: ConnGuard::new(Transport::Sse),
         closed: Box::pin(inbox_closed),
-        shutdown_wait: Box::pin(state.shutdown.clone().cancelled_owned()),
+        shutdown_wait: drain_turn(state.shutdown.clone(), state.config.timers.drain_window),
         beat: Box::pin(tokio::time::sleep(state.config.timers.sse_heartbeat)),
         last_write: tokio::time::Instant::now(),
         heartbeat: state.config.timers.sse_heartbeat,
@@ -130,7 +133,7 @@ struct SseStream {
     /// Kept across chunks: re-creating these futures per message registers a waiter
     /// or a timer each time.
     closed: Pin<Box<WaitForCancellationFutureOwned>>,
-    shutdown_wait: Pin<Box<WaitForCancellationFutureOwned>>,
+    shutdown_wait: DrainTurn,
     beat: Pin<Box<Sleep>>,
     /// A heartbeat is due `heartbeat` after the last write, whatever it was.
     last_write: Instant,

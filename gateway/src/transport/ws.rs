@@ -33,7 +33,9 @@ use tracing::debug;
 
 use shared::{Resume, StreamPos, protocol::Since};
 
-use super::{ConnGuard, Positions, Query, Replay, check_channels, parse_resume, replay, wait_ready};
+use super::{
+    ConnGuard, Positions, Query, Replay, check_channels, drain_turn, parse_resume, replay, wait_ready,
+};
 use crate::{
     app::AppState,
     broker::Publish,
@@ -152,6 +154,7 @@ pub struct Session {
     limits: Limits,
     ws_publish: bool,
     shutdown: CancellationToken,
+    drain_window: Duration,
     ping_every: Duration,
     inbox: Arc<Inbox>,
     rx: mpsc::Receiver<Arc<Delivery>>,
@@ -169,6 +172,7 @@ impl Session {
             limits: state.config.limits.clone(),
             ws_publish: state.config.ws_publish,
             shutdown: state.shutdown.clone(),
+            drain_window: state.config.timers.drain_window,
             ping_every: state.config.timers.ws_ping,
             inbox,
             rx,
@@ -191,8 +195,8 @@ impl Session {
         // Created once: a fresh `cancelled()` future per loop turn registers and
         // unregisters a waiter every time, which showed up in profiles.
         let closed = self.inbox.closed().clone().cancelled_owned();
-        let shutdown = self.shutdown.clone().cancelled_owned();
-        tokio::pin!(closed, shutdown);
+        let mut shutdown = drain_turn(self.shutdown.clone(), self.drain_window);
+        tokio::pin!(closed);
         let end = loop {
             tokio::select! {
                 biased;
@@ -237,7 +241,7 @@ impl Session {
         ws: &mut S,
         first: Arc<Delivery>,
         closed: Pin<&mut WaitForCancellationFutureOwned>,
-        shutdown: Pin<&mut WaitForCancellationFutureOwned>,
+        shutdown: Pin<&mut (dyn std::future::Future<Output = ()> + Send)>,
     ) -> Result<(), End>
     where
         S: Sink<Message, Error = WsError> + Unpin,
