@@ -17,6 +17,7 @@ use crate::{app::AppState, broker::LinkState};
 struct Admin {
     app: AppState,
     metrics: PrometheusHandle,
+    process: std::sync::Arc<metrics_process::Collector>,
 }
 
 /// Builds the admin router.
@@ -25,10 +26,18 @@ pub fn router(app: AppState, metrics: PrometheusHandle) -> Router {
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/readyz", get(ready))
-        .with_state(Admin { app, metrics })
+        .with_state(Admin { app, metrics, process: std::sync::Arc::new(process_collector()) })
+}
+
+/// Process CPU, memory, open file descriptors and threads, as `gateway_process_*`.
+fn process_collector() -> metrics_process::Collector {
+    let c = metrics_process::Collector::new("gateway_");
+    c.describe();
+    c
 }
 
 async fn render_metrics(State(a): State<Admin>) -> impl IntoResponse {
+    a.process.collect();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], a.metrics.render())
 }
 

@@ -106,6 +106,10 @@ pub struct ServeArgs {
     /// Most channels one connection may subscribe to [default: 32].
     #[arg(long, env = "GATEWAY_MAX_CHANNELS_PER_CONNECTION")]
     pub max_channels_per_connection: Option<usize>,
+    /// Most client connections (SSE, WebSocket, held long-polls) per node; 0 = no cap
+    /// [default: 0].
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// Longest channel name, in bytes [default: 128].
     #[arg(long, env = "GATEWAY_MAX_CHANNEL_LEN")]
     pub max_channel_len: Option<usize>,
@@ -212,6 +216,7 @@ pub struct FileConfig {
     api_keys: Option<Vec<String>>,
     max_payload_bytes: Option<usize>,
     max_channels_per_connection: Option<usize>,
+    max_connections: Option<usize>,
     max_channel_len: Option<usize>,
     queue_size: Option<usize>,
     sse_heartbeat_secs: Option<u64>,
@@ -315,6 +320,8 @@ pub struct Limits {
     pub max_payload_bytes: usize,
     /// Most channels per connection.
     pub max_channels_per_connection: usize,
+    /// Most client connections per node (0: no cap).
+    pub max_connections: usize,
     /// Longest channel name.
     pub max_channel_len: usize,
     /// Per-connection queue length in messages.
@@ -436,6 +443,7 @@ impl Config {
                     .or(file.max_channels_per_connection)
                     .unwrap_or(DEFAULT_MAX_CHANNELS_PER_CONNECTION),
             )?,
+            max_connections: args.max_connections.or(file.max_connections).unwrap_or(0),
             max_channel_len: positive(
                 "max_channel_len",
                 args.max_channel_len.or(file.max_channel_len).unwrap_or(DEFAULT_MAX_CHANNEL_LEN),

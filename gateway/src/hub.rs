@@ -147,6 +147,7 @@ struct HubMetrics {
     slow: [Counter; 3],
     dropped_slow: Counter,
     broker_messages: Counter,
+    dispatch_latency: metrics::Histogram,
     channels: Gauge,
     subscriptions: Gauge,
 }
@@ -216,6 +217,7 @@ impl Hub {
                 slow: Transport::ALL.map(|t| counter!(m::SLOW_CONSUMER_TOTAL, "transport" => t.as_str())),
                 dropped_slow: counter!(m::DROPPED_TOTAL, "reason" => "slow_consumer"),
                 broker_messages: counter!(m::BROKER_MESSAGES_TOTAL),
+                dispatch_latency: metrics::histogram!(m::DISPATCH_LATENCY),
                 channels: gauge!(m::CHANNELS),
                 subscriptions: gauge!(m::SUBSCRIPTIONS),
             };
@@ -431,6 +433,11 @@ impl Hub {
                 return; // already delivered (replay overlapping live delivery)
             }
             ch.last_pos = Some(pos);
+        }
+        if let Some(ts) = delivery.published_ms {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let ms = (now.as_millis() as u64).saturating_sub(ts);
+            self.metrics.dispatch_latency.record(ms as f64 / 1000.0);
         }
         let delivery = Arc::new(delivery);
         if let Some(ring) = &mut ch.ring {

@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Open client connections (gauge), by `transport`.
 pub const CONNECTIONS: &str = "gateway_connections";
@@ -39,6 +39,12 @@ pub const RECOVERIES_TOTAL: &str = "gateway_history_recoveries_total";
 pub const REPLAYED_TOTAL: &str = "gateway_history_replayed_messages_total";
 /// Gap notices (`reset`) sent to clients (counter), by `transport`.
 pub const RESETS_TOTAL: &str = "gateway_resets_total";
+/// Time from publish (Redis clock, history messages) to this node handing the message
+/// to its subscribers' queues (histogram, explicit buckets).
+pub const DISPATCH_LATENCY: &str = "gateway_publish_to_dispatch_seconds";
+/// Buckets of [`DISPATCH_LATENCY`], in seconds.
+pub const DISPATCH_LATENCY_BUCKETS: [f64; 13] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 /// Requests refused for bad input (counter), by `reason`.
 pub const REJECTED_TOTAL: &str = "gateway_rejected_requests_total";
 
@@ -47,7 +53,10 @@ pub fn install() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(DISPATCH_LATENCY.to_owned()), &DISPATCH_LATENCY_BUCKETS)
+                .expect("buckets are not empty")
+                .build_recorder();
             let handle = recorder.handle();
             // Fails only if another recorder is installed; then ours just stays empty.
             let _ = metrics::set_global_recorder(recorder);
@@ -65,7 +74,7 @@ fn register_known_series() {
     const TRANSPORTS: [&str; 3] = ["sse", "ws", "poll"];
     const DISCONNECT_REASONS: [&str; 6] =
         ["client_closed", "slow_consumer", "shutdown", "timeout", "protocol_error", "server_closed"];
-    const REJECT_REASONS: [&str; 11] = [
+    const REJECT_REASONS: [&str; 12] = [
         "bad_request",
         "invalid_channel",
         "invalid_event",
@@ -77,6 +86,7 @@ fn register_known_series() {
         "not_found",
         "method_not_allowed",
         "broker_unavailable",
+        "over_capacity",
     ];
     for t in TRANSPORTS {
         gauge!(CONNECTIONS, "transport" => t).increment(0.0);
@@ -118,5 +128,10 @@ fn describe() {
     describe_counter!(RECOVERIES_TOTAL, "History recoveries by result.");
     describe_counter!(REPLAYED_TOTAL, "Messages replayed from history.");
     describe_counter!(RESETS_TOTAL, "Gap notices sent to clients.");
+    metrics::describe_histogram!(
+        DISPATCH_LATENCY,
+        metrics::Unit::Seconds,
+        "Publish (Redis clock) to dispatch on this node, history messages."
+    );
     describe_counter!(REJECTED_TOTAL, "Requests refused for bad input, by reason.");
 }

@@ -107,9 +107,26 @@ pub struct ConnGuard {
     reason: &'static str,
 }
 
+/// Client connections open in this process, for the connection cap.
+static OPEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Refuses a new client connection when the node holds `max` already (0: no cap), so
+/// an overloaded node sheds load to its peers instead of running out of descriptors.
+pub fn admit(max: usize) -> Result<(), ApiError> {
+    if max > 0 && OPEN.load(std::sync::atomic::Ordering::Relaxed) >= max {
+        return Err(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            shared::protocol::error_code::OVER_CAPACITY,
+            format!("this node holds its maximum of {max} connections; retry or use another node"),
+        ));
+    }
+    Ok(())
+}
+
 impl ConnGuard {
     /// Counts a new connection.
     pub fn new(transport: Transport) -> Self {
+        OPEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         gauge!(crate::metrics::CONNECTIONS, "transport" => transport.as_str()).increment(1.0);
         counter!(crate::metrics::CONNECTIONS_TOTAL, "transport" => transport.as_str()).increment(1);
         Self { transport, reason: "client_closed" }
@@ -124,6 +141,7 @@ impl ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
+        OPEN.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         let t = self.transport.as_str();
         gauge!(crate::metrics::CONNECTIONS, "transport" => t).decrement(1.0);
         counter!(crate::metrics::DISCONNECTS_TOTAL, "transport" => t, "reason" => self.reason).increment(1);

@@ -133,6 +133,8 @@ pub mod error_code {
     pub const SLOW_CONSUMER: &str = "slow_consumer";
     /// The server is shutting down; reconnect (to another node).
     pub const SHUTTING_DOWN: &str = "shutting_down";
+    /// The node holds its maximum number of connections; try again or another node.
+    pub const OVER_CAPACITY: &str = "over_capacity";
     /// The message broker (Redis) is unavailable right now.
     pub const BROKER_UNAVAILABLE: &str = "broker_unavailable";
 }

@@ -58,6 +58,7 @@ pub async fn handler(
         }
     };
     let channels = check_channels(query.channels, &state.config.limits, true)?;
+    super::admit(state.config.limits.max_connections)?;
     if state.shutdown.is_cancelled() {
         return Err(ApiError::shutting_down());
     }

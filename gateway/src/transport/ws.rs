@@ -64,6 +64,7 @@ pub async fn handler(
     let key = check_upgrade(req.headers())?;
     check_origin(req.headers(), &state.config.allowed_origins)?;
     let channels = check_channels(Query::parse(query.as_deref()).channels, &state.config.limits, false)?;
+    super::admit(state.config.limits.max_connections)?;
     if state.shutdown.is_cancelled() {
         return Err(ApiError::shutting_down());
     }
