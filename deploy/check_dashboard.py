@@ -528,7 +528,7 @@ def start_gateway(procs: Processes, gw: Path, node: Node, redis_port: int) -> No
             "--listen", f"{HOST}:{node.public}",
             "--admin-listen", f"{HOST}:{node.admin}",
             "--redis-url", f"redis://{HOST}:{redis_port}",
-            "--shutdown-grace-secs", "2",
+            "--shutdown-grace-secs", "2", "--drain-window-secs", "1",
             "--sse-heartbeat-secs", "1",
         ],
     )
