@@ -27,6 +27,23 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Tracks connection tasks (WebSockets) so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// Verifies subscriber tokens; `None` when subscriber auth is off.
+    pub auth: Option<Arc<crate::auth::Authenticator>>,
+}
+
+impl AppState {
+    /// Authenticates a subscriber for `channels` when auth is on: `Ok(None)` when off.
+    pub fn authorize(
+        &self,
+        headers: &axum::http::HeaderMap,
+        query_token: Option<&str>,
+        channels: &[String],
+    ) -> Result<Option<crate::auth::Claims>, ApiError> {
+        let Some(auth) = &self.auth else { return Ok(None) };
+        let claims = auth.authenticate(headers, query_token)?;
+        crate::auth::check_channels(Some(&claims), channels)?;
+        Ok(Some(claims))
+    }
 }
 
 const DEMO_PAGE: &str = include_str!("demo.html");

@@ -10,7 +10,7 @@ use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
-use crate::broker::HistoryConfig;
+use crate::{auth::AuthConfig, broker::HistoryConfig};
 
 /// Default public listener (SSE, WebSocket, long-poll, publish API, demo page).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
@@ -152,6 +152,19 @@ pub struct ServeArgs {
     /// separated, e.g. https://app.example.com. Unset: any origin.
     #[arg(long, env = "GATEWAY_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+    /// Shared secret for HS256 subscriber tokens; setting it (or an RS256 key) turns
+    /// subscriber authentication on.
+    #[arg(long, env = "GATEWAY_JWT_HS256_SECRET", hide_env_values = true)]
+    pub jwt_hs256_secret: Option<String>,
+    /// PEM file with the RSA public key for RS256 subscriber tokens.
+    #[arg(long, env = "GATEWAY_JWT_RS256_PUBLIC_KEY")]
+    pub jwt_rs256_public_key: Option<PathBuf>,
+    /// Required `aud` claim of subscriber tokens.
+    #[arg(long, env = "GATEWAY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Required `iss` claim of subscriber tokens.
+    #[arg(long, env = "GATEWAY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
     /// Seconds a client gets to send a request's headers before it is cut off [default: 10].
     #[arg(long, env = "GATEWAY_HEADER_TIMEOUT_SECS")]
     pub header_timeout_secs: Option<u64>,
@@ -230,6 +243,10 @@ pub struct FileConfig {
     shutdown_grace_secs: Option<u64>,
     drain_window_secs: Option<u64>,
     allowed_origins: Option<Vec<String>>,
+    jwt_hs256_secret: Option<String>,
+    jwt_rs256_public_key: Option<PathBuf>,
+    jwt_audience: Option<String>,
+    jwt_issuer: Option<String>,
     header_timeout_secs: Option<u64>,
     history_size: Option<usize>,
     history_ttl_secs: Option<u64>,
@@ -305,6 +322,8 @@ pub struct Config {
     pub timers: Timers,
     /// Per-channel history limits.
     pub history: HistoryConfig,
+    /// Subscriber authentication (off when no key is set).
+    pub auth: AuthConfig,
     /// Origins allowed for WebSocket upgrades and CORS; empty means any.
     pub allowed_origins: Vec<String>,
     /// Whether WebSocket clients may publish.
@@ -367,6 +386,7 @@ impl fmt::Debug for Config {
             .field("timers", &self.timers)
             .field("history", &self.history)
             .field("allowed_origins", &self.allowed_origins)
+            .field("auth", &self.auth)
             .field("ws_publish", &self.ws_publish)
             .field("log_format", &self.log_format)
             .finish()
@@ -534,6 +554,21 @@ impl Config {
                 ),
             },
             allowed_origins,
+            auth: AuthConfig {
+                hs256_secret: args
+                    .jwt_hs256_secret
+                    .or(file.jwt_hs256_secret)
+                    .filter(|s| !s.is_empty())
+                    .map(Secret),
+                rs256_public_key_pem: match args.jwt_rs256_public_key.or(file.jwt_rs256_public_key) {
+                    Some(path) => Some(std::fs::read_to_string(&path).map_err(|e| {
+                        ConfigError(format!("cannot read jwt_rs256_public_key {}: {e}", path.display()))
+                    })?),
+                    None => None,
+                },
+                audience: args.jwt_audience.or(file.jwt_audience),
+                issuer: args.jwt_issuer.or(file.jwt_issuer),
+            },
             ws_publish: args.ws_publish.or(file.ws_publish).unwrap_or(false),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         })

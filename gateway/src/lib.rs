@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod delivery;
@@ -56,6 +57,9 @@ pub enum StartError {
     /// The broker could not be set up (e.g. a malformed Redis URL).
     #[error("broker: {0}")]
     Broker(#[from] broker::BrokerError),
+    /// The subscriber-auth key could not be used.
+    #[error("auth: {0}")]
+    Auth(String),
     /// A listener's address could not be read.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
@@ -115,7 +119,12 @@ pub async fn run(
     }
     info!(public = %public_addr, admin = %admin_addr, broker = hub.broker().kind(), "gateway listening");
 
+    let auth = auth::Authenticator::new(&config.auth).map_err(StartError::Auth)?.map(Arc::new);
+    if let Some(a) = &auth {
+        info!(?a, "subscriber authentication on");
+    }
     let state = AppState {
+        auth,
         hub: hub.clone(),
         config: Arc::new(config),
         shutdown: shutdown.clone(),

@@ -45,6 +45,8 @@ pub const DISPATCH_LATENCY: &str = "gateway_publish_to_dispatch_seconds";
 /// Buckets of [`DISPATCH_LATENCY`], in seconds.
 pub const DISPATCH_LATENCY_BUCKETS: [f64; 13] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+/// Subscriber authentication failures (counter), by `reason`.
+pub const AUTH_FAILURES_TOTAL: &str = "gateway_auth_failures_total";
 /// Requests refused for bad input (counter), by `reason`.
 pub const REJECTED_TOTAL: &str = "gateway_rejected_requests_total";
 
@@ -105,6 +107,18 @@ fn register_known_series() {
     for r in ["replayed", "reset", "error"] {
         counter!(RECOVERIES_TOTAL, "result" => r).increment(0);
     }
+    for r in [
+        "missing",
+        "malformed",
+        "algorithm",
+        "expired",
+        "invalid_signature",
+        "wrong_audience",
+        "wrong_issuer",
+        "channel_not_allowed",
+    ] {
+        counter!(AUTH_FAILURES_TOTAL, "reason" => r).increment(0);
+    }
     counter!(REPLAYED_TOTAL).increment(0);
     counter!(BROKER_RECONNECTS_TOTAL).increment(0);
     counter!(BROKER_OUTAGE_SECONDS).increment(0);
@@ -133,5 +147,6 @@ fn describe() {
         metrics::Unit::Seconds,
         "Publish (Redis clock) to dispatch on this node, history messages."
     );
+    describe_counter!(AUTH_FAILURES_TOTAL, "Subscriber authentication failures by reason.");
     describe_counter!(REJECTED_TOTAL, "Requests refused for bad input, by reason.");
 }

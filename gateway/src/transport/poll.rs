@@ -58,9 +58,10 @@ impl Cursor {
 pub async fn handler(
     State(state): State<AppState>,
     ctx: Option<Extension<ConnCtx>>,
+    headers: axum::http::HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let query = Query::parse(query.as_deref());
+    let mut query = Query::parse(query.as_deref());
     let timers = &state.config.timers;
     let timeout = match query.get("timeout") {
         None | Some("") => timers.poll_timeout,
@@ -77,7 +78,10 @@ pub async fn handler(
             ApiError::bad_request("invalid cursor: pass back the \"cursor\" of the previous answer unchanged")
         })?),
     };
-    let channels = check_channels(query.channels, &state.config.limits, true)?;
+    let channels = check_channels(std::mem::take(&mut query.channels), &state.config.limits, true)?;
+    let claims = state.authorize(&headers, query.get("token"), &channels)?;
+    // Never hold a poll past the token's expiry.
+    let timeout = claims.as_ref().map_or(timeout, |c| timeout.min(c.remaining()));
     super::admit(state.config.limits.max_connections)?;
     if state.shutdown.is_cancelled() {
         return Err(ApiError::shutting_down());

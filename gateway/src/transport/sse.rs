@@ -41,7 +41,7 @@ pub async fn handler(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let query = Query::parse(query.as_deref());
+    let mut query = Query::parse(query.as_deref());
     let resume =
         match headers.get("last-event-id").and_then(|v| v.to_str().ok()).or(query.get("last_event_id")) {
             Some(id) if !id.trim().is_empty() => Some(parse_resume(id)?),
@@ -57,7 +57,8 @@ pub async fn handler(
             )));
         }
     };
-    let channels = check_channels(query.channels, &state.config.limits, true)?;
+    let channels = check_channels(std::mem::take(&mut query.channels), &state.config.limits, true)?;
+    let claims = state.authorize(&headers, query.get("token"), &channels)?;
     super::admit(state.config.limits.max_connections)?;
     if state.shutdown.is_cancelled() {
         return Err(ApiError::shutting_down());
@@ -103,6 +104,7 @@ pub async fn handler(
         shutdown_wait: drain_turn(state.shutdown.clone(), state.config.timers.drain_window),
         beat: Box::pin(tokio::time::sleep(state.config.timers.sse_heartbeat)),
         last_write: tokio::time::Instant::now(),
+        expiry: claims.map(|c| Box::pin(tokio::time::sleep(c.remaining()))),
         heartbeat: state.config.timers.sse_heartbeat,
         retry: state.config.timers.sse_retry,
         json,
@@ -138,6 +140,8 @@ struct SseStream {
     beat: Pin<Box<Sleep>>,
     /// A heartbeat is due `heartbeat` after the last write, whatever it was.
     last_write: Instant,
+    /// When the subscriber's token expires (auth on): the stream ends then.
+    expiry: Option<Pin<Box<Sleep>>>,
     heartbeat: Duration,
     retry: Duration,
     json: bool,
@@ -192,8 +196,20 @@ impl SseStream {
             return Some(buf.freeze());
         }
         loop {
+            let expiry = &mut self.expiry;
+            let expired = async move {
+                match expiry {
+                    Some(sleep) => sleep.as_mut().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
+                _ = expired => {
+                    self.done = true;
+                    self.guard.set_reason("token_expired");
+                    return Some(disconnect_event("token_expired", "the token expired; reconnect with a fresh one"));
+                }
                 _ = self.closed.as_mut() => {
                     self.done = true;
                     let (reason, message) = match self.inbox.kicked() {

@@ -5,7 +5,7 @@
 //! selects over the client's frames, its inbox, pings and shutdown. Client ops:
 //! `subscribe`, `unsubscribe`, `publish` (when enabled), `ping`. Close codes: 1000
 //! normal, 1002 protocol error, 1008 slow consumer / policy, 1009 message too big,
-//! 1011 server error, 1012 server restarting (reconnect elsewhere).
+//! 1011 server error, 1012 server restarting (reconnect elsewhere), 4001 token expired.
 
 use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
 
@@ -38,6 +38,7 @@ use super::{
 };
 use crate::{
     app::AppState,
+    auth::Claims,
     broker::Publish,
     config::Limits,
     delivery::Delivery,
@@ -52,6 +53,8 @@ const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 16 * 1024;
 /// Most frames written before one flush.
 const MAX_BATCH: usize = 64;
+/// Close code when the subscriber's token expires: reconnect with a fresh token.
+pub const TOKEN_EXPIRED: u16 = 4001;
 /// How long a closing handshake may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -63,7 +66,9 @@ pub async fn handler(
 ) -> Result<Response, ApiError> {
     let key = check_upgrade(req.headers())?;
     check_origin(req.headers(), &state.config.allowed_origins)?;
-    let channels = check_channels(Query::parse(query.as_deref()).channels, &state.config.limits, false)?;
+    let mut query = Query::parse(query.as_deref());
+    let channels = check_channels(std::mem::take(&mut query.channels), &state.config.limits, false)?;
+    let claims = state.authorize(req.headers(), query.get("token"), &channels)?;
     super::admit(state.config.limits.max_connections)?;
     if state.shutdown.is_cancelled() {
         return Err(ApiError::shutting_down());
@@ -87,7 +92,7 @@ pub async fn handler(
         };
         let socket =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
-        Session::new(state).run(socket, channels).await;
+        Session::new(state, claims).run(socket, channels).await;
     });
     let mut resp = Response::new(axum::body::Body::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -144,6 +149,7 @@ enum End {
     Slow,
     Shutdown,
     Timeout,
+    Expired,
     TooBig,
     Protocol,
     Internal,
@@ -162,11 +168,13 @@ pub struct Session {
     subs: HashMap<Arc<str>, Subscription>,
     positions: Positions,
     guard: ConnGuard,
+    /// The subscriber's token claims when auth is on.
+    claims: Option<Claims>,
 }
 
 impl Session {
     /// A session with an empty subscription set.
-    pub fn new(state: AppState) -> Self {
+    pub fn new(state: AppState, claims: Option<Claims>) -> Self {
         let (inbox, rx) = Inbox::new(Transport::Ws, state.config.limits.queue_size, CancellationToken::new());
         Self {
             hub: state.hub.clone(),
@@ -180,6 +188,7 @@ impl Session {
             subs: HashMap::new(),
             positions: Positions::default(),
             guard: ConnGuard::new(Transport::Ws),
+            claims,
         }
     }
 
@@ -198,9 +207,12 @@ impl Session {
         let closed = self.inbox.closed().clone().cancelled_owned();
         let mut shutdown = drain_turn(self.shutdown.clone(), self.drain_window);
         tokio::pin!(closed);
+        let expiry = tokio::time::sleep(self.claims.as_ref().map_or(Duration::MAX / 4, Claims::remaining));
+        tokio::pin!(expiry);
         let end = loop {
             tokio::select! {
                 biased;
+                _ = &mut expiry, if self.claims.is_some() => break End::Expired,
                 _ = &mut closed => break End::Slow,
                 _ = &mut shutdown => break End::Shutdown,
                 d = self.rx.recv() => {
@@ -310,6 +322,9 @@ impl Session {
             Ok(c) => c,
             Err(e) => return send(ws, &error(e.code, &e.message)).await,
         };
+        if let Err(e) = crate::auth::check_channels(self.claims.as_ref(), &channels) {
+            return send(ws, &error(e.code, &e.message)).await;
+        }
         let resume: Vec<(String, StreamPos)> = match since_positions(&channels, since) {
             Ok(r) => r,
             Err(e) => return send(ws, &error(e.code, &e.message)).await,
@@ -358,6 +373,9 @@ impl Session {
     async fn publish(&self, channel: String, data: String, event: Option<String>) -> ServerFrame {
         if !self.ws_publish {
             return error(code::FORBIDDEN, "publishing over WebSocket is disabled on this server");
+        }
+        if self.claims.as_ref().is_some_and(|c| !c.publish) {
+            return error(code::FORBIDDEN, "the token does not allow publishing (claim \"pub\": true)");
         }
         if let Err(e) = shared::validate_channel(&channel, self.limits.max_channel_len) {
             let e = ApiError::invalid_channel(&channel, e);
@@ -408,6 +426,7 @@ impl Session {
             }
             End::Shutdown => ("shutdown", Some((CloseCode::Restart, "server restarting, reconnect"))),
             End::Timeout => ("timeout", Some((CloseCode::Away, "ping timeout"))),
+            End::Expired => ("token_expired", Some((CloseCode::Library(TOKEN_EXPIRED), "token expired"))),
             End::TooBig => ("protocol_error", Some((CloseCode::Size, "message too big"))),
             End::Protocol => ("protocol_error", Some((CloseCode::Protocol, "protocol error"))),
             End::Internal => ("server_closed", Some((CloseCode::Error, "internal error"))),

@@ -1,0 +1,199 @@
+//! Subscriber authentication: JWTs (HS256 with a shared secret, RS256 with a public
+//! key) with a pinned algorithm per key, `exp` always required, optional `aud` and
+//! `iss`, and a `channels` claim listing the channels (or `prefix.*` patterns) the
+//! holder may read. Off unless a key is configured.
+//!
+//! The token comes from `Authorization: Bearer`, a `token` query parameter
+//! (`EventSource` cannot set headers) or the `gateway_token` cookie.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::http::{HeaderMap, StatusCode, header};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
+use metrics::counter;
+use serde::Deserialize;
+use shared::protocol::error_code;
+
+use crate::{error::ApiError, metrics as m};
+
+/// Name of the cookie a token may come in.
+pub const TOKEN_COOKIE: &str = "gateway_token";
+
+/// What a valid token grants.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Claims {
+    /// Expiry, seconds since the Unix epoch; the connection is closed then.
+    pub exp: u64,
+    /// Channels or `prefix.*` / `*` patterns the holder may subscribe to.
+    #[serde(default)]
+    pub channels: Vec<String>,
+    /// Whether the holder may use the WebSocket `publish` op.
+    #[serde(default, rename = "pub")]
+    pub publish: bool,
+}
+
+impl Claims {
+    /// Whether these claims allow reading `channel`.
+    pub fn allows(&self, channel: &str) -> bool {
+        self.channels.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => channel.starts_with(prefix),
+            None => p == channel,
+        })
+    }
+
+    /// Time left until the token expires (zero if it already has).
+    pub fn remaining(&self) -> Duration {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        Duration::from_secs(self.exp.saturating_sub(now))
+    }
+}
+
+/// Verifies tokens; `None` in the app state when auth is off.
+pub struct Authenticator {
+    keys: Vec<(Algorithm, DecodingKey, Validation)>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let algs: Vec<_> = self.keys.iter().map(|(a, _, _)| a).collect();
+        f.debug_struct("Authenticator").field("algorithms", &algs).finish()
+    }
+}
+
+/// Settings for [`Authenticator::new`].
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    /// Shared secret for HS256 tokens.
+    pub hs256_secret: Option<crate::config::Secret>,
+    /// PEM public key for RS256 tokens.
+    pub rs256_public_key_pem: Option<String>,
+    /// Required `aud`, if any.
+    pub audience: Option<String>,
+    /// Required `iss`, if any.
+    pub issuer: Option<String>,
+}
+
+impl Authenticator {
+    /// Builds a verifier, or `None` when no key is configured (auth off).
+    pub fn new(cfg: &AuthConfig) -> Result<Option<Self>, String> {
+        let validation = |alg| {
+            let mut v = Validation::new(alg);
+            v.leeway = 5;
+            v.set_required_spec_claims(&["exp"]);
+            match &cfg.audience {
+                Some(aud) => v.set_audience(&[aud]),
+                None => v.validate_aud = false,
+            }
+            if let Some(iss) = &cfg.issuer {
+                v.set_issuer(&[iss]);
+            }
+            v
+        };
+        let mut keys = Vec::new();
+        if let Some(secret) = &cfg.hs256_secret {
+            keys.push((
+                Algorithm::HS256,
+                DecodingKey::from_secret(secret.expose().as_bytes()),
+                validation(Algorithm::HS256),
+            ));
+        }
+        if let Some(pem) = &cfg.rs256_public_key_pem {
+            let key =
+                DecodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| format!("RS256 public key: {e}"))?;
+            keys.push((Algorithm::RS256, key, validation(Algorithm::RS256)));
+        }
+        Ok((!keys.is_empty()).then_some(Self { keys }))
+    }
+
+    /// Verifies `token`. The key is chosen by the token's `alg` among the configured
+    /// ones only, so `none` and algorithm confusion (an HS256 token "signed" with the
+    /// RSA public key) are refused.
+    pub fn verify(&self, token: &str) -> Result<Claims, ApiError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| fail("malformed", "malformed token"))?;
+        let Some((_, key, validation)) = self.keys.iter().find(|(alg, _, _)| *alg == header.alg) else {
+            return Err(fail("algorithm", "token algorithm not accepted"));
+        };
+        jsonwebtoken::decode::<Claims>(token, key, validation).map(|d| d.claims).map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => fail("expired", "token expired"),
+            ErrorKind::InvalidSignature => fail("invalid_signature", "invalid token signature"),
+            ErrorKind::InvalidAudience => fail("wrong_audience", "token audience not accepted"),
+            ErrorKind::InvalidIssuer => fail("wrong_issuer", "token issuer not accepted"),
+            ErrorKind::MissingRequiredClaim(_) => fail("malformed", "token lacks a required claim (exp)"),
+            _ => fail("malformed", "malformed token"),
+        })
+    }
+
+    /// Finds and verifies the request's token.
+    pub fn authenticate(&self, headers: &HeaderMap, query_token: Option<&str>) -> Result<Claims, ApiError> {
+        let token = bearer(headers).or(query_token).or_else(|| cookie(headers, TOKEN_COOKIE));
+        match token {
+            Some(t) => self.verify(t.trim()),
+            None => Err(fail(
+                "missing",
+                "a token is required: Authorization: Bearer <jwt>, ?token=<jwt> or the gateway_token cookie",
+            )),
+        }
+    }
+}
+
+/// Checks that `claims` (if auth is on) allow every channel.
+pub fn check_channels(claims: Option<&Claims>, channels: &[String]) -> Result<(), ApiError> {
+    let Some(claims) = claims else { return Ok(()) };
+    match channels.iter().find(|c| !claims.allows(c)) {
+        None => Ok(()),
+        Some(c) => {
+            counter!(m::AUTH_FAILURES_TOTAL, "reason" => "channel_not_allowed").increment(1);
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                error_code::FORBIDDEN,
+                format!("the token does not allow channel {}", crate::error::quote(c)),
+            ))
+        }
+    }
+}
+
+fn fail(reason: &'static str, message: &str) -> ApiError {
+    counter!(m::AUTH_FAILURES_TOTAL, "reason" => reason).increment(1);
+    ApiError::new(StatusCode::UNAUTHORIZED, error_code::UNAUTHORIZED, message)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))
+}
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| kv.trim().strip_prefix(name)?.strip_prefix('='))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(channels: &[&str]) -> Claims {
+        Claims { exp: 0, channels: channels.iter().map(|s| s.to_string()).collect(), publish: false }
+    }
+
+    #[test]
+    fn channel_patterns() {
+        let c = claims(&["news.*", "chat:42"]);
+        assert!(c.allows("news.sport") && c.allows("news.a.b") && c.allows("chat:42"));
+        assert!(!c.allows("news") && !c.allows("chat:43") && !c.allows("newsroom"));
+        assert!(claims(&["*"]).allows("anything"));
+        assert!(!claims(&[]).allows("x"));
+    }
+
+    #[test]
+    fn token_sources() {
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, "a=1; gateway_token=abc; b=2".parse().unwrap());
+        assert_eq!(cookie(&h, TOKEN_COOKIE), Some("abc"));
+        h.insert(header::AUTHORIZATION, "Bearer xyz".parse().unwrap());
+        assert_eq!(bearer(&h), Some("xyz"));
+    }
+}
