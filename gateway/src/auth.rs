@@ -61,7 +61,7 @@ impl std::fmt::Debug for Authenticator {
 }
 
 /// Settings for [`Authenticator::new`].
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct AuthConfig {
     /// Shared secret for HS256 tokens.
     pub hs256_secret: Option<crate::config::Secret>,
@@ -71,6 +71,20 @@ pub struct AuthConfig {
     pub audience: Option<String>,
     /// Required `iss`, if any.
     pub issuer: Option<String>,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("hs256_secret", &self.hs256_secret)
+            .field(
+                "rs256_public_key",
+                &self.rs256_public_key_pem.as_ref().map(|k| format!("<PEM, {} bytes>", k.len())),
+            )
+            .field("audience", &self.audience)
+            .field("issuer", &self.issuer)
+            .finish()
+    }
 }
 
 impl Authenticator {

@@ -29,7 +29,7 @@ use tokio_tungstenite::{
     },
 };
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use tracing::debug;
+use tracing::{Instrument, debug};
 
 use shared::{Resume, StreamPos, protocol::Since};
 
@@ -82,18 +82,23 @@ pub async fn handler(
         .max_message_size(Some(max_msg))
         .max_frame_size(Some(max_msg));
     let tracker = state.tracker.clone();
-    tracker.spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(err) => {
-                debug!(%err, "websocket upgrade failed");
-                return;
-            }
-        };
-        let socket =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
-        Session::new(state, claims).run(socket, channels).await;
-    });
+    // The session outlives this request: keep the connection span (peer address) on it.
+    let span = tracing::debug_span!(parent: tracing::Span::current(), "ws");
+    tracker.spawn(
+        async move {
+            let upgraded = match on_upgrade.await {
+                Ok(u) => u,
+                Err(err) => {
+                    debug!(%err, "websocket upgrade failed");
+                    return;
+                }
+            };
+            let socket =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
+            Session::new(state, claims).run(socket, channels).await;
+        }
+        .instrument(span),
+    );
     let mut resp = Response::new(axum::body::Body::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
