@@ -400,3 +400,34 @@ fn help_never_prints_secret_env_values() {
         }
     }
 }
+
+/// `--log-format json` writes one JSON object per line, with structured fields.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"])
+        .env_clear()
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut seen = None;
+    for line in BufReader::new(stderr).lines().take(20) {
+        let line = line.unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if v["fields"]["message"] == "gateway listening" {
+            seen = Some(v);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let v = seen.expect("the listening line");
+    assert_eq!(v["level"], "INFO");
+    assert!(v["fields"]["public"].as_str().unwrap().starts_with("127.0.0.1:"), "{v}");
+    assert_eq!(v["fields"]["broker"], "memory");
+}
