@@ -137,7 +137,16 @@ pub async fn publish_raw(
     let query = Query::parse(query.as_deref());
     let event = query.get("event").map(str::to_owned);
     check_event(event.as_deref()).map_err(reject)?;
-    let idempotency_key = headers.get("idempotency-key").map(|v| v.to_str().unwrap_or("\u{0}").to_owned());
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| {
+                    reject(ApiError::bad_request("the Idempotency-Key header must be visible ASCII"))
+                })?
+                .to_owned(),
+        ),
+    };
     check_idempotency_key(idempotency_key.as_deref()).map_err(reject)?;
     publish_one(&state, Publish { channel, data: body, event, history: true, idempotency_key })
         .await

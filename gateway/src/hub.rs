@@ -570,7 +570,14 @@ mod tests {
                 poll_buffer: 4,
                 poll_keepalive: Duration::from_millis(0),
             },
-            |sink| Arc::new(MemoryBroker::new(sink, crate::broker::memory::test_history())),
+            |sink| {
+                let history = crate::broker::HistoryConfig {
+                    max_len: 100,
+                    max_age: Duration::from_secs(3600),
+                    idempotency_window: Duration::from_secs(60),
+                };
+                Arc::new(MemoryBroker::new(sink, history))
+            },
         )
     }
 

@@ -18,7 +18,17 @@ import http from 'k6/http';
 import { check } from 'k6';
 import exec from 'k6/execution';
 import { Counter } from 'k6/metrics';
-import { BASE_URL, authHeaders, envDurationMs, envInt, envNumber, ms, padding, runChannel } from './lib/common.js';
+import {
+  BASE_URL,
+  authHeaders,
+  envDurationMs,
+  envInt,
+  envNumber,
+  jsonOrNull,
+  ms,
+  padding,
+  runChannel,
+} from './lib/common.js';
 
 const RATE = envInt('RATE', 100);
 const DURATION_MS = envDurationMs('DURATION', '10s');
@@ -66,12 +76,7 @@ export function publish(data) {
     headers: authHeaders({ 'Content-Type': 'application/json' }),
     tags: { name: 'POST /api/publish' },
   });
-  let json = null;
-  try {
-    json = res.json();
-  } catch (_) {
-    json = null;
-  }
+  const json = jsonOrNull(res);
   const ok = check(res, {
     'api/publish: status 200': (r) => r.status === 200,
     'api/publish: JSON results, one per channel': () =>

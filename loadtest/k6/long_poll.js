@@ -28,6 +28,7 @@ import {
   parseTimed,
   publishTimed,
   runChannel,
+  jsonOrNull,
 } from './lib/common.js';
 
 const VUS = envInt('VUS', 10);
@@ -95,12 +96,7 @@ function poll(channel, cursor, timeoutS) {
     tags: { name: 'GET /poll' },
   });
   polls.add(1);
-  let body = null;
-  try {
-    body = res.json();
-  } catch (_) {
-    body = null;
-  }
+  const body = jsonOrNull(res);
   const ok = check(res, {
     'poll: status 200': (r) => r.status === 200,
     'poll: JSON with messages and cursor': () =>

@@ -5,7 +5,7 @@
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex, MutexGuard, Weak},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use futures_util::future::BoxFuture;
@@ -173,14 +173,5 @@ impl Broker for MemoryBroker {
 
     fn kind(&self) -> &'static str {
         "memory"
-    }
-}
-
-/// Default history limits, for tests.
-pub fn test_history() -> HistoryConfig {
-    HistoryConfig {
-        max_len: 100,
-        max_age: Duration::from_secs(3600),
-        idempotency_window: Duration::from_secs(60),
     }
 }

@@ -77,6 +77,15 @@ export function padding(payloadBytes) {
   return payloadBytes > 40 ? 'x'.repeat(payloadBytes - 40) : '';
 }
 
+/** The response body as JSON, or null when it is not JSON. */
+export function jsonOrNull(res) {
+  try {
+    return res.json();
+  } catch (_) {
+    return null;
+  }
+}
+
 /**
  * Publishes one timed message with `POST /publish/{channel}`: the raw body is
  * `{"t":<ms since the epoch>,"seq":<n>,"pad":"..."}`. Returns whether it succeeded.
@@ -89,12 +98,7 @@ export function publishTimed(channel, pad, okCounter) {
     headers: authHeaders({ 'Content-Type': 'text/plain' }),
     tags: { name: 'POST /publish/{channel}' },
   });
-  let json = null;
-  try {
-    json = res.json();
-  } catch (_) {
-    json = null;
-  }
+  const json = jsonOrNull(res);
   const ok = check(res, {
     'publish: status 200': (r) => r.status === 200,
     'publish: answer names the channel and an id': () =>
