@@ -2,7 +2,7 @@
 //! (JSON, one or many channels), guarded by the API key(s) when configured.
 
 use axum::{
-    Json,
+    Extension, Json,
     body::Bytes,
     extract::{
         Path, RawQuery, State,
@@ -20,14 +20,27 @@ use crate::{
     config::Secret,
     error::{ApiError, quote},
     metrics as m,
+    server::ConnCtx,
     transport::Query,
 };
 
+/// Who publishes, for the publish rate limit: the API key used, or the client's
+/// address when publishing is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Publisher {
+    /// The index of the configured API key that matched.
+    Key(usize),
+    /// The client's IP address (no API keys configured).
+    Addr(std::net::IpAddr),
+}
+
 /// Checks the publish API key: `X-API-Key: <key>` or `Authorization: Bearer <key>`.
-/// Open when no key is configured. Keys are compared in constant time.
-pub fn check_api_key(headers: &HeaderMap, keys: &[Secret]) -> Result<(), ApiError> {
+/// Open when no key is configured. Keys are compared in constant time; every key is
+/// compared, so the time does not tell which one matched. Returns the matching key's
+/// index (`None` when publishing is open).
+pub fn check_api_key(headers: &HeaderMap, keys: &[Secret]) -> Result<Option<usize>, ApiError> {
     if keys.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let given = headers
         .get("x-api-key")
@@ -43,8 +56,41 @@ pub fn check_api_key(headers: &HeaderMap, keys: &[Secret]) -> Result<(), ApiErro
     let Some(given) = given else {
         return Err(unauthorized("an API key is required: send X-API-Key or Authorization: Bearer <key>"));
     };
-    let ok = keys.iter().fold(0u8, |acc, k| acc | k.expose().as_bytes().ct_eq(given.as_bytes()).unwrap_u8());
-    if ok == 1 { Ok(()) } else { Err(unauthorized("invalid API key")) }
+    let mut matched = None;
+    for (i, k) in keys.iter().enumerate() {
+        if bool::from(k.expose().as_bytes().ct_eq(given.as_bytes())) {
+            matched = Some(i);
+        }
+    }
+    match matched {
+        Some(i) => Ok(Some(i)),
+        None => Err(unauthorized("invalid API key")),
+    }
+}
+
+/// Authenticates the publisher and takes `messages` from its publish-rate bucket.
+fn admit_publisher(
+    state: &AppState,
+    headers: &HeaderMap,
+    ctx: Option<&ConnCtx>,
+    messages: usize,
+) -> Result<(), ApiError> {
+    let key = check_api_key(headers, &state.config.api_keys).map_err(reject)?;
+    let who = match (key, ctx) {
+        (Some(i), _) => Publisher::Key(i),
+        (None, Some(ctx)) => Publisher::Addr(ctx.peer.ip()),
+        (None, None) => return Ok(()),
+    };
+    let cost = u32::try_from(messages).unwrap_or(u32::MAX);
+    if state.publish_limit.take(who, cost) {
+        return Ok(());
+    }
+    let rate = state.config.limits.publish_rate_per_key;
+    let whom = if key.is_some() { "this API key" } else { "this address" };
+    Err(reject(ApiError::rate_limited(
+        "publish_rate",
+        format!("more than {rate} messages a second from {whom}; retry shortly"),
+    )))
 }
 
 fn check_payload(state: &AppState, len: usize) -> Result<(), ApiError> {
@@ -108,12 +154,13 @@ fn reject(err: ApiError) -> ApiError {
 /// `POST /publish/{channel}`: the raw body is the payload; `?event=` names an event.
 pub async fn publish_raw(
     State(state): State<AppState>,
+    ctx: Option<Extension<ConnCtx>>,
     channel: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<PublishResult>, ApiError> {
-    check_api_key(&headers, &state.config.api_keys).map_err(reject)?;
+    admit_publisher(&state, &headers, ctx.as_deref(), 1)?;
     let Path(channel) = channel.map_err(|_| {
         reject(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -156,6 +203,7 @@ pub async fn publish_raw(
 /// `POST /api/publish`: JSON `{"channel" | "channels", "data", "event"?}`.
 pub async fn publish_json(
     State(state): State<AppState>,
+    ctx: Option<Extension<ConnCtx>>,
     headers: HeaderMap,
     body: Result<Json<PublishRequest>, JsonRejection>,
 ) -> Result<Json<PublishResponse>, ApiError> {
@@ -190,6 +238,8 @@ pub async fn publish_json(
     }
     check_event(req.event.as_deref()).map_err(reject)?;
     check_payload(&state, req.data.len()).map_err(reject)?;
+    // Charged once the request is known to be valid: one token per channel published to.
+    admit_publisher(&state, &headers, ctx.as_deref(), channels.len())?;
     let data = Bytes::from(req.data);
     let mut results = Vec::with_capacity(channels.len());
     for channel in channels {
@@ -220,12 +270,12 @@ mod tests {
         let mut h = HeaderMap::new();
         assert_eq!(check_api_key(&h, &keys).unwrap_err().status, StatusCode::UNAUTHORIZED);
         h.insert("x-api-key", "k2".parse().unwrap());
-        assert!(check_api_key(&h, &keys).is_ok());
+        assert_eq!(check_api_key(&h, &keys).unwrap(), Some(1));
         let mut h = HeaderMap::new();
         h.insert("authorization", "Bearer k1".parse().unwrap());
-        assert!(check_api_key(&h, &keys).is_ok());
+        assert_eq!(check_api_key(&h, &keys).unwrap(), Some(0));
         h.insert("authorization", "Bearer k3".parse().unwrap());
         assert_eq!(check_api_key(&h, &keys).unwrap_err().message, "invalid API key");
-        assert!(check_api_key(&HeaderMap::new(), &[]).is_ok(), "open without keys");
+        assert_eq!(check_api_key(&HeaderMap::new(), &[]).unwrap(), None, "open without keys");
     }
 }

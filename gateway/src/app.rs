@@ -29,6 +29,8 @@ pub struct AppState {
     pub tracker: TaskTracker,
     /// Verifies subscriber tokens; `None` when subscriber auth is off.
     pub auth: Option<Arc<crate::auth::Authenticator>>,
+    /// Publish-rate buckets per API key (or client address when publishing is open).
+    pub publish_limit: Arc<crate::ratelimit::SharedBuckets<api::Publisher>>,
 }
 
 impl AppState {

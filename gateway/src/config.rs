@@ -24,6 +24,8 @@ pub const DEFAULT_MAX_CHANNELS_PER_CONNECTION: usize = 32;
 pub const DEFAULT_MAX_CHANNEL_LEN: usize = shared::channel::DEFAULT_MAX_CHANNEL_LEN;
 /// Default per-connection queue length, in messages, before the slow-consumer policy applies.
 pub const DEFAULT_QUEUE_SIZE: usize = 512;
+/// Default per-connection queue size, in payload bytes, before the slow-consumer policy applies.
+pub const DEFAULT_QUEUE_BYTES: usize = 1024 * 1024;
 /// Default interval between SSE heartbeat comments, in seconds.
 pub const DEFAULT_SSE_HEARTBEAT_SECS: u64 = 15;
 /// Default interval between server WebSocket pings, in seconds.
@@ -117,6 +119,19 @@ pub struct ServeArgs {
     /// disconnected [default: 512].
     #[arg(long, env = "GATEWAY_QUEUE_SIZE")]
     pub queue_size: Option<usize>,
+    /// Payload bytes queued per connection before it counts as a slow consumer and is
+    /// disconnected [default: 1048576].
+    #[arg(long, env = "GATEWAY_QUEUE_BYTES")]
+    pub queue_bytes: Option<usize>,
+    /// New connections per second accepted from one client IP (the TCP peer address; a
+    /// bucket of that many refills continuously); over it, 429. 0 = no limit. Leave it off
+    /// behind a proxy or load balancer, where every client shares its address [default: 0].
+    #[arg(long, env = "GATEWAY_CONNECT_RATE_PER_IP")]
+    pub connect_rate_per_ip: Option<u32>,
+    /// Messages per second one API key may publish (per client IP when no keys are
+    /// configured); over it, 429. 0 = no limit [default: 0].
+    #[arg(long, env = "GATEWAY_PUBLISH_RATE_PER_KEY")]
+    pub publish_rate_per_key: Option<u32>,
     /// Seconds between SSE heartbeat comments [default: 15].
     #[arg(long, env = "GATEWAY_SSE_HEARTBEAT_SECS")]
     pub sse_heartbeat_secs: Option<u64>,
@@ -232,6 +247,9 @@ pub struct FileConfig {
     max_connections: Option<usize>,
     max_channel_len: Option<usize>,
     queue_size: Option<usize>,
+    queue_bytes: Option<usize>,
+    connect_rate_per_ip: Option<u32>,
+    publish_rate_per_key: Option<u32>,
     sse_heartbeat_secs: Option<u64>,
     ws_ping_secs: Option<u64>,
     ws_publish: Option<bool>,
@@ -345,8 +363,30 @@ pub struct Limits {
     pub max_channel_len: usize,
     /// Per-connection queue length in messages.
     pub queue_size: usize,
+    /// Per-connection queue size in payload bytes.
+    pub queue_bytes: usize,
+    /// New connections per second per client IP (0: no limit).
+    pub connect_rate_per_ip: u32,
+    /// Published messages per second per API key, or per client IP without keys (0: no limit).
+    pub publish_rate_per_key: u32,
     /// Messages kept per channel for long-poll.
     pub poll_buffer: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            max_channels_per_connection: DEFAULT_MAX_CHANNELS_PER_CONNECTION,
+            max_connections: 0,
+            max_channel_len: DEFAULT_MAX_CHANNEL_LEN,
+            queue_size: DEFAULT_QUEUE_SIZE,
+            queue_bytes: DEFAULT_QUEUE_BYTES,
+            connect_rate_per_ip: 0,
+            publish_rate_per_key: 0,
+            poll_buffer: DEFAULT_POLL_BUFFER,
+        }
+    }
 }
 
 /// Intervals and timeouts.
@@ -472,6 +512,12 @@ impl Config {
                 "queue_size",
                 args.queue_size.or(file.queue_size).unwrap_or(DEFAULT_QUEUE_SIZE),
             )?,
+            queue_bytes: positive(
+                "queue_bytes",
+                args.queue_bytes.or(file.queue_bytes).unwrap_or(DEFAULT_QUEUE_BYTES),
+            )?,
+            connect_rate_per_ip: args.connect_rate_per_ip.or(file.connect_rate_per_ip).unwrap_or(0),
+            publish_rate_per_key: args.publish_rate_per_key.or(file.publish_rate_per_key).unwrap_or(0),
             poll_buffer: positive(
                 "poll_buffer",
                 args.poll_buffer.or(file.poll_buffer).unwrap_or(DEFAULT_POLL_BUFFER),
@@ -646,6 +692,9 @@ mod tests {
             ("--max-channels-per-connection", DEFAULT_MAX_CHANNELS_PER_CONNECTION.to_string()),
             ("--max-channel-len", DEFAULT_MAX_CHANNEL_LEN.to_string()),
             ("--queue-size", DEFAULT_QUEUE_SIZE.to_string()),
+            ("--queue-bytes", DEFAULT_QUEUE_BYTES.to_string()),
+            ("--connect-rate-per-ip", "0".to_string()),
+            ("--publish-rate-per-key", "0".to_string()),
             ("--sse-heartbeat-secs", DEFAULT_SSE_HEARTBEAT_SECS.to_string()),
             ("--ws-ping-secs", DEFAULT_WS_PING_SECS.to_string()),
             ("--poll-timeout-secs", DEFAULT_POLL_TIMEOUT_SECS.to_string()),

@@ -62,6 +62,12 @@ impl ApiError {
             "the message broker is unavailable, try again shortly",
         )
     }
+    /// 429 when a rate limit (`limit`: `connect_rate`, `publish_rate`) trips; counted
+    /// by limit too.
+    pub fn rate_limited(limit: &'static str, message: impl Into<String>) -> Self {
+        metrics::counter!(m::LIMIT_REJECTIONS_TOTAL, "limit" => limit).increment(1);
+        Self::new(StatusCode::TOO_MANY_REQUESTS, code::RATE_LIMITED, message)
+    }
     /// 503 while the node shuts down.
     pub fn shutting_down() -> Self {
         Self::new(
@@ -81,6 +87,9 @@ impl IntoResponse for ApiError {
         // client send its next request on a connection the server then drops.
         if matches!(self.status, StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNAUTHORIZED) {
             resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if self.status == StatusCode::UPGRADE_REQUIRED {
             resp.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));

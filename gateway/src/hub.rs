@@ -12,7 +12,7 @@ use std::{
     hash::{BuildHasher, RandomState},
     sync::{
         Arc, Mutex, MutexGuard, OnceLock, Weak,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -64,23 +64,90 @@ pub enum Kick {
 }
 
 /// A connection's inbox: the sending half of its bounded queue, and how to close it.
+/// The queue is bounded twice: in messages (`queue_size`) and in payload bytes
+/// (`queue_bytes`); a message always fits an empty queue, whatever its size.
 #[derive(Debug)]
 pub struct Inbox {
     tx: mpsc::Sender<Arc<Delivery>>,
     close: CancellationToken,
     kick: OnceLock<Kick>,
     transport: Transport,
+    /// Payload bytes in the queue now.
+    queued: AtomicUsize,
+    max_bytes: usize,
+}
+
+/// The receiving half of an [`Inbox`]: hands out queued deliveries and keeps the
+/// inbox's byte count.
+#[derive(Debug)]
+pub struct InboxRx {
+    rx: mpsc::Receiver<Arc<Delivery>>,
+    inbox: Arc<Inbox>,
+}
+
+impl InboxRx {
+    /// The next delivery; `None` once the inbox is gone.
+    pub async fn recv(&mut self) -> Option<Arc<Delivery>> {
+        let d = self.rx.recv().await?;
+        self.inbox.taken(&d);
+        Some(d)
+    }
+
+    /// The next delivery if one is queued.
+    pub fn try_recv(&mut self) -> Result<Arc<Delivery>, mpsc::error::TryRecvError> {
+        let d = self.rx.try_recv()?;
+        self.inbox.taken(&d);
+        Ok(d)
+    }
 }
 
 impl Inbox {
-    /// Creates an inbox of `capacity` messages; `close` is cancelled when the hub kicks it.
+    /// Creates an inbox bounded by `limits.queue_size` messages and `limits.queue_bytes`
+    /// payload bytes; `close` is cancelled when the hub kicks it.
     pub fn new(
         transport: Transport,
-        capacity: usize,
+        limits: &crate::config::Limits,
         close: CancellationToken,
-    ) -> (Arc<Self>, mpsc::Receiver<Arc<Delivery>>) {
-        let (tx, rx) = mpsc::channel(capacity);
-        (Arc::new(Self { tx, close, kick: OnceLock::new(), transport }), rx)
+    ) -> (Arc<Self>, InboxRx) {
+        let (tx, rx) = mpsc::channel(limits.queue_size);
+        let inbox = Arc::new(Self {
+            tx,
+            close,
+            kick: OnceLock::new(),
+            transport,
+            queued: AtomicUsize::new(0),
+            max_bytes: limits.queue_bytes,
+        });
+        (inbox.clone(), InboxRx { rx, inbox })
+    }
+
+    /// Payload bytes queued now.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    fn taken(&self, d: &Delivery) {
+        self.queued.fetch_sub(d.data.len(), Ordering::Relaxed);
+    }
+
+    /// Queues `d`, or says which limit it would break (nothing queued then).
+    fn offer(&self, d: &Arc<Delivery>) -> Result<(), Offer> {
+        let len = d.data.len();
+        let before = self.queued.fetch_add(len, Ordering::Relaxed);
+        if before > 0 && before + len > self.max_bytes {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            return Err(Offer::Full("queue_bytes"));
+        }
+        match self.tx.try_send(d.clone()) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.queued.fetch_sub(len, Ordering::Relaxed);
+                Err(match e {
+                    mpsc::error::TrySendError::Full(_) => Offer::Full("queue_messages"),
+                    mpsc::error::TrySendError::Closed(_) => Offer::Closed,
+                })
+            }
+        }
     }
 
     /// Cancelled when the hub closes this connection.
@@ -98,6 +165,13 @@ impl Inbox {
             self.close.cancel();
         }
     }
+}
+
+enum Offer {
+    /// The queue is full by this limit (`queue_messages` or `queue_bytes`).
+    Full(&'static str),
+    /// The connection is gone.
+    Closed,
 }
 
 struct Sub {
@@ -462,13 +536,14 @@ impl Hub {
             if inbox.kick.get().is_some() {
                 continue;
             }
-            match inbox.tx.try_send(delivery.clone()) {
+            match inbox.offer(&delivery) {
                 Ok(()) => delivered[inbox.transport as usize] += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(Offer::Full(limit)) => {
                     inbox.kick_out(Kick::SlowConsumer);
                     slow[inbox.transport as usize] += 1;
+                    counter!(m::LIMIT_REJECTIONS_TOTAL, "limit" => limit).increment(1);
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(Offer::Closed) => {}
             }
         }
         for t in Transport::ALL {
@@ -581,8 +656,32 @@ mod tests {
         )
     }
 
-    fn inbox(cap: usize) -> (Arc<Inbox>, mpsc::Receiver<Arc<Delivery>>) {
-        Inbox::new(Transport::Ws, cap, CancellationToken::new())
+    fn inbox(cap: usize) -> (Arc<Inbox>, InboxRx) {
+        inbox_bytes(cap, usize::MAX)
+    }
+
+    fn inbox_bytes(cap: usize, bytes: usize) -> (Arc<Inbox>, InboxRx) {
+        let limits = crate::config::Limits { queue_size: cap, queue_bytes: bytes, ..Default::default() };
+        Inbox::new(Transport::Ws, &limits, CancellationToken::new())
+    }
+
+    #[test]
+    fn byte_budget_kicks_a_backlogged_inbox_and_counts_what_is_taken() {
+        let hub = hub(0);
+        let (slow, _rs) = inbox_bytes(100, 10);
+        let (fast, mut rf) = inbox_bytes(100, 10);
+        let _s1 = hub.subscribe("c", &slow);
+        let _s2 = hub.subscribe("c", &fast);
+        hub.dispatch("c", Bytes::from_static(b"0123456789abcdef"));
+        assert_eq!(slow.kicked(), None, "an empty queue takes a message of any size");
+        assert_eq!(fast.queued_bytes(), 16);
+        assert_eq!(rf.try_recv().unwrap().data.len(), 16);
+        assert_eq!(fast.queued_bytes(), 0, "taking a message frees its bytes");
+        hub.dispatch("c", Bytes::from_static(b"x"));
+        assert_eq!(slow.kicked(), Some(Kick::SlowConsumer), "16 queued + 1 > 10");
+        assert_eq!(slow.queued_bytes(), 16, "the refused message is not counted");
+        assert_eq!(fast.kicked(), None);
+        assert_eq!(&rf.try_recv().unwrap().data[..], b"x");
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod error;
 pub mod hub;
 pub mod metrics;
 pub mod publish_cli;
+pub mod ratelimit;
 pub mod server;
 pub mod transport;
 
@@ -125,6 +126,7 @@ pub async fn run(
     }
     let state = AppState {
         auth,
+        publish_limit: Arc::new(ratelimit::SharedBuckets::new(config.limits.publish_rate_per_key)),
         hub: hub.clone(),
         config: Arc::new(config),
         shutdown: shutdown.clone(),
@@ -161,6 +163,7 @@ pub async fn run(
         tracker.clone(),
         header_timeout,
         state.config.timers.drain_window,
+        state.config.limits.connect_rate_per_ip,
     )
     .await;
     let drain = state.config.timers.drain_window;

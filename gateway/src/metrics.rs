@@ -49,6 +49,13 @@ pub const DISPATCH_LATENCY_BUCKETS: [f64; 13] =
 pub const AUTH_FAILURES_TOTAL: &str = "gateway_auth_failures_total";
 /// Requests refused for bad input (counter), by `reason`.
 pub const REJECTED_TOTAL: &str = "gateway_rejected_requests_total";
+/// Connections or requests refused, or clients cut off, by a configured limit (counter),
+/// by `limit`: `max_connections`, `connect_rate`, `publish_rate`, `queue_messages`,
+/// `queue_bytes`.
+pub const LIMIT_REJECTIONS_TOTAL: &str = "gateway_limit_rejections_total";
+/// The values of `limit` on [`LIMIT_REJECTIONS_TOTAL`].
+pub const LIMITS: [&str; 5] =
+    ["max_connections", "connect_rate", "publish_rate", "queue_messages", "queue_bytes"];
 
 /// Installs the global Prometheus recorder once per process and returns its handle.
 pub fn install() -> PrometheusHandle {
@@ -76,7 +83,7 @@ fn register_known_series() {
     const TRANSPORTS: [&str; 3] = ["sse", "ws", "poll"];
     const DISCONNECT_REASONS: [&str; 6] =
         ["client_closed", "slow_consumer", "shutdown", "timeout", "protocol_error", "server_closed"];
-    const REJECT_REASONS: [&str; 12] = [
+    const REJECT_REASONS: [&str; 13] = [
         "bad_request",
         "invalid_channel",
         "invalid_event",
@@ -89,6 +96,7 @@ fn register_known_series() {
         "method_not_allowed",
         "broker_unavailable",
         "over_capacity",
+        "rate_limited",
     ];
     for t in TRANSPORTS {
         gauge!(CONNECTIONS, "transport" => t).increment(0.0);
@@ -118,6 +126,9 @@ fn register_known_series() {
         "channel_not_allowed",
     ] {
         counter!(AUTH_FAILURES_TOTAL, "reason" => r).increment(0);
+    }
+    for l in LIMITS {
+        counter!(LIMIT_REJECTIONS_TOTAL, "limit" => l).increment(0);
     }
     counter!(REPLAYED_TOTAL).increment(0);
     counter!(BROKER_RECONNECTS_TOTAL).increment(0);
@@ -149,4 +160,8 @@ fn describe() {
     );
     describe_counter!(AUTH_FAILURES_TOTAL, "Subscriber authentication failures by reason.");
     describe_counter!(REJECTED_TOTAL, "Requests refused for bad input, by reason.");
+    describe_counter!(
+        LIMIT_REJECTIONS_TOTAL,
+        "Connections, requests or clients refused or cut off by a limit."
+    );
 }

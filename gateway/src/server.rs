@@ -6,7 +6,11 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use axum::{Router, extract::Request};
+use axum::{
+    Router,
+    extract::Request,
+    http::{HeaderValue, header},
+};
 use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
@@ -46,7 +50,8 @@ pub struct ConnCtx {
 
 /// Serves `router` on `listener` until `shutdown`; connection tasks join `tracker`. A
 /// client gets `header_timeout` to send each request head (slow-loris protection);
-/// streams get `drain_window` to end themselves after shutdown.
+/// streams get `drain_window` to end themselves after shutdown. A client IP opening more
+/// than `connect_rate_per_ip` connections a second (0: no limit) gets 429 instead.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -54,7 +59,10 @@ pub async fn serve(
     tracker: TaskTracker,
     header_timeout: Duration,
     drain_window: Duration,
+    connect_rate_per_ip: u32,
 ) {
+    // Only this loop touches it: no lock needed.
+    let mut per_ip = crate::ratelimit::Buckets::<std::net::IpAddr>::new(connect_rate_per_ip);
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -69,11 +77,36 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        if !per_ip.take(peer.ip(), 1, std::time::Instant::now()) {
+            debug!(%peer, "connect rate limit");
+            tracker.spawn(refuse_rate_limited(stream, header_timeout, connect_rate_per_ip));
+            continue;
+        }
         let router = router.clone();
         let shutdown = shutdown.clone();
         let span = tracing::debug_span!("conn", peer = %peer);
         tracker
             .spawn(serve_conn(stream, peer, router, shutdown, header_timeout, drain_window).instrument(span));
+    }
+}
+
+/// Answers the connection's first request with 429 `rate_limited` and closes it.
+async fn refuse_rate_limited(stream: tokio::net::TcpStream, header_timeout: Duration, rate: u32) {
+    use axum::response::IntoResponse;
+    let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+        let mut r = crate::error::ApiError::rate_limited(
+            "connect_rate",
+            format!("more than {rate} new connections a second from this address; retry shortly"),
+        )
+        .into_response();
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        std::future::ready(Ok::<_, std::convert::Infallible>(r))
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(false);
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    if let Err(err) = tokio::time::timeout(header_timeout + CLOSE_GRACE, conn).await.unwrap_or(Ok(())) {
+        debug!(%err, "refused connection ended with an error");
     }
 }
 

@@ -114,6 +114,7 @@ static OPEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::ne
 /// an overloaded node sheds load to its peers instead of running out of descriptors.
 pub fn admit(max: usize) -> Result<(), ApiError> {
     if max > 0 && OPEN.load(std::sync::atomic::Ordering::Relaxed) >= max {
+        counter!(crate::metrics::LIMIT_REJECTIONS_TOTAL, "limit" => "max_connections").increment(1);
         return Err(ApiError::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             shared::protocol::error_code::OVER_CAPACITY,

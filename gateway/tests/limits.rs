@@ -52,3 +52,95 @@ async fn dispatch_latency_and_process_metrics_are_exported() {
     assert!(gw.metric("gateway_process_resident_memory_bytes").await > 1_000_000.0);
     assert!(gw.metric("gateway_process_open_fds").await > 5.0);
 }
+
+/// A client that opens a new connection for every request.
+fn fresh_connections(from: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .local_address(from.parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_rate_per_ip_answers_429_and_spares_other_addresses_and_open_streams() {
+    let gw = Gateway::start(None, &["--connect-rate-per-ip", "3"]);
+    let mut sse = SseClient::connect(&gw.url("/sse?channel=rate-c")).await;
+    let client = fresh_connections("127.0.0.1");
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        let r = client.get(gw.url("/poll?channel=rate-c&timeout=0")).send().await.unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status() == 429 {
+            assert_eq!(r.headers()["retry-after"], "1");
+            let body: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(body["error"], "rate_limited", "{body}");
+            assert!(body["message"].as_str().unwrap().contains("3 new connections a second"), "{body}");
+        }
+    }
+    // The stream took one of the three; the burst allows two more, then 429.
+    assert_eq!(&statuses[..2], &[200, 200], "{statuses:?}");
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert!(refused >= 1 && statuses.iter().all(|s| *s == 200 || *s == 429), "{statuses:?}");
+    let ws = tokio_tungstenite::connect_async(gw.ws_url("/ws")).await;
+    assert!(
+        matches!(ws, Err(tokio_tungstenite::tungstenite::Error::Http(ref r)) if r.status() == 429),
+        "a WebSocket upgrade from the same address is refused too"
+    );
+    assert_eq!(
+        gw.metric("gateway_limit_rejections_total{limit=\"connect_rate\"}").await,
+        (refused + 1) as f64
+    );
+    // Another address is not limited, and the open stream still gets messages.
+    let other = fresh_connections("127.0.0.2");
+    let r = other.get(gw.url("/poll?channel=rate-c&timeout=0")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = fresh_connections("127.0.0.3").post(gw.url("/publish/rate-c")).body("still here").send().await;
+    assert_eq!(r.unwrap().status(), 200);
+    assert_eq!(sse.next().await.data, "still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_rate_per_key_answers_429_per_key() {
+    let gw = Gateway::start(None, &["--api-keys", "k1,k2", "--publish-rate-per-key", "2"]);
+    let mut sse = SseClient::connect(&gw.url("/sse?channel=rate-p")).await;
+    let client = reqwest::Client::new();
+    let publish = |key: &'static str, body: String| {
+        client.post(gw.url("/publish/rate-p")).header("x-api-key", key).body(body).send()
+    };
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        let r = publish("k1", format!("m{i}")).await.unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status() == 429 {
+            assert_eq!(r.headers()["retry-after"], "1");
+            let body: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(body["error"], "rate_limited", "{body}");
+            assert!(body["message"].as_str().unwrap().contains("from this API key"), "{body}");
+        }
+    }
+    assert_eq!(&statuses[..2], &[200, 200], "{statuses:?}");
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert!(refused >= 1 && statuses.iter().all(|s| *s == 200 || *s == 429), "{statuses:?}");
+    // Subscribers got exactly the accepted messages.
+    for (i, _) in statuses.iter().enumerate().filter(|(_, s)| **s == 200) {
+        assert_eq!(sse.next().await.data, format!("m{i}"));
+    }
+    // The other key has its own bucket.
+    assert_eq!(publish("k2", "from k2".into()).await.unwrap().status(), 200);
+    assert_eq!(sse.next().await.data, "from k2");
+    // A JSON publish costs one per channel: three channels never fit a bucket of two.
+    let r = client
+        .post(gw.url("/api/publish"))
+        .header("x-api-key", "k2")
+        .json(&serde_json::json!({"channels": ["a", "b", "c"], "data": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(
+        gw.metric("gateway_limit_rejections_total{limit=\"publish_rate\"}").await,
+        (refused + 1) as f64
+    );
+    assert_eq!(gw.metric("gateway_publish_requests_total{result=\"rejected\"}").await, (refused + 1) as f64);
+}

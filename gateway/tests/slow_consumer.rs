@@ -558,3 +558,31 @@ async fn late_websocket_reader_is_told_slow_consumer_and_closed_with_1008() {
     assert!(!matches!(end, Some(Ok(Message::Text(_)))), "nothing after the close: {end:?}");
     eventually(WAIT, "the session to end", async || (gw.metric(OPEN_WS).await == 0.0).then_some(())).await;
 }
+
+/// The byte budget (`--queue-bytes`) applies on its own: with room for 1000 messages
+/// but only about five payloads' worth of bytes, never-reading clients are dropped by
+/// the byte limit (counted as `limit="queue_bytes"`), healthy ones keep everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_byte_budget_drops_never_reading_clients_and_spares_healthy_ones() {
+    const QUEUE_BYTES: usize = 5 * PAYLOAD_BYTES + 100;
+    let redis = Redis::start();
+    let gw = Gateway::start(
+        Some(&redis.url()),
+        &["--queue-size", "1000", "--queue-bytes", &QUEUE_BYTES.to_string()],
+    );
+    let ch = channel("slow-bytes");
+    let sse = SseClient::connect(&gw.url(&format!("/sse?channel={ch}"))).await;
+    let mut healthy = vec![Healthy::sse(sse)];
+    let (_slow_sse, _) = never_reading_sse(&gw, &ch).await;
+    let (_slow_ws, _) = never_reading_ws(&gw, &ch).await;
+
+    let total = publish_until_kicked(&redis, &gw, &ch, &mut healthy, PACED, async |gw| {
+        gw.metric(SLOW_WS).await >= 1.0 && gw.metric(SLOW_SSE).await >= 1.0
+    })
+    .await;
+    healthy[0].wait_for(total).await;
+    assert_eq!(*healthy[0].count.borrow(), total, "the healthy client got everything once");
+    let m = metrics_text(&gw).await;
+    assert_eq!(gw.metric("gateway_limit_rejections_total{limit=\"queue_bytes\"}").await, 2.0, "{m}");
+    assert_eq!(gw.metric("gateway_limit_rejections_total{limit=\"queue_messages\"}").await, 0.0, "{m}");
+}

@@ -135,6 +135,8 @@ pub mod error_code {
     pub const SHUTTING_DOWN: &str = "shutting_down";
     /// The node holds its maximum number of connections; try again or another node.
     pub const OVER_CAPACITY: &str = "over_capacity";
+    /// Too many connections or publishes from this client or key; retry after a second.
+    pub const RATE_LIMITED: &str = "rate_limited";
     /// The message broker (Redis) is unavailable right now.
     pub const BROKER_UNAVAILABLE: &str = "broker_unavailable";
 }

@@ -89,7 +89,7 @@ pub async fn handler(
     let hub = &state.hub;
     let foreign = cursor.as_ref().is_some_and(|c| c.e != hub.epoch());
     let close = ctx.map(|Extension(c)| c.close).unwrap_or_default();
-    let (inbox, mut rx) = Inbox::new(Transport::Poll, state.config.limits.queue_size, close);
+    let (inbox, mut rx) = Inbox::new(Transport::Poll, &state.config.limits, close);
     let mut guard = ConnGuard::new(Transport::Poll);
 
     let mut joins = Vec::with_capacity(channels.len());

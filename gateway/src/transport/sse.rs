@@ -15,7 +15,6 @@ use axum::{
     response::Response,
 };
 use bytes::BytesMut;
-use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
@@ -64,7 +63,7 @@ pub async fn handler(
         return Err(ApiError::shutting_down());
     }
     let close = ctx.map(|Extension(c)| c.close).unwrap_or_default();
-    let (inbox, rx) = Inbox::new(Transport::Sse, state.config.limits.queue_size, close);
+    let (inbox, rx) = Inbox::new(Transport::Sse, &state.config.limits, close);
     let mut subs = Vec::with_capacity(channels.len());
     let mut readies = Vec::with_capacity(channels.len());
     for ch in &channels {
@@ -129,7 +128,7 @@ struct SseStream {
     positions: Positions,
     /// Replayed messages, sent before live ones.
     pending: VecDeque<Arc<Delivery>>,
-    rx: mpsc::Receiver<Arc<Delivery>>,
+    rx: crate::hub::InboxRx,
     inbox: Arc<Inbox>,
     _subs: Vec<Subscription>,
     guard: ConnGuard,

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use hyper_util::rt::TokioIo;
 use shared::protocol::{CLIENT_OPS, ClientOp, ServerFrame, error_code as code};
-use tokio::{sync::mpsc, time::Instant};
+use tokio::time::Instant;
 use tokio_tungstenite::{
     WebSocketStream,
     tungstenite::{
@@ -169,7 +169,7 @@ pub struct Session {
     drain_window: Duration,
     ping_every: Duration,
     inbox: Arc<Inbox>,
-    rx: mpsc::Receiver<Arc<Delivery>>,
+    rx: crate::hub::InboxRx,
     subs: HashMap<Arc<str>, Subscription>,
     positions: Positions,
     guard: ConnGuard,
@@ -180,7 +180,7 @@ pub struct Session {
 impl Session {
     /// A session with an empty subscription set.
     pub fn new(state: AppState, claims: Option<Claims>) -> Self {
-        let (inbox, rx) = Inbox::new(Transport::Ws, state.config.limits.queue_size, CancellationToken::new());
+        let (inbox, rx) = Inbox::new(Transport::Ws, &state.config.limits, CancellationToken::new());
         Self {
             hub: state.hub.clone(),
             limits: state.config.limits.clone(),
