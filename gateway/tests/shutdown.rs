@@ -350,3 +350,156 @@ async fn sigterm_spreads_reconnects_over_the_drain_window() {
     let status = gw.wait_exit(EXIT_BOUND).expect("exits after the drain");
     assert_eq!(status.code(), Some(0));
 }
+
+/// Messages published during the rolling-restart test, and the gap between them.
+const ROLLING_MESSAGES: usize = 150;
+const ROLLING_GAP: Duration = Duration::from_millis(20);
+/// Bound for a client of the rolling-restart test to have every message.
+const ROLLING_BOUND: Duration = Duration::from_secs(40);
+
+fn rolling_nums() -> Vec<String> {
+    (0..ROLLING_MESSAGES).map(|i| format!("m{i}")).collect()
+}
+
+/// An SSE client that follows reconnect instructions: when its stream on `urls[0]`
+/// ends it resumes on `urls[1]` with `Last-Event-ID`. Returns the data received.
+async fn following_sse(urls: [String; 2]) -> Vec<String> {
+    let mut got = Vec::new();
+    let mut last_id: Option<String> = None;
+    let deadline = tokio::time::Instant::now() + ROLLING_BOUND;
+    for url in urls.iter().chain(std::iter::repeat(&urls[1])) {
+        let mut req = reqwest::Client::new().get(url);
+        if let Some(id) = &last_id {
+            req = req.header("Last-Event-ID", id);
+        }
+        if let Ok(resp) = req.send().await
+            && resp.status() == 200
+        {
+            let mut parser = shared::sse::SseParser::new();
+            let mut body = resp.bytes_stream();
+            while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, body.next()).await {
+                for ev in parser.feed(&chunk) {
+                    if ev.event.is_none() {
+                        got.push(ev.data);
+                        last_id = ev.id;
+                    }
+                }
+                if got.len() >= ROLLING_MESSAGES {
+                    return got;
+                }
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "SSE: only {} messages in time", got.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    unreachable!()
+}
+
+/// A WebSocket client that follows reconnect instructions: when `urls[0]` closes it
+/// (1012) it resubscribes on `urls[1]` with `since`. Returns the data received.
+async fn following_ws(urls: [String; 2], ch: String) -> Vec<String> {
+    let mut got = Vec::new();
+    let mut last_id: Option<String> = None;
+    let mut codes = Vec::new();
+    let deadline = tokio::time::Instant::now() + ROLLING_BOUND;
+    for url in urls.iter().chain(std::iter::repeat(&urls[1])) {
+        let mut ws = ws_connect(url).await;
+        let op = match &last_id {
+            Some(id) => serde_json::json!({"op": "subscribe", "channels": [ch], "since": {ch.clone(): id}}),
+            None => serde_json::json!({"op": "subscribe", "channels": [ch]}),
+        };
+        ws_send(&mut ws, op).await;
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, ws.next()).await {
+            match msg {
+                tokio_tungstenite::tungstenite::Message::Text(t) => {
+                    if let ServerFrame::Message { data, id, .. } = serde_json::from_str(&t).unwrap() {
+                        got.push(data);
+                        last_id = id;
+                    }
+                }
+                tokio_tungstenite::tungstenite::Message::Close(f) => codes.push(f.map(|f| u16::from(f.code))),
+                _ => {}
+            }
+            if got.len() >= ROLLING_MESSAGES {
+                assert_eq!(codes, [Some(1012)], "told to reconnect once, with 1012");
+                return got;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "WebSocket: only {} messages in time", got.len());
+    }
+    unreachable!()
+}
+
+/// A long-poll client that moves to `nodes[1]` once `nodes[0]` stops answering,
+/// keeping its cursor. Returns the data received.
+async fn following_poll(nodes: [String; 2], ch: String) -> Vec<String> {
+    let client = reqwest::Client::new();
+    let mut got = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut node = 0;
+    let deadline = tokio::time::Instant::now() + ROLLING_BOUND;
+    while got.len() < ROLLING_MESSAGES {
+        assert!(tokio::time::Instant::now() < deadline, "long-poll: only {} messages in time", got.len());
+        let mut url = format!("{}/poll?channel={ch}&timeout=5", nodes[node]);
+        if let Some(c) = &cursor {
+            url.push_str(&format!("&cursor={c}"));
+        }
+        match client.get(&url).send().await {
+            Ok(r) if r.status() == 200 => {
+                let r: PollResponse = r.json().await.unwrap();
+                assert!(!r.reset, "history covers the move");
+                got.extend(r.messages.into_iter().map(|m| m.data));
+                cursor = Some(r.cursor);
+            }
+            // Refused or closed: the node is draining; go to the other one.
+            _ => node = 1,
+        }
+    }
+    got
+}
+
+/// A rolling restart: SIGTERM a node holding SSE, WebSocket and long-poll clients while
+/// messages flow; readiness fails at once, each client is told to reconnect, moves to
+/// the second node with its last id and ends up with every message exactly once, in
+/// order; the drained node exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_moves_clients_to_another_node_without_losing_messages() {
+    let redis = Redis::start();
+    let mut a = Gateway::start(Some(&redis.url()), &["--drain-window-secs", "2"]);
+    let b = Gateway::start(Some(&redis.url()), &[]);
+    let ch = channel("rolling");
+    let sse = tokio::spawn(following_sse([
+        a.url(&format!("/sse?channel={ch}")),
+        b.url(&format!("/sse?channel={ch}")),
+    ]));
+    let ws = tokio::spawn(following_ws([a.ws_url("/ws"), b.ws_url("/ws")], ch.clone()));
+    let poll = tokio::spawn(following_poll([a.url(""), b.url("")], ch.clone()));
+    eventually(WAIT, "three subscribers on node A", || async {
+        let open = a.metric("gateway_connections{transport=\"sse\"}").await
+            + a.metric("gateway_connections{transport=\"ws\"}").await
+            + a.metric(OPEN_POLLS).await;
+        (open == 3.0 && a.metric("gateway_subscriptions").await == 3.0).then_some(())
+    })
+    .await;
+
+    let publisher = reqwest::Client::new();
+    for i in 0..ROLLING_MESSAGES {
+        if i == 20 {
+            a.signal("TERM");
+            assert_eq!(a.ready_status().await, 503, "readiness fails at once");
+        }
+        let r = publisher.post(b.url(&format!("/publish/{ch}"))).body(format!("m{i}")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        tokio::time::sleep(ROLLING_GAP).await;
+    }
+    assert_eq!(sse.await.unwrap(), rolling_nums(), "SSE");
+    assert_eq!(ws.await.unwrap(), rolling_nums(), "WebSocket");
+    assert_eq!(poll.await.unwrap(), rolling_nums(), "long-poll");
+    let status = a.wait_exit(EXIT_BOUND).expect("the drained node exits");
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        b.metric("gateway_history_recoveries_total{result=\"replayed\"}").await,
+        3.0,
+        "each client resumed from history on node B (its cursor or last id came from node A)"
+    );
+}
