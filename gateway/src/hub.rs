@@ -536,7 +536,7 @@ impl Hub {
             if inbox.kick.get().is_some() {
                 continue;
             }
-            match inbox.offer(&delivery) {
+            match inbox.offer(delivery) {
                 Ok(()) => delivered[inbox.transport as usize] += 1,
                 Err(Offer::Full(limit)) => {
                     inbox.kick_out(Kick::SlowConsumer);
