@@ -1,12 +1,17 @@
 //! Subscriber authentication: JWTs (HS256 with a shared secret, RS256 with a public
-//! key) with a pinned algorithm per key, `exp` always required, optional `aud` and
-//! `iss`, and a `channels` claim listing the channels (or `prefix.*` patterns) the
-//! holder may read. Off unless a key is configured.
+//! key, and keys from a JWK set chosen by `kid`) with a pinned algorithm per key, `exp`
+//! always required, optional `aud` and `iss`, and a `channels` claim listing the
+//! channels (or `prefix.*` patterns) the holder may read. Off unless a key is configured.
 //!
 //! The token comes from `Authorization: Bearer`, a `token` query parameter
 //! (`EventSource` cannot set headers) or the `gateway_token` cookie.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+pub mod jwks;
+
+use std::{
+    collections::HashMap,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use axum::http::{HeaderMap, StatusCode, header};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
@@ -14,6 +19,7 @@ use metrics::counter;
 use serde::Deserialize;
 use shared::protocol::error_code;
 
+pub use self::jwks::Jwks;
 use crate::{error::ApiError, metrics as m};
 
 /// Name of the cookie a token may come in.
@@ -50,13 +56,18 @@ impl Claims {
 
 /// Verifies tokens; `None` in the app state when auth is off.
 pub struct Authenticator {
+    /// The secret / PEM keys, chosen by the token's `alg`, for tokens without `kid`.
     keys: Vec<(Algorithm, DecodingKey, Validation)>,
+    /// The JWKS keys, chosen by the token's `kid`; empty without a JWKS.
+    by_kid: HashMap<String, (Algorithm, DecodingKey, Validation)>,
 }
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let algs: Vec<_> = self.keys.iter().map(|(a, _, _)| a).collect();
-        f.debug_struct("Authenticator").field("algorithms", &algs).finish()
+        let mut kids: Vec<_> = self.by_kid.iter().map(|(kid, (a, _, _))| format!("{kid}: {a:?}")).collect();
+        kids.sort();
+        f.debug_struct("Authenticator").field("algorithms", &algs).field("key_ids", &kids).finish()
     }
 }
 
@@ -67,6 +78,8 @@ pub struct AuthConfig {
     pub hs256_secret: Option<crate::config::Secret>,
     /// PEM public key for RS256 tokens.
     pub rs256_public_key_pem: Option<String>,
+    /// Keys from a JWK set file, for tokens that name one in their `kid` header.
+    pub jwks: Option<Jwks>,
     /// Required `aud`, if any.
     pub audience: Option<String>,
     /// Required `iss`, if any.
@@ -81,6 +94,7 @@ impl std::fmt::Debug for AuthConfig {
                 "rs256_public_key",
                 &self.rs256_public_key_pem.as_ref().map(|k| format!("<PEM, {} bytes>", k.len())),
             )
+            .field("jwks", &self.jwks)
             .field("audience", &self.audience)
             .field("issuer", &self.issuer)
             .finish()
@@ -116,16 +130,39 @@ impl Authenticator {
                 DecodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| format!("RS256 public key: {e}"))?;
             keys.push((Algorithm::RS256, key, validation(Algorithm::RS256)));
         }
-        Ok((!keys.is_empty()).then_some(Self { keys }))
+        let by_kid: HashMap<_, _> = cfg
+            .jwks
+            .iter()
+            .flat_map(Jwks::iter)
+            .map(|(kid, k)| (kid.to_owned(), (k.alg, k.key.clone(), validation(k.alg))))
+            .collect();
+        Ok((!keys.is_empty() || !by_kid.is_empty()).then_some(Self { keys, by_kid }))
     }
 
-    /// Verifies `token`. The key is chosen by the token's `alg` among the configured
-    /// ones only, so `none` and algorithm confusion (an HS256 token "signed" with the
-    /// RSA public key) are refused.
+    /// Verifies `token`. With a JWKS, a token carrying `kid` is checked against that key
+    /// only, and its `alg` must be the key's; other tokens get the secret / PEM key
+    /// matching their `alg`. Either way only configured algorithms are used, so `none`
+    /// and algorithm confusion (an HS256 token "signed" with an RSA public key) are refused.
     pub fn verify(&self, token: &str) -> Result<Claims, ApiError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| fail("malformed", "malformed token"))?;
-        let Some((_, key, validation)) = self.keys.iter().find(|(alg, _, _)| *alg == header.alg) else {
-            return Err(fail("algorithm", "token algorithm not accepted"));
+        let (key, validation) = match header.kid.as_deref() {
+            Some(kid) if !self.by_kid.is_empty() => {
+                let Some((alg, key, validation)) = self.by_kid.get(kid) else {
+                    let msg = format!("unknown token key id (kid) {}", crate::error::quote(kid));
+                    return Err(fail("unknown_key", &msg));
+                };
+                if *alg != header.alg {
+                    return Err(fail("algorithm", "token algorithm does not match its key"));
+                }
+                (key, validation)
+            }
+            _ => match self.keys.iter().find(|(alg, _, _)| *alg == header.alg) {
+                Some((_, key, validation)) => (key, validation),
+                None if self.keys.is_empty() => {
+                    return Err(fail("unknown_key", "the token must name its key in a kid header"));
+                }
+                None => return Err(fail("algorithm", "token algorithm not accepted")),
+            },
         };
         jsonwebtoken::decode::<Claims>(token, key, validation).map(|d| d.claims).map_err(|e| match e.kind() {
             ErrorKind::ExpiredSignature => fail("expired", "token expired"),
@@ -209,5 +246,60 @@ mod tests {
         assert_eq!(cookie(&h, TOKEN_COOKIE), Some("abc"));
         h.insert(header::AUTHORIZATION, "Bearer xyz".parse().unwrap());
         assert_eq!(bearer(&h), Some("xyz"));
+    }
+
+    fn token(kid: Option<&str>, alg: Algorithm, secret: &[u8]) -> String {
+        let header = jsonwebtoken::Header { kid: kid.map(str::to_owned), ..jsonwebtoken::Header::new(alg) };
+        let claims = serde_json::json!({"exp": u64::MAX / 2, "channels": ["*"]});
+        jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_secret(secret)).unwrap()
+    }
+
+    fn jwks_auth(static_secret: Option<&str>) -> Authenticator {
+        use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+        let text = format!(
+            r#"{{"keys":[{{"kty":"oct","kid":"h1","k":"{}"}},{{"kty":"RSA","kid":"r1","n":"{}","e":"AQAB"}}]}}"#,
+            B64.encode(b"jwks-secret"),
+            B64.encode([0xc5; 256]),
+        );
+        let cfg = AuthConfig {
+            jwks: Some(Jwks::parse(&text).unwrap()),
+            hs256_secret: static_secret.map(crate::config::Secret::new),
+            ..Default::default()
+        };
+        Authenticator::new(&cfg).unwrap().expect("auth on")
+    }
+
+    #[test]
+    fn jwks_keys_are_chosen_by_kid_with_the_keys_algorithm() {
+        let auth = jwks_auth(None);
+        assert!(auth.verify(&token(Some("h1"), Algorithm::HS256, b"jwks-secret")).is_ok());
+        let message = |t: &str| auth.verify(t).unwrap_err().message;
+        assert_eq!(
+            message(&token(Some("nope"), Algorithm::HS256, b"jwks-secret")),
+            "unknown token key id (kid) \"nope\""
+        );
+        assert!(message(&token(None, Algorithm::HS256, b"jwks-secret")).contains("kid header"));
+        assert!(message(&token(Some("h1"), Algorithm::HS256, b"other")).contains("signature"));
+        // An RSA key's kid with an HMAC algorithm: refused before any HMAC is computed.
+        assert_eq!(
+            message(&token(Some("r1"), Algorithm::HS256, b"x")),
+            "token algorithm does not match its key"
+        );
+        assert_eq!(
+            message(&token(Some("h1"), Algorithm::HS384, b"jwks-secret")),
+            "token algorithm does not match its key"
+        );
+    }
+
+    #[test]
+    fn tokens_without_kid_use_the_static_keys_and_kid_goes_to_the_jwks_only() {
+        let auth = jwks_auth(Some("static-secret"));
+        assert!(auth.verify(&token(None, Algorithm::HS256, b"static-secret")).is_ok());
+        let e = auth.verify(&token(Some("other"), Algorithm::HS256, b"static-secret")).unwrap_err();
+        assert!(e.message.contains("unknown token key id"), "{}", e.message);
+        // Without a JWKS a kid is ignored, as before.
+        let cfg = AuthConfig { hs256_secret: Some(crate::config::Secret::new("s")), ..Default::default() };
+        let plain = Authenticator::new(&cfg).unwrap().unwrap();
+        assert!(plain.verify(&token(Some("whatever"), Algorithm::HS256, b"s")).is_ok());
     }
 }

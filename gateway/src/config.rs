@@ -167,13 +167,17 @@ pub struct ServeArgs {
     /// separated, e.g. https://app.example.com. Unset: any origin.
     #[arg(long, env = "GATEWAY_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
-    /// Shared secret for HS256 subscriber tokens; setting it (or an RS256 key) turns
-    /// subscriber authentication on.
+    /// Shared secret for HS256 subscriber tokens; setting it (or an RS256 key, or a JWKS
+    /// file) turns subscriber authentication on.
     #[arg(long, env = "GATEWAY_JWT_HS256_SECRET", hide_env_values = true)]
     pub jwt_hs256_secret: Option<String>,
     /// PEM file with the RSA public key for RS256 subscriber tokens.
     #[arg(long, env = "GATEWAY_JWT_RS256_PUBLIC_KEY")]
     pub jwt_rs256_public_key: Option<PathBuf>,
+    /// JSON file with a JWK set (`{"keys": [...]}`); tokens with a `kid` header are
+    /// verified by that key, with the algorithm the key pins. Read at startup.
+    #[arg(long, env = "GATEWAY_JWT_JWKS_FILE")]
+    pub jwt_jwks_file: Option<PathBuf>,
     /// Required `aud` claim of subscriber tokens.
     #[arg(long, env = "GATEWAY_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
@@ -263,6 +267,7 @@ pub struct FileConfig {
     allowed_origins: Option<Vec<String>>,
     jwt_hs256_secret: Option<String>,
     jwt_rs256_public_key: Option<PathBuf>,
+    jwt_jwks_file: Option<PathBuf>,
     jwt_audience: Option<String>,
     jwt_issuer: Option<String>,
     header_timeout_secs: Option<u64>,
@@ -439,6 +444,13 @@ impl Default for Config {
     }
 }
 
+/// Reads and checks the `jwt_jwks_file`; the error names the file and the problem.
+fn load_jwks(path: &std::path::Path) -> Result<crate::auth::Jwks, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read jwt_jwks_file {}: {e}", path.display())))?;
+    crate::auth::Jwks::parse(&text).map_err(|e| ConfigError(format!("jwt_jwks_file {}: {e}", path.display())))
+}
+
 fn positive<T: PartialOrd + Default + fmt::Display>(name: &str, v: T) -> Result<T, ConfigError> {
     if v > T::default() { Ok(v) } else { Err(ConfigError(format!("{name} must be greater than 0, got {v}"))) }
 }
@@ -612,6 +624,10 @@ impl Config {
                     })?),
                     None => None,
                 },
+                jwks: match args.jwt_jwks_file.or(file.jwt_jwks_file) {
+                    Some(path) => Some(load_jwks(&path)?),
+                    None => None,
+                },
                 audience: args.jwt_audience.or(file.jwt_audience),
                 issuer: args.jwt_issuer.or(file.jwt_issuer),
             },
@@ -718,6 +734,26 @@ mod tests {
                 "{flag} help must say [default: {default}]"
             );
         }
+    }
+
+    #[test]
+    fn jwks_file_is_loaded_with_flag_over_file_and_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (good, bad) = (dir.path().join("good.json"), dir.path().join("bad.json"));
+        std::fs::write(&good, r#"{"keys":[{"kty":"oct","kid":"k1","k":"c2VjcmV0"}]}"#).unwrap();
+        std::fs::write(&bad, "{\"keys\": [").unwrap();
+        let toml_naming = |p: &std::path::Path| file(&format!("jwt_jwks_file = {:?}\n", p.to_str().unwrap()));
+        let from_file = Config::resolve(ServeArgs::default(), toml_naming(&good)).unwrap();
+        assert!(from_file.auth.jwks.is_some_and(|j| j.get("k1").is_some()), "TOML jwt_jwks_file is read");
+        let args = Cli::try_parse_from(["gateway", "--jwt-jwks-file", bad.to_str().unwrap()]).unwrap().serve;
+        let err = Config::resolve(args, toml_naming(&good)).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("invalid configuration: jwt_jwks_file {}: invalid JSON", bad.display())),
+            "flag wins: {err}"
+        );
+        let missing = dir.path().join("missing.json");
+        let err = Config::resolve(ServeArgs::default(), toml_naming(&missing)).unwrap_err().to_string();
+        assert!(err.contains(&format!("cannot read jwt_jwks_file {}", missing.display())), "{err}");
     }
 
     #[test]

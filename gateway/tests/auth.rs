@@ -1,10 +1,16 @@
 //! Subscriber authentication with JWTs: valid, expired (also while connected), wrong
 //! signature, `alg: none`, algorithm confusion, wrong audience, channel not allowed;
-//! token from header, query parameter or cookie; the WebSocket publish op per token.
+//! token from header, query parameter or cookie; the WebSocket publish op per token;
+//! keys from a JWKS file chosen by `kid` (RSA, EC, Ed25519, oct) and bad JWKS files.
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    io::Read,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
 
 use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
@@ -140,24 +146,31 @@ async fn websocket_ops_obey_the_token() {
     assert!(matches!(ws_next(&mut ws).await, ServerFrame::Message { data, .. } if data == "hi"));
 }
 
+/// Runs `openssl args...` and returns its stdout.
+fn openssl(args: &[&str]) -> Vec<u8> {
+    let out = Command::new("openssl").args(args).output().expect("openssl is installed");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+/// Generates a key pair with `openssl genpkey <genpkey...>`; returns the private and
+/// public PEM files.
+fn keypair(dir: &Path, name: &str, genpkey: &[&str]) -> (PathBuf, PathBuf) {
+    let (private, public) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.pub.pem")));
+    let (private_s, public_s) = (private.to_str().unwrap(), public.to_str().unwrap());
+    openssl(&[&["genpkey"], genpkey, &["-out", private_s]].concat());
+    openssl(&["pkey", "-pubout", "-in", private_s, "-out", public_s]);
+    (private, public)
+}
+
+fn rsa_keypair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    keypair(dir, name, &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"])
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rs256_with_no_algorithm_confusion() {
     let dir = tempfile::tempdir().unwrap();
-    let (private, public) = (dir.path().join("private.pem"), dir.path().join("public.pem"));
-    let ok = std::process::Command::new("openssl")
-        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
-        .arg(&private)
-        .output()
-        .expect("openssl is installed");
-    assert!(ok.status.success());
-    let ok = std::process::Command::new("openssl")
-        .args(["pkey", "-pubout", "-in"])
-        .arg(&private)
-        .arg("-out")
-        .arg(&public)
-        .output()
-        .unwrap();
-    assert!(ok.status.success());
+    let (private, public) = rsa_keypair(dir.path(), "rsa");
     let gw = Gateway::start(None, &["--jwt-rs256-public-key", public.to_str().unwrap()]);
     let c = serde_json::json!({"exp": now() + 60, "channels": ["*"]});
     let key = EncodingKey::from_rsa_pem(&std::fs::read(&private).unwrap()).unwrap();
@@ -169,4 +182,216 @@ async fn rs256_with_no_algorithm_confusion() {
     let (status, body) = sse_status(&gw, Some(&forged), "any").await;
     assert_eq!(status, 401, "{body}");
     assert!(gw.metric("gateway_auth_failures_total{reason=\"algorithm\"}").await >= 1.0);
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A signing key and the JWK the gateway verifies it with.
+struct TestKey {
+    encoding: EncodingKey,
+    jwk: serde_json::Value,
+}
+
+/// An RSA key; the JWK's `n` comes from `openssl rsa -modulus`, `e` is openssl's
+/// default exponent 65537.
+fn rsa_jwk(dir: &Path, kid: &str) -> (TestKey, PathBuf) {
+    let (private, public) = rsa_keypair(dir, kid);
+    let out = openssl(&["rsa", "-pubin", "-in", public.to_str().unwrap(), "-noout", "-modulus"]);
+    let hex = String::from_utf8(out).unwrap().trim().strip_prefix("Modulus=").unwrap().to_owned();
+    let n: Vec<u8> =
+        (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+    assert_eq!(n.len(), 256);
+    let jwk = serde_json::json!({"kty": "RSA", "kid": kid, "use": "sig", "n": b64url(&n), "e": "AQAB"});
+    let encoding = EncodingKey::from_rsa_pem(&std::fs::read(&private).unwrap()).unwrap();
+    (TestKey { encoding, jwk }, public)
+}
+
+/// The raw public key: the tail of the DER SubjectPublicKeyInfo.
+fn public_key_tail(private: &Path, len: usize) -> Vec<u8> {
+    let der = openssl(&["pkey", "-in", private.to_str().unwrap(), "-pubout", "-outform", "DER"]);
+    der[der.len() - len..].to_vec()
+}
+
+fn ec_jwk(dir: &Path, kid: &str) -> TestKey {
+    let (private, _) = keypair(dir, kid, &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+    let point = public_key_tail(&private, 64); // x || y after the 0x04 of an uncompressed point
+    let jwk = serde_json::json!({
+        "kty": "EC", "crv": "P-256", "kid": kid, "x": b64url(&point[..32]), "y": b64url(&point[32..])
+    });
+    TestKey { encoding: EncodingKey::from_ec_pem(&std::fs::read(&private).unwrap()).unwrap(), jwk }
+}
+
+fn ed_jwk(dir: &Path, kid: &str) -> TestKey {
+    let (private, _) = keypair(dir, kid, &["-algorithm", "ed25519"]);
+    let x = public_key_tail(&private, 32);
+    let jwk =
+        serde_json::json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "alg": "EdDSA", "x": b64url(&x)});
+    TestKey { encoding: EncodingKey::from_ed_pem(&std::fs::read(&private).unwrap()).unwrap(), jwk }
+}
+
+fn oct_jwk(kid: &str, secret: &[u8]) -> TestKey {
+    let jwk = serde_json::json!({"kty": "oct", "kid": kid, "alg": "HS256", "k": b64url(secret)});
+    TestKey { encoding: EncodingKey::from_secret(secret), jwk }
+}
+
+fn write_jwks(dir: &Path, keys: &[&serde_json::Value]) -> PathBuf {
+    let path = dir.join("jwks.json");
+    std::fs::write(&path, serde_json::json!({ "keys": keys }).to_string()).unwrap();
+    path
+}
+
+/// A token for `claims(["*"])` with header `alg` and `kid`, signed with `key`.
+fn signed(alg: Algorithm, kid: Option<&str>, key: &EncodingKey) -> String {
+    let header = Header { kid: kid.map(str::to_owned), ..Header::new(alg) };
+    encode(&header, &claims(&["*"], 60), key).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_keys_are_chosen_by_kid_and_pin_the_algorithm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rsa, rsa_public) = rsa_jwk(dir.path(), "rsa-1");
+    let (ec, ed, oct) =
+        (ec_jwk(dir.path(), "ec-1"), ed_jwk(dir.path(), "ed-1"), oct_jwk("oct-1", b"jwks-oct-secret"));
+    let jwks = write_jwks(dir.path(), &[&rsa.jwk, &ec.jwk, &ed.jwk, &oct.jwk]);
+    let gw = gateway_jwks(&jwks, &[]);
+
+    // Every supported key type verifies its own tokens.
+    let valid = [
+        ("RS256", signed(Algorithm::RS256, Some("rsa-1"), &rsa.encoding)),
+        ("ES256", signed(Algorithm::ES256, Some("ec-1"), &ec.encoding)),
+        ("EdDSA", signed(Algorithm::EdDSA, Some("ed-1"), &ed.encoding)),
+        ("HS256 oct", signed(Algorithm::HS256, Some("oct-1"), &oct.encoding)),
+    ];
+    for (what, token) in &valid {
+        let (status, body) = sse_status(&gw, Some(token), "any").await;
+        assert_eq!(status, 200, "{what}: {body}");
+    }
+    // ...and the stream it opens delivers.
+    let ch = channel("jwks");
+    let req = reqwest::Client::new().get(gw.url(&format!("/sse?channel={ch}"))).bearer_auth(&valid[0].1);
+    let mut sse = SseClient::connect_with(req).await;
+    let r =
+        reqwest::Client::new().post(gw.url(&format!("/publish/{ch}"))).body("hello").send().await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(sse.next().await.data, "hello");
+
+    let (other, _) = rsa_jwk(dir.path(), "other");
+    let public_pem = std::fs::read(&rsa_public).unwrap();
+    let refused = [
+        ("unknown kid", signed(Algorithm::RS256, Some("rsa-9"), &rsa.encoding), "unknown token key id"),
+        ("wrong signature", signed(Algorithm::RS256, Some("rsa-1"), &other.encoding), "signature"),
+        (
+            "HS256 with an RSA kid, signed with the public key",
+            signed(Algorithm::HS256, Some("rsa-1"), &EncodingKey::from_secret(&public_pem)),
+            "does not match its key",
+        ),
+        (
+            "RS256 with an oct kid",
+            signed(Algorithm::RS256, Some("oct-1"), &rsa.encoding),
+            "does not match its key",
+        ),
+        ("no kid", signed(Algorithm::RS256, None, &rsa.encoding), "kid"),
+    ];
+    for (what, token, message) in refused {
+        let (status, body) = sse_status(&gw, Some(&token), "any").await;
+        assert_eq!(status, 401, "{what}: {body}");
+        assert_eq!(body["error"], "unauthorized", "{what}");
+        assert!(body["message"].as_str().unwrap().contains(message), "{what}: {body}");
+    }
+    assert_eq!(gw.metric("gateway_auth_failures_total{reason=\"unknown_key\"}").await, 2.0);
+    assert_eq!(gw.metric("gateway_auth_failures_total{reason=\"algorithm\"}").await, 2.0);
+    assert_eq!(gw.metric("gateway_auth_failures_total{reason=\"invalid_signature\"}").await, 1.0);
+}
+
+fn gateway_jwks(jwks: &Path, extra: &[&str]) -> Gateway {
+    let mut args = vec!["--jwt-jwks-file", jwks.to_str().unwrap(), "--jwt-audience", "fanout"];
+    args.extend_from_slice(extra);
+    Gateway::start(None, &args)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_combines_with_the_static_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rsa, _) = rsa_jwk(dir.path(), "rsa-1");
+    let jwks = write_jwks(dir.path(), &[&rsa.jwk]);
+    let gw = gateway_jwks(&jwks, &["--jwt-hs256-secret", SECRET]);
+    let secret = EncodingKey::from_secret(SECRET.as_bytes());
+    // No kid: the HS256 secret, as before.
+    assert_eq!(sse_status(&gw, Some(&hs256(claims(&["*"], 60))), "a").await.0, 200);
+    // A kid: the JWKS only, even when the token would verify with the secret.
+    assert_eq!(
+        sse_status(&gw, Some(&signed(Algorithm::RS256, Some("rsa-1"), &rsa.encoding)), "a").await.0,
+        200
+    );
+    let (status, body) = sse_status(&gw, Some(&signed(Algorithm::HS256, Some("nope"), &secret)), "a").await;
+    assert_eq!(status, 401, "{body}");
+    // No kid and an algorithm only the JWKS has: refused.
+    assert_eq!(sse_status(&gw, Some(&signed(Algorithm::RS256, None, &rsa.encoding)), "a").await.0, 401);
+}
+
+/// Starts the gateway with `args`, expecting it to exit on its own; returns whether it
+/// succeeded and its stderr.
+fn run_to_exit(args: &[&str]) -> (bool, String) {
+    let mut child = Command::new(gateway_bin())
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("gateway with {args:?} kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    (status.success(), stderr)
+}
+
+#[test]
+fn a_bad_jwks_file_stops_the_gateway_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rsa, _) = rsa_jwk(dir.path(), "rsa-1");
+    let mut rs512 = rsa.jwk.clone();
+    rs512["alg"] = "RS512".into();
+    let mut no_kid = rsa.jwk.clone();
+    no_kid.as_object_mut().unwrap().remove("kid");
+    let p384 = serde_json::json!({"kty": "EC", "crv": "P-384", "kid": "p", "x": b64url(&[1; 48]), "y": b64url(&[1; 48])});
+    let keys = |k: &serde_json::Value| serde_json::json!({ "keys": [k] }).to_string();
+    let cases = [
+        ("missing.json", None, "cannot read jwt_jwks_file"),
+        ("garbage.json", Some("{\"keys\": [".to_owned()), "invalid JSON"),
+        ("empty.json", Some(r#"{"keys": []}"#.to_owned()), "no usable signing keys"),
+        (
+            "rs512.json",
+            Some(keys(&rs512)),
+            r#"keys[0] (kid "rsa-1"): unsupported key (kty "RSA", alg "RS512")"#,
+        ),
+        ("p384.json", Some(keys(&p384)), r#"unsupported key (kty "EC", crv "P-384")"#),
+        ("nokid.json", Some(keys(&no_kid)), r#"keys[0]: no "kid""#),
+    ];
+    for (name, content, expected) in cases {
+        let path = dir.path().join(name);
+        if let Some(c) = content {
+            std::fs::write(&path, c).unwrap();
+        }
+        let (ok, stderr) = run_to_exit(&["--jwt-jwks-file", path.to_str().unwrap()]);
+        assert!(!ok, "{name}: the gateway must fail");
+        let line = stderr
+            .lines()
+            .find(|l| l.contains("jwt_jwks_file"))
+            .unwrap_or_else(|| panic!("{name}: {stderr}"));
+        assert!(line.contains(path.to_str().unwrap()) && line.contains(expected), "{name}: {line}");
+    }
 }
