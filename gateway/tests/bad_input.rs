@@ -803,3 +803,23 @@ async fn slowloris_headers_are_cut_off() {
     let ok = reqwest::get(gw.url("/poll?channel=slowloris-ok&timeout=0")).await.unwrap();
     assert_eq!(ok.status(), 200);
 }
+
+/// A request head over 16 KiB (one huge header, or very many) gets 431 and the
+/// connection closed; a head just under the limit is served; nobody else notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_heads_get_431() {
+    use tokio::io::AsyncWriteExt;
+    let mut f = Fixture::start(&[]).await;
+    let huge_value = format!("x-big: {}\r\n", "a".repeat(20 * 1024));
+    let many = (0..2000).map(|i| format!("x-h{i}: v\r\n")).collect::<String>();
+    let fine = format!("x-ok: {}\r\n", "a".repeat(8 * 1024));
+    for (headers, want) in [(huge_value, "HTTP/1.1 431"), (many, "HTTP/1.1 431"), (fine, "HTTP/1.1 200")] {
+        let (mut rd, mut wr) = tokio::net::TcpStream::connect(f.gw.public).await.unwrap().into_split();
+        let req =
+            format!("GET /poll?channel={}&timeout=0 HTTP/1.1\r\nhost: test\r\n{headers}\r\n", f.healthy);
+        let _ = wr.write_all(req.as_bytes()).await;
+        let resp = read_response(&mut rd).await.expect("an answer");
+        assert!(resp.starts_with(want), "{want}: {}", &resp[..resp.len().min(200)]);
+    }
+    f.assert_unharmed().await;
+}
