@@ -2,6 +2,9 @@
 //!
 //! Every address the load generator connects to must be a loopback address
 //! (127.0.0.0/8 or `::1`): the gateway URL, the Redis URL and the source addresses.
+//!
+//! `--server nchan` points the same run at an Nchan server (nginx with the Nchan module,
+//! `loadtest/nchan/nginx.conf`) instead of the gateway, for side-by-side comparisons.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -62,13 +65,40 @@ impl Transport {
     }
 }
 
+/// Which server the run drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerKind {
+    /// This project's gateway: `/sse`, `/ws`, `/poll`, JSON frames, `POST /publish/{channel}`.
+    Gateway,
+    /// Nchan: every transport on [`NCHAN_SUB_PATH`]`?channel=…` with the raw message as
+    /// the SSE `data:`, the WebSocket text frame or the long-poll body; publishing is
+    /// `POST` [`NCHAN_PUB_PATH`]`?channel=…` with the raw payload.
+    Nchan,
+}
+
+impl ServerKind {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerKind::Gateway => "gateway",
+            ServerKind::Nchan => "nchan",
+        }
+    }
+}
+
+/// Nchan's subscriber location (after the `--url` path), as in `loadtest/nchan/nginx.conf`.
+pub const NCHAN_SUB_PATH: &str = "/sub";
+/// Nchan's publisher location (after the `--url` path).
+pub const NCHAN_PUB_PATH: &str = "/pub";
+
 /// How messages are published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PublishVia {
     /// `PUBLISH <channel> <payload>` on Redis.
     Redis,
-    /// `POST /publish/{channel}` on the gateway.
+    /// `POST /publish/{channel}` on the gateway (`POST /pub?channel=…` on Nchan).
     Http,
     /// Publish nothing (connect and hold only).
     None,
@@ -89,9 +119,14 @@ impl PublishVia {
 #[derive(Debug, Clone, Args, Serialize)]
 #[command(args_override_self = true)]
 pub struct RunArgs {
-    /// Gateway base URL (must be a loopback address).
+    /// Gateway base URL (must be a loopback address), or several separated by commas
+    /// (a cluster): subscriber i connects to URL i % n; HTTP publishing uses the first.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// Which server is at --url: the gateway, or Nchan for comparisons (then publish with
+    /// --publish http).
+    #[arg(long, value_enum, default_value_t = ServerKind::Gateway)]
+    pub server: ServerKind,
     /// Subscriber transport.
     #[arg(long, value_enum, default_value_t = Transport::Ws)]
     pub transport: Transport,
@@ -178,6 +213,17 @@ pub enum Role {
     Worker(usize),
 }
 
+/// One server node subscribers connect to.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Its address.
+    pub dest: SocketAddr,
+    /// `Host` header value.
+    pub host_header: String,
+    /// Path prefix, without a trailing slash (usually empty).
+    pub base_path: String,
+}
+
 /// Checked settings of one run.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -185,12 +231,12 @@ pub struct Settings {
     pub args: RunArgs,
     /// This process's role.
     pub role: Role,
-    /// Gateway address.
-    pub dest: SocketAddr,
     /// `Host` header value.
     pub host_header: String,
     /// Path prefix of the gateway URL, without a trailing slash (usually empty).
     pub base_path: String,
+    /// Every node of `--url` (the first gives `host_header` and `base_path`).
+    pub targets: Vec<Target>,
     /// Source addresses to spread connections over (empty: let the kernel choose).
     pub source_ips: Vec<Ipv4Addr>,
     /// Channel name prefix.
@@ -202,6 +248,11 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The node subscriber `g` connects to.
+    pub fn target(&self, g: u64) -> &Target {
+        &self.targets[g as usize % self.targets.len()]
+    }
+
     /// Checks the flags and derives the run's settings.
     pub fn from_args(args: RunArgs) -> Result<Self> {
         let a = &args;
@@ -253,15 +304,33 @@ impl Settings {
             None => Role::Single,
         };
 
-        let (dest, host_header, base_path) = parse_gateway_url(&a.url)?;
+        let targets = a
+            .url
+            .split(',')
+            .map(|u| {
+                parse_gateway_url(u.trim()).map(|(dest, host_header, base_path)| Target {
+                    dest,
+                    host_header,
+                    base_path,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let Target { host_header, base_path, .. } = targets[0].clone();
         let source_ips = match &a.source_ips {
             Some(s) => parse_source_ips(s)?,
             None => Vec::new(),
         };
         ensure!(
-            source_ips.is_empty() || dest.is_ipv4(),
+            source_ips.is_empty() || targets.iter().all(|t| t.dest.is_ipv4()),
             "--source-ips are IPv4 addresses, so --url must be an IPv4 loopback address"
         );
+        let publishing = a.rate > 0.0 && a.publish != PublishVia::None;
+        if a.server == ServerKind::Nchan && publishing {
+            ensure!(
+                a.publish == PublishVia::Http,
+                "Nchan is published to over HTTP (POST {NCHAN_PUB_PATH}?channel=…): use --publish http"
+            );
+        }
         if a.publish == PublishVia::Redis && !matches!(role, Role::Worker(_)) {
             check_redis_url(&a.redis_url)?;
         }
@@ -278,7 +347,6 @@ impl Settings {
             }
             None => format!("lg{}", std::process::id()),
         };
-        let publishing = a.rate > 0.0 && a.publish != PublishVia::None;
         let (measure_from, total_messages) = if publishing {
             (message_count(a.warmup, a.rate), message_count(a.warmup + a.duration, a.rate))
         } else {
@@ -298,9 +366,9 @@ impl Settings {
         Ok(Self {
             args,
             role,
-            dest,
             host_header,
             base_path,
+            targets,
             source_ips,
             prefix,
             measure_from,
@@ -443,5 +511,21 @@ mod tests {
         assert_eq!(message_count(0.1 + 0.2, 10.0), 3);
         assert_eq!(message_count(0.25, 10.0), 3);
         assert_eq!(message_count(5.0, 0.0), 0);
+    }
+
+    fn settings(args: &[&str]) -> Result<Settings> {
+        let Cli { command: Command::Run(a) } =
+            Cli::try_parse_from(["loadgen", "run"].iter().chain(args)).expect("valid flags");
+        Settings::from_args(*a)
+    }
+
+    #[test]
+    fn nchan_is_published_to_over_http() {
+        assert_eq!(settings(&[]).unwrap().args.server, ServerKind::Gateway);
+        let err = settings(&["--server", "nchan", "--rate", "10"]).unwrap_err().to_string();
+        assert!(err.contains("--publish http"), "{err}");
+        assert!(settings(&["--server", "nchan", "--rate", "10", "--publish", "http"]).is_ok());
+        // Idle runs publish nothing (beyond long-poll's marker, always over HTTP).
+        assert!(settings(&["--server", "nchan", "--rate", "0"]).is_ok());
     }
 }

@@ -64,6 +64,10 @@ pub struct ResponseHead {
     pub close: bool,
     /// The `Content-Type` header, if any.
     pub content_type: Option<String>,
+    /// The `Last-Modified` header, if any (half of an Nchan long-poll message id).
+    pub last_modified: Option<String>,
+    /// The `Etag` header, if any (the other half of an Nchan long-poll message id).
+    pub etag: Option<String>,
 }
 
 /// Parses a response head (status line and headers, through the blank line).
@@ -81,6 +85,7 @@ pub fn parse_head(head: &[u8]) -> Result<ResponseHead, HttpError> {
     let mut length = None;
     let mut close = version == "HTTP/1.0";
     let mut content_type = None;
+    let (mut last_modified, mut etag) = (None, None);
     for line in lines.take_while(|l| !l.is_empty()) {
         let (name, value) = line.split_once(':').ok_or(HttpError::Malformed("header"))?;
         let value = value.trim();
@@ -96,6 +101,10 @@ pub fn parse_head(head: &[u8]) -> Result<ResponseHead, HttpError> {
             }
         } else if name.eq_ignore_ascii_case("content-type") {
             content_type = Some(value.to_owned());
+        } else if name.eq_ignore_ascii_case("last-modified") {
+            last_modified = Some(value.to_owned());
+        } else if name.eq_ignore_ascii_case("etag") {
+            etag = Some(value.to_owned());
         }
     }
     let framing = if chunked {
@@ -108,7 +117,7 @@ pub fn parse_head(head: &[u8]) -> Result<ResponseHead, HttpError> {
         close = true;
         Framing::Close
     };
-    Ok(ResponseHead { status, framing, close, content_type })
+    Ok(ResponseHead { status, framing, close, content_type, last_modified, etag })
 }
 
 /// Incremental decoder of a chunked body.
@@ -308,8 +317,27 @@ impl HttpConn {
 
     /// Sends `GET path` with `Host` and `Accept` headers, keeping the connection alive.
     pub async fn send_get(&mut self, host: &str, path: &str, accept: &str) -> io::Result<()> {
-        let req =
-            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: {accept}\r\nUser-Agent: loadgen\r\n\r\n");
+        self.send_get_with(host, path, accept, &[]).await
+    }
+
+    /// [`HttpConn::send_get`] with extra `(name, value)` headers (values must not hold
+    /// line breaks; they come from the server's own headers).
+    pub async fn send_get_with(
+        &mut self,
+        host: &str,
+        path: &str,
+        accept: &str,
+        extra: &[(&str, &str)],
+    ) -> io::Result<()> {
+        let mut req =
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: {accept}\r\nUser-Agent: loadgen\r\n");
+        for (name, value) in extra {
+            req.push_str(name);
+            req.push_str(": ");
+            req.push_str(value);
+            req.push_str("\r\n");
+        }
+        req.push_str("\r\n");
         self.stream.write_all(req.as_bytes()).await
     }
 
@@ -404,6 +432,15 @@ mod tests {
         let h = parse_head(b"HTTP/1.1 200 OK\r\n\r\n").unwrap();
         assert_eq!((h.framing, h.close), (Framing::Close, true));
         assert!(parse_head(b"SSH-2.0-x\r\n\r\n").is_err());
+        // An Nchan long-poll answer: the message id is in Last-Modified + Etag.
+        let h = parse_head(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nLast-Modified: Sun, 22 Nov 2026 13:32:34 GMT\r\n\
+              Connection: keep-alive\r\nEtag: 1\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!((h.framing, h.close), (Framing::Length(7), false));
+        assert_eq!(h.last_modified.as_deref(), Some("Sun, 22 Nov 2026 13:32:34 GMT"));
+        assert_eq!(h.etag.as_deref(), Some("1"));
         assert_eq!(find_head_end(b"HTTP/1.1 200 OK\r\n\r\nbody", 0), Some(19));
     }
 

@@ -6,6 +6,12 @@
 
 use std::fmt::Write as _;
 
+/// Published once to every channel before an Nchan long-poll run's subscribers connect:
+/// a new long-poll subscriber gets the oldest buffered message at once, so this answer
+/// confirms its subscription (as the gateway's first `timeout=0` poll does) and gives it
+/// the message id to poll on from. Not a payload; subscribers skip it.
+pub const NCHAN_MARKER: &str = "loadgen-subscribe-marker";
+
 /// The fields a subscriber reads back out of a payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Payload {

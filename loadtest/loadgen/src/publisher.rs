@@ -2,21 +2,29 @@
 //! time in its payload, whether or not the publisher is running late. Publishes are
 //! pipelined (up to `--max-inflight` outstanding) so one slow reply does not hold back
 //! the schedule. Seq k goes to channel `k % channels`.
+//!
+//! Against Nchan (`--server nchan --publish http`) each message is `POST`ed raw to
+//! Nchan's publisher location.
 
 use std::{collections::BTreeMap, future::Future, pin::Pin, time::Duration};
 
 use anyhow::{Context, Result};
-use futures_util::{StreamExt, stream::FuturesUnordered};
+use futures_util::{
+    StreamExt,
+    stream::{self, FuturesUnordered},
+};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::{
-    cli::{PublishVia, Settings},
-    payload::{self, Payload},
+    cli::{NCHAN_PUB_PATH, PublishVia, ServerKind, Settings},
+    payload::{self, NCHAN_MARKER, Payload},
 };
 
 /// How long a single publish may take before it counts as failed.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Marker publishes in flight at once (see [`nchan_mark_channels`]).
+const MARKER_CONCURRENCY: usize = 32;
 
 /// What the publisher did.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -70,6 +78,82 @@ pub enum Sink {
         /// `X-API-Key`, if any.
         api_key: Option<String>,
     },
+    /// `POST /pub?channel=…` on Nchan.
+    Nchan {
+        /// Pooled client.
+        client: reqwest::Client,
+        /// `http://host:port[/base]`.
+        base: String,
+    },
+}
+
+/// The part of Nchan's publish answer (`Accept: application/json`) we read.
+#[derive(Debug, Deserialize)]
+struct NchanPublished {
+    /// Subscribers of the channel when the message was published.
+    subscribers: u64,
+}
+
+fn http_client(s: &Settings) -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(PUBLISH_TIMEOUT)
+        .pool_max_idle_per_host(s.args.max_inflight.min(256))
+        .tcp_nodelay(true)
+        .build()
+        .context("building HTTP client")
+}
+
+/// Base URL of the server, `http://host:port[/base]`.
+fn base_url(s: &Settings) -> String {
+    format!("http://{}{}", s.host_header, s.base_path)
+}
+
+/// `POST`s `body` to Nchan's publisher location for `channel`; returns whether the
+/// channel had subscribers.
+async fn nchan_post(
+    client: &reqwest::Client,
+    base: &str,
+    channel: &str,
+    body: String,
+) -> Result<bool, String> {
+    let resp = client
+        .post(format!("{base}{NCHAN_PUB_PATH}?channel={channel}"))
+        .header("accept", "application/json")
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| if e.is_timeout() { "http_timeout".to_owned() } else { "http_send".to_owned() })?;
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(format!("http_{}", status.as_u16()));
+    }
+    let body: NchanPublished = resp.json().await.map_err(|_| "http_bad_body".to_owned())?;
+    Ok(body.subscribers > 0)
+}
+
+/// Publishes [`NCHAN_MARKER`] once to every channel of the run, before its long-poll
+/// subscribers connect (Nchan keeps it in the channel's buffer; each subscriber's first
+/// poll gets it at once, which confirms the subscription).
+pub async fn nchan_mark_channels(s: &Settings) -> Result<()> {
+    let client = http_client(s)?;
+    let base = base_url(s);
+    let channels = s.args.channels as u64;
+    let mut results = stream::iter(0..channels)
+        .map(|c| {
+            let (client, base) = (&client, &base);
+            async move { (c, nchan_post(client, base, &s.channel_name(c), NCHAN_MARKER.to_owned()).await) }
+        })
+        .buffer_unordered(MARKER_CONCURRENCY);
+    while let Some((c, r)) = results.next().await {
+        if let Err(kind) = r {
+            anyhow::bail!(
+                "publishing the subscribe marker to channel {} at {base}: {kind}",
+                s.channel_name(c)
+            );
+        }
+    }
+    Ok(())
 }
 
 impl Sink {
@@ -88,16 +172,11 @@ impl Sink {
                 let _: String = redis::cmd("PING").query_async(&mut conn).await.context("Redis PING")?;
                 Ok(Sink::Redis(conn))
             }
+            PublishVia::Http if s.args.server == ServerKind::Nchan => {
+                Ok(Sink::Nchan { client: http_client(s)?, base: base_url(s) })
+            }
             PublishVia::Http => {
-                let client = reqwest::Client::builder()
-                    .no_proxy()
-                    .timeout(PUBLISH_TIMEOUT)
-                    .pool_max_idle_per_host(s.args.max_inflight.min(256))
-                    .tcp_nodelay(true)
-                    .build()
-                    .context("building HTTP client")?;
-                let base = format!("http://{}{}", s.host_header, s.base_path);
-                Ok(Sink::Http { client, base, api_key: s.args.api_key.clone() })
+                Ok(Sink::Http { client: http_client(s)?, base: base_url(s), api_key: s.args.api_key.clone() })
             }
             PublishVia::None => anyhow::bail!("--publish none has no sink"),
         }
@@ -137,6 +216,9 @@ impl Sink {
                 .await;
                 (seq, r)
             }),
+            Sink::Nchan { client, base } => {
+                Box::pin(async move { (seq, nchan_post(&client, &base, &channel, payload).await) })
+            }
         }
     }
 }

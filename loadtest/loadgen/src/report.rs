@@ -280,7 +280,8 @@ pub struct ServerProcess {
     pub cpu_secs_measured: f64,
     /// CPU seconds used while connecting.
     pub cpu_secs_connect: f64,
-    /// (idle − before) RSS per connected subscriber, KiB.
+    /// (idle − before) RSS per subscriber connected to it, KiB (with one server pid per
+    /// `--url` node, a node holds 1/n of the subscribers).
     pub kib_per_connection: Option<f64>,
 }
 
@@ -323,6 +324,8 @@ pub struct LoadgenSummary {
 pub struct RunConfig {
     /// Gateway URL.
     pub url: String,
+    /// Which server was driven (`gateway` or `nchan`).
+    pub server: &'static str,
     /// Transport.
     pub transport: &'static str,
     /// Subscribers.
@@ -421,6 +424,10 @@ impl Summary {
         let latency = decode_histogram(&delivery.latency_hist)?;
         let connect_hist = decode_histogram(&connect.connect_time_hist)?;
         let ok = connect.ok.max(1) as f64;
+        // With one --server-pid per --url node (a cluster), each node holds an equal
+        // share of the connections (subscriber i goes to node i % n).
+        let nodes = s.targets.len();
+        let per_process = if nodes > 1 && server.rows.len() == nodes { ok / nodes as f64 } else { ok };
         let processes: Vec<ServerProcess> = server
             .rows
             .iter()
@@ -435,7 +442,7 @@ impl Summary {
                 cpu_secs_measured: end.cpu_secs - start.cpu_secs,
                 cpu_secs_connect: idle.cpu_secs - before.cpu_secs,
                 kib_per_connection: (connect.ok > 0)
-                    .then(|| (idle.rss_kib as f64 - before.rss_kib as f64) / ok),
+                    .then(|| (idle.rss_kib as f64 - before.rss_kib as f64) / per_process),
             })
             .collect();
         let cpu_measured: f64 = processes.iter().map(|p| p.cpu_secs_measured).sum();
@@ -467,6 +474,7 @@ impl Summary {
         Ok(Self {
             config: RunConfig {
                 url: a.url.clone(),
+                server: a.server.as_str(),
                 transport: a.transport.as_str(),
                 subscribers: a.subscribers,
                 channels: a.channels,
@@ -526,16 +534,18 @@ impl Summary {
         let w = &mut o;
         let mib = |kib: u64| kib as f64 / 1024.0;
         let idle = self.publish.is_none();
+        // The gateway's lines stay as they were; other servers are named.
+        let who = if c.server == "gateway" { String::new() } else { format!(" ({})", c.server) };
         if idle {
             let _ = writeln!(
                 w,
-                "loadgen: {} × {} on {} channels, idle for {}s (no publishing), {} worker(s)",
+                "loadgen{who}: {} × {} on {} channels, idle for {}s (no publishing), {} worker(s)",
                 c.subscribers, c.transport, c.channels, c.duration_secs, c.workers
             );
         } else {
             let _ = writeln!(
                 w,
-                "loadgen: {} × {} on {} channels, {} msg/s for {}s (+{}s warm-up), {}-byte payloads, publish via {}, {} worker(s)",
+                "loadgen{who}: {} × {} on {} channels, {} msg/s for {}s (+{}s warm-up), {}-byte payloads, publish via {}, {} worker(s)",
                 c.subscribers,
                 c.transport,
                 c.channels,

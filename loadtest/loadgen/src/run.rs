@@ -18,7 +18,7 @@ use tokio::{
 };
 
 use crate::{
-    cli::{Role, Settings},
+    cli::{Role, ServerKind, Settings, Transport},
     procfs::{self, ProcSample},
     publisher::{self, PublishReport, Sink},
     report::{ConnectReport, DeliveryReport, ServerRow, ServerSamples, Summary, Window},
@@ -217,13 +217,17 @@ async fn coordinate(s: &Settings, hard: Instant) -> Result<bool> {
         rows.push(ServerRow { pid: *pid, name: procfs::comm(*pid), samples: [before; 4], exited: false });
     }
     eprintln!(
-        "loadgen: {} {} subscribers on {} channels at {}{}",
+        "loadgen: {} {} subscribers on {} channels at {}{}{}",
         a.subscribers,
         a.transport.as_str(),
         a.channels,
         a.url,
+        if a.server == ServerKind::Nchan { " (nchan)" } else { "" },
         if a.workers > 1 { format!(" in {} workers", a.workers) } else { String::new() }
     );
+    if a.server == ServerKind::Nchan && a.transport == Transport::Poll {
+        publisher::nchan_mark_channels(s).await?;
+    }
     let phase_deadline = Instant::now() + Duration::from_secs_f64(a.connect_phase_timeout);
     let mut fleet = Fleet::start(s, phase_deadline)?;
     let result = drive(s, sink, &mut fleet, &mut rows, phase_deadline, hard).await;

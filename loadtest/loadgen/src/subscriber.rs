@@ -7,6 +7,13 @@
 //! the server confirms it: SSE — the first `: ok` comment; WebSocket — the `subscribed`
 //! frame; long-poll — the answer to a first `timeout=0` poll (from then on the server
 //! buffers the channel for us between polls).
+//!
+//! Against Nchan (`--server nchan`) every transport uses Nchan's subscriber location and
+//! gets the raw payload: SSE `data:` lines (subscribed at Nchan's `: hi` comment),
+//! WebSocket text frames (subscribed once the upgrade is answered: Nchan registers the
+//! subscriber before it sends the 101), and long-poll bodies whose message id comes back
+//! in `Last-Modified` + `Etag` and goes out again as `If-Modified-Since` +
+//! `If-None-Match` (subscribed at the answer carrying [`payload::NCHAN_MARKER`]).
 
 use std::{
     collections::BTreeMap,
@@ -37,7 +44,7 @@ use tokio_tungstenite::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    cli::{Settings, Transport},
+    cli::{NCHAN_SUB_PATH, ServerKind, Settings, Transport},
     http::{BodyDecoder, HttpConn},
     net::{self, io_kind},
     payload::{self, Payload},
@@ -175,7 +182,9 @@ struct Shared {
 impl Shared {
     fn deliver(&self, g: u64, tr: &Mutex<Tracker>, data: &str, now: u64) {
         let Some(p) = payload::decode(data) else {
-            lock(tr).bad_payload += 1;
+            if data != payload::NCHAN_MARKER {
+                lock(tr).bad_payload += 1;
+            }
             return;
         };
         let seen = lock(tr).record(p, self.channels, self.s.total_messages);
@@ -381,7 +390,7 @@ enum Session {
 async fn connect(sh: &Shared, g: u64, tr: &Mutex<Tracker>) -> Result<Session, String> {
     let ips = &sh.s.source_ips;
     let source = (!ips.is_empty()).then(|| ips[g as usize % ips.len()]);
-    let stream = net::connect(sh.s.dest, source).await.map_err(|e| io_kind(&e))?;
+    let stream = net::connect(sh.s.target(g).dest, source).await.map_err(|e| io_kind(&e))?;
     let ch = sh.s.channel_name(g % sh.channels);
     match sh.s.args.transport {
         Transport::Sse => SseSession::connect(sh, g, tr, stream, &ch).await.map(Session::Sse),
@@ -423,8 +432,13 @@ impl SseSession {
         ch: &str,
     ) -> Result<Self, String> {
         let mut conn = HttpConn::new(stream);
-        let path = format!("{}/sse?channel={ch}", sh.s.base_path);
-        conn.send_get(&sh.s.host_header, &path, "text/event-stream").await.map_err(|e| io_kind(&e))?;
+        let path = match sh.s.args.server {
+            ServerKind::Gateway => format!("{}/sse?channel={ch}", sh.s.target(g).base_path),
+            ServerKind::Nchan => format!("{}{NCHAN_SUB_PATH}?channel={ch}", sh.s.target(g).base_path),
+        };
+        conn.send_get(&sh.s.target(g).host_header, &path, "text/event-stream")
+            .await
+            .map_err(|e| io_kind(&e))?;
         let head = conn.read_head().await.map_err(|e| e.kind())?;
         if head.status != 200 {
             return Err(format!("http_{}", head.status));
@@ -507,11 +521,17 @@ async fn connect_ws(
     stream: TcpStream,
     ch: &str,
 ) -> Result<WebSocketStream<TcpStream>, String> {
-    let url = format!("ws://{}{}/ws?channel={ch}", sh.s.host_header, sh.s.base_path);
+    let nchan = sh.s.args.server == ServerKind::Nchan;
+    let path = if nchan { NCHAN_SUB_PATH } else { "/ws" };
+    let url = format!("ws://{}{}{path}?channel={ch}", sh.s.target(g).host_header, sh.s.target(g).base_path);
     let config = WebSocketConfig::default().read_buffer_size(8 * 1024).write_buffer_size(0);
     let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
         .await
         .map_err(|e| ws_kind(&e))?;
+    if nchan {
+        // Nchan enqueues the subscriber before it answers the upgrade and sends no frame.
+        return Ok(ws);
+    }
     loop {
         match ws.next().await {
             None => return Err("eof_before_subscribed".into()),
@@ -530,11 +550,17 @@ async fn connect_ws(
 }
 
 async fn run_ws(sh: &Shared, g: u64, tr: &Mutex<Tracker>, ws: &mut WebSocketStream<TcpStream>) -> String {
+    let nchan = sh.s.args.server == ServerKind::Nchan;
     let mut error = None;
     loop {
         match ws.next().await {
             None => return error.unwrap_or_else(|| "eof".into()),
             Some(Err(e)) => return error.unwrap_or_else(|| ws_kind(&e)),
+            // Nchan sends each message verbatim as one frame.
+            Some(Ok(Message::Text(t))) if nchan => sh.deliver(g, tr, &t, now_us()),
+            Some(Ok(Message::Binary(b))) if nchan => {
+                sh.deliver(g, tr, &String::from_utf8_lossy(&b), now_us())
+            }
             Some(Ok(Message::Text(t))) => {
                 if let WsEvent::Error(code) = ws_text(sh, g, tr, &t) {
                     error = Some(format!("ws_error_{code}"));
@@ -552,7 +578,10 @@ async fn run_ws(sh: &Shared, g: u64, tr: &Mutex<Tracker>, ws: &mut WebSocketStre
 struct PollSession {
     conn: HttpConn,
     channel: String,
+    /// The gateway's cursor.
     cursor: String,
+    /// Nchan's message id of the last answer: its `Last-Modified` and `Etag`.
+    nchan_id: Option<(Option<String>, Option<String>)>,
     source: Option<std::net::Ipv4Addr>,
     reconnect: bool,
     reconnects: u32,
@@ -571,6 +600,7 @@ impl PollSession {
             conn: HttpConn::new(stream),
             channel,
             cursor: String::new(),
+            nchan_id: None,
             source,
             reconnect: false,
             reconnects: 0,
@@ -581,12 +611,18 @@ impl PollSession {
 
     /// One poll: asks for messages after the cursor, holding up to `hold` seconds.
     async fn poll(&mut self, sh: &Shared, g: u64, tr: &Mutex<Tracker>, hold: u64) -> Result<(), String> {
-        let mut path = format!("{}/poll?channel={}&timeout={hold}", sh.s.base_path, self.channel);
+        if sh.s.args.server == ServerKind::Nchan {
+            return self.poll_nchan(sh, g, tr).await;
+        }
+        let mut path = format!("{}/poll?channel={}&timeout={hold}", sh.s.target(g).base_path, self.channel);
         if !self.cursor.is_empty() {
             path.push_str("&cursor=");
             percent_encode(&self.cursor, &mut path);
         }
-        self.conn.send_get(&sh.s.host_header, &path, "application/json").await.map_err(|e| io_kind(&e))?;
+        self.conn
+            .send_get(&sh.s.target(g).host_header, &path, "application/json")
+            .await
+            .map_err(|e| io_kind(&e))?;
         let head = self.conn.read_head().await.map_err(|e| e.kind())?;
         let body = self.conn.read_body(&head, MAX_POLL_BODY).await.map_err(|e| e.kind())?;
         if head.close {
@@ -607,9 +643,44 @@ impl PollSession {
         Ok(())
     }
 
+    /// One Nchan long-poll: the next message after the last one's id (Nchan answers one
+    /// message per poll and holds the request until there is one).
+    async fn poll_nchan(&mut self, sh: &Shared, g: u64, tr: &Mutex<Tracker>) -> Result<(), String> {
+        let path = format!("{}{NCHAN_SUB_PATH}?channel={}", sh.s.target(g).base_path, self.channel);
+        let mut extra = Vec::with_capacity(2);
+        if let Some((last_modified, etag)) = &self.nchan_id {
+            if let Some(v) = last_modified {
+                extra.push(("If-Modified-Since", v.as_str()));
+            }
+            if let Some(v) = etag {
+                extra.push(("If-None-Match", v.as_str()));
+            }
+        }
+        self.conn
+            .send_get_with(&sh.s.target(g).host_header, &path, "*/*", &extra)
+            .await
+            .map_err(|e| io_kind(&e))?;
+        let head = self.conn.read_head().await.map_err(|e| e.kind())?;
+        let body = self.conn.read_body(&head, MAX_POLL_BODY).await.map_err(|e| e.kind())?;
+        if head.close {
+            self.reconnect = true;
+        }
+        match head.status {
+            200 => {}
+            // No message within a subscriber timeout configured on the server: ask again.
+            304 | 408 => return Ok(()),
+            status => return Err(format!("http_{status}")),
+        }
+        sh.deliver(g, tr, &String::from_utf8_lossy(&body), now_us());
+        self.nchan_id = Some((head.last_modified, head.etag));
+        Ok(())
+    }
+
     async fn run(&mut self, sh: &Shared, g: u64, tr: &Mutex<Tracker>) -> String {
         let hold = sh.s.args.poll_timeout;
-        let limit = Duration::from_secs(hold + 15);
+        let nchan = sh.s.args.server == ServerKind::Nchan;
+        // Nchan has no per-request hold: the client gives up after `hold` and polls again.
+        let limit = Duration::from_secs(if nchan { hold } else { hold + 15 });
         loop {
             if self.reconnect {
                 if self.reconnects >= MAX_POLL_RECONNECTS {
@@ -617,7 +688,7 @@ impl PollSession {
                 }
                 self.reconnects += 1;
                 sh.poll_reconnects.fetch_add(1, Relaxed);
-                match net::connect(sh.s.dest, self.source).await {
+                match net::connect(sh.s.target(g).dest, self.source).await {
                     Ok(stream) => self.conn = HttpConn::new(stream),
                     Err(e) => return format!("poll_reconnect_{}", io_kind(&e)),
                 }
@@ -630,6 +701,7 @@ impl PollSession {
                     self.reconnect = true
                 }
                 Ok(Err(kind)) => return kind,
+                Err(_) if nchan => self.reconnect = true,
                 Err(_) => return "poll_no_answer".into(),
             }
         }
@@ -693,5 +765,80 @@ mod tests {
         let mut s = String::new();
         percent_encode("eyJl-_Ij/+=", &mut s);
         assert_eq!(s, "eyJl-_Ij%2F%2B%3D");
+    }
+
+    /// A fake Nchan long-poll endpoint: answers the marker, then one payload, then a
+    /// 408, and checks that every poll sends back the last answer's message id.
+    #[tokio::test]
+    async fn nchan_long_poll_sends_the_message_id_back() {
+        use clap::Parser;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        use crate::cli::{Cli, Command};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let args = ["loadgen", "run", "--server", "nchan", "--transport", "poll", "--url", &url];
+        let more = ["--subscribers", "1", "--channels", "1", "--rate", "1", "--duration", "1"];
+        let Cli { command: Command::Run(a) } =
+            Cli::try_parse_from(args.iter().chain(&more).chain(&["--warmup", "0", "--publish", "http"]))
+                .unwrap();
+        let s = Settings::from_args(*a).unwrap();
+        let mut text = String::new();
+        payload::encode(Payload { seq: 0, ch: 0, t_us: now_us() }, 100, &mut text);
+        let answers = [
+            ("200 OK", "Sun, 22 Nov 2026 10:00:00 GMT", "0", payload::NCHAN_MARKER.to_owned()),
+            ("200 OK", "Sun, 22 Nov 2026 10:00:01 GMT", "0", text),
+            ("408 Request Timeout", "", "", String::new()),
+        ];
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut heads = Vec::new();
+            let mut buf = Vec::new();
+            // Three answered polls, then the fourth request (held: never answered).
+            for i in 0..4 {
+                let end = loop {
+                    if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break p + 4;
+                    }
+                    let mut chunk = [0u8; 1024];
+                    let n = sock.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "client closed");
+                    buf.extend_from_slice(&chunk[..n]);
+                };
+                heads.push(String::from_utf8(buf.drain(..end).collect()).unwrap());
+                if let Some((status, lm, etag, body)) = answers.get(i) {
+                    let mut resp = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\n", body.len());
+                    if !lm.is_empty() {
+                        resp.push_str(&format!("Last-Modified: {lm}\r\nEtag: {etag}\r\n"));
+                    }
+                    resp.push_str("\r\n");
+                    resp.push_str(body);
+                    sock.write_all(resp.as_bytes()).await.unwrap();
+                }
+            }
+            // Keep the connection open: the held poll stays held.
+            (heads, sock)
+        });
+        let mut pool = Pool::start(&s, 0..1, 1, Instant::now() + Duration::from_secs(10), String::new());
+        let connected = pool.wait_connected().await;
+        assert_eq!((connected.ok, connected.failed), (1, 0));
+        let (heads, _sock) = timeout(Duration::from_secs(10), server).await.unwrap().unwrap();
+        assert!(
+            heads[0].starts_with(&format!("GET /sub?channel={}-0 HTTP/1.1\r\n", s.prefix)),
+            "{}",
+            heads[0]
+        );
+        assert!(!heads[0].contains("If-"), "a first poll has no message id: {}", heads[0]);
+        for (i, lm) in [(1, "10:00:00"), (2, "10:00:01"), (3, "10:00:01")] {
+            let want = format!("If-Modified-Since: Sun, 22 Nov 2026 {lm} GMT\r\nIf-None-Match: 0\r\n");
+            assert!(heads[i].contains(&want), "poll {i}: {}", heads[i]);
+        }
+        {
+            let t = lock(&pool.trackers[0]);
+            assert_eq!((t.unique, t.bad_payload, t.unexpected), (1, 0, 0), "the marker is not a delivery");
+            assert!(t.disconnect.is_none());
+        }
+        pool.shutdown().await;
     }
 }
