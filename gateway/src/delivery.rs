@@ -27,8 +27,12 @@ pub struct Delivery {
     pub published_ms: Option<u64>,
     sse: OnceLock<Bytes>,
     sse_body: OnceLock<Bytes>,
+    sse_json: OnceLock<Bytes>,
+    sse_chunk: OnceLock<Bytes>,
+    sse_json_chunk: OnceLock<Bytes>,
     json: OnceLock<Bytes>,
     ws: OnceLock<Bytes>,
+    ws_frame: OnceLock<Bytes>,
 }
 
 impl Delivery {
@@ -57,8 +61,12 @@ impl Delivery {
             published_ms,
             sse: OnceLock::new(),
             sse_body: OnceLock::new(),
+            sse_json: OnceLock::new(),
+            sse_chunk: OnceLock::new(),
+            sse_json_chunk: OnceLock::new(),
             json: OnceLock::new(),
             ws: OnceLock::new(),
+            ws_frame: OnceLock::new(),
         }
     }
 
@@ -128,17 +136,36 @@ impl Delivery {
         if self.reset {
             return self.sse().clone();
         }
-        // The envelope has no raw line breaks, so it is one `data:` line; built from the
-        // shared JSON encoding and cheap enough not to cache separately.
-        let json = self.json();
-        let mut s = String::with_capacity(json.len() + 32);
-        shared::sse::encode_event(
-            &mut s,
-            self.id.as_deref(),
-            self.event.as_deref(),
-            std::str::from_utf8(json).unwrap_or_default(),
-        );
-        Bytes::from(s)
+        self.sse_json
+            .get_or_init(|| {
+                // The envelope has no raw line breaks, so it is one `data:` line.
+                let json = self.json();
+                let mut s = String::with_capacity(json.len() + 32);
+                shared::sse::encode_event(
+                    &mut s,
+                    self.id.as_deref(),
+                    self.event.as_deref(),
+                    std::str::from_utf8(json).unwrap_or_default(),
+                );
+                Bytes::from(s)
+            })
+            .clone()
+    }
+
+    /// [`Self::sse`] (with `json`, [`Self::sse_json`]) framed as one HTTP/1.1 chunk,
+    /// written as is to every subscriber's socket.
+    pub fn sse_chunk(&self, json: bool) -> &Bytes {
+        let cell = if json { &self.sse_json_chunk } else { &self.sse_chunk };
+        cell.get_or_init(|| {
+            let event = if json { self.sse_json() } else { self.sse().clone() };
+            let mut head = [0u8; 18];
+            let n = crate::server::io::chunk_header(event.len(), &mut head);
+            let mut v = Vec::with_capacity(n + event.len() + 2);
+            v.extend_from_slice(&head[..n]);
+            v.extend_from_slice(&event);
+            v.extend_from_slice(b"\r\n");
+            Bytes::from(v)
+        })
     }
 
     /// The WebSocket text frame `{"type":"message",...}`.
@@ -157,6 +184,17 @@ impl Delivery {
             v.extend_from_slice(br#"{"type":"message","#);
             v.extend_from_slice(&json[1..]);
             Bytes::from(v)
+        })
+    }
+
+    /// [`Self::ws`] as a whole WebSocket text frame, header included. Server frames are
+    /// not masked, so every subscriber's socket gets these same bytes.
+    pub fn ws_frame(&self) -> &Bytes {
+        self.ws_frame.get_or_init(|| {
+            Bytes::from(crate::transport::ws::frame::encode(
+                crate::transport::ws::frame::opcode::TEXT,
+                self.ws(),
+            ))
         })
     }
 }
@@ -195,6 +233,12 @@ mod tests {
         let d = delivery(b"x");
         assert_eq!(d.ws().as_ptr(), d.ws().as_ptr());
         assert_eq!(d.sse().as_ptr(), d.sse().as_ptr());
+        assert_eq!(d.ws_frame().as_ptr(), d.ws_frame().as_ptr());
+        assert_eq!(d.sse_json().as_ptr(), d.sse_json().as_ptr());
+        assert_eq!(&d.sse_chunk(false)[..], b"11\r\nid: 1-0\ndata: x\n\n\r\n");
+        let chunk = crate::server::Chunk::Framed(d.sse_chunk(true).clone());
+        assert_eq!(chunk.into_data(), d.sse_json());
+        assert_eq!(&d.ws_frame()[2..], &d.ws()[..], "a short frame: two header bytes");
     }
 
     #[test]

@@ -66,38 +66,87 @@ pub enum Kick {
 /// A connection's inbox: the sending half of its bounded queue, and how to close it.
 /// The queue is bounded twice: in messages (`queue_size`) and in payload bytes
 /// (`queue_bytes`); a message always fits an empty queue, whatever its size.
+///
+/// The queue is a `VecDeque` behind a mutex held for a push or a pop, not a tokio
+/// channel: an idle connection's inbox is one small allocation (a bounded tokio
+/// channel costs about 800 bytes per connection before its first message).
 #[derive(Debug)]
 pub struct Inbox {
-    tx: mpsc::Sender<Arc<Delivery>>,
+    queue: Mutex<Queue>,
     close: CancellationToken,
     kick: OnceLock<Kick>,
     transport: Transport,
     /// Payload bytes in the queue now.
     queued: AtomicUsize,
     max_bytes: usize,
+    /// Most messages queued.
+    capacity: usize,
 }
+
+#[derive(Debug)]
+struct Queue {
+    items: VecDeque<Arc<Delivery>>,
+    /// The receiver, when it waits for the next delivery.
+    waker: Option<std::task::Waker>,
+    /// False once the receiver is gone: nothing is queued any more.
+    open: bool,
+}
+
+/// Queue capacity kept when a queue drains after a burst.
+const KEEP_CAPACITY: usize = 8;
 
 /// The receiving half of an [`Inbox`]: hands out queued deliveries and keeps the
 /// inbox's byte count.
 #[derive(Debug)]
 pub struct InboxRx {
-    rx: mpsc::Receiver<Arc<Delivery>>,
     inbox: Arc<Inbox>,
 }
 
 impl InboxRx {
     /// The next delivery; `None` once the inbox is gone.
     pub async fn recv(&mut self) -> Option<Arc<Delivery>> {
-        let d = self.rx.recv().await?;
-        self.inbox.taken(&d);
-        Some(d)
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 
     /// The next delivery if one is queued.
     pub fn try_recv(&mut self) -> Result<Arc<Delivery>, mpsc::error::TryRecvError> {
-        let d = self.rx.try_recv()?;
+        let d = self.inbox.pop().ok_or(mpsc::error::TryRecvError::Empty)?;
         self.inbox.taken(&d);
         Ok(d)
+    }
+
+    /// Polls for the next delivery (for hand-written streams and futures).
+    pub fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Arc<Delivery>>> {
+        let mut q = self.inbox.lock();
+        match q.items.pop_front() {
+            Some(d) => {
+                if q.items.is_empty() && q.items.capacity() > KEEP_CAPACITY {
+                    q.items.shrink_to(KEEP_CAPACITY);
+                }
+                drop(q);
+                self.inbox.taken(&d);
+                std::task::Poll::Ready(Some(d))
+            }
+            None => {
+                if !q.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    q.waker = Some(cx.waker().clone());
+                }
+                std::task::Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for InboxRx {
+    fn drop(&mut self) {
+        let mut q = self.inbox.lock();
+        q.open = false;
+        q.waker = None;
+        let items = std::mem::take(&mut q.items);
+        drop(q);
+        for d in &items {
+            self.inbox.taken(d);
+        }
     }
 }
 
@@ -109,16 +158,25 @@ impl Inbox {
         limits: &crate::config::Limits,
         close: CancellationToken,
     ) -> (Arc<Self>, InboxRx) {
-        let (tx, rx) = mpsc::channel(limits.queue_size);
         let inbox = Arc::new(Self {
-            tx,
+            queue: Mutex::new(Queue { items: VecDeque::new(), waker: None, open: true }),
             close,
             kick: OnceLock::new(),
             transport,
             queued: AtomicUsize::new(0),
             max_bytes: limits.queue_bytes,
+            capacity: limits.queue_size.max(1),
         });
-        (inbox.clone(), InboxRx { rx, inbox })
+        (inbox.clone(), InboxRx { inbox })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // Only plain data behind it: a panic elsewhere leaves nothing inconsistent.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pop(&self) -> Option<Arc<Delivery>> {
+        self.lock().items.pop_front()
     }
 
     /// Payload bytes queued now.
@@ -138,16 +196,26 @@ impl Inbox {
             self.queued.fetch_sub(len, Ordering::Relaxed);
             return Err(Offer::Full("queue_bytes"));
         }
-        match self.tx.try_send(d.clone()) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.queued.fetch_sub(len, Ordering::Relaxed);
-                Err(match e {
-                    mpsc::error::TrySendError::Full(_) => Offer::Full("queue_messages"),
-                    mpsc::error::TrySendError::Closed(_) => Offer::Closed,
-                })
-            }
+        let mut q = self.lock();
+        let refused = if !q.open {
+            Some(Offer::Closed)
+        } else if q.items.len() >= self.capacity {
+            Some(Offer::Full("queue_messages"))
+        } else {
+            None
+        };
+        if let Some(refused) = refused {
+            drop(q);
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            return Err(refused);
         }
+        q.items.push_back(d.clone());
+        let waker = q.waker.take();
+        drop(q);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Ok(())
     }
 
     /// Cancelled when the hub closes this connection.

@@ -7,12 +7,15 @@
 //! with the returned cursor misses nothing. A cursor this node cannot place (it came
 //! from another node or an earlier run, or the buffer was overrun) gets
 //! `"reset": true` with the affected channels, then live messages.
+//!
+//! The handler checks the request and returns at once; the wait is a
+//! [`Takeover::Later`] the connection runs, so a held poll keeps only its own state.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use axum::{
     Extension,
-    body::Body,
+    body::{Body, Bytes},
     extract::{RawQuery, State},
     http::{HeaderValue, header},
     response::Response,
@@ -28,7 +31,7 @@ use crate::{
     delivery::Delivery,
     error::ApiError,
     hub::{Inbox, Transport},
-    server::ConnCtx,
+    server::{ConnCtx, Takeover},
 };
 
 /// Positions per channel on one node run, carried opaquely by the client.
@@ -86,9 +89,41 @@ pub async fn handler(
     if state.shutdown.is_cancelled() {
         return Err(ApiError::shutting_down());
     }
+    // History positions in the cursor are checked here, so the answer can only be 200.
+    let mut history = Vec::with_capacity(channels.len());
+    for ch in &channels {
+        history.push(match cursor.as_ref().and_then(|c| c.h.get(ch)) {
+            Some(h) => Some(h.parse::<StreamPos>().map_err(|_| {
+                ApiError::bad_request(
+                    "invalid cursor: pass back the \"cursor\" of the previous answer unchanged",
+                )
+            })?),
+            None => None,
+        });
+    }
+    let close = ctx.map(|Extension(c)| c.close).unwrap_or_default();
+    let mut resp = Response::new(Body::empty());
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // The wait runs outside the router (see `server::Takeover`): only the held state
+    // stays allocated.
+    let answer = hold(state, channels, history, cursor, timeout, close);
+    Takeover::Later(Box::pin(answer)).attach(&mut resp);
+    Ok(resp)
+}
+
+/// Joins the channels, waits for messages (or the timeout) and builds the answer.
+async fn hold(
+    state: AppState,
+    channels: Vec<String>,
+    history: Vec<Option<StreamPos>>,
+    cursor: Option<Cursor>,
+    timeout: Duration,
+    close: tokio_util::sync::CancellationToken,
+) -> Bytes {
     let hub = &state.hub;
     let foreign = cursor.as_ref().is_some_and(|c| c.e != hub.epoch());
-    let close = ctx.map(|Extension(c)| c.close).unwrap_or_default();
     let (inbox, mut rx) = Inbox::new(Transport::Poll, &state.config.limits, close);
     let mut guard = ConnGuard::new(Transport::Poll);
 
@@ -97,18 +132,10 @@ pub async fn handler(
     let mut reset_channels = Vec::new();
     let mut positions = Positions::default();
     let mut from_history = Vec::new();
-    for ch in &channels {
+    for (ch, history_pos) in channels.iter().zip(history) {
         let after = match &cursor {
             Some(c) if !foreign => c.p.get(ch).copied(),
             _ => None,
-        };
-        let history_pos = match cursor.as_ref().and_then(|c| c.h.get(ch)) {
-            Some(h) => Some(h.parse::<StreamPos>().map_err(|_| {
-                ApiError::bad_request(
-                    "invalid cursor: pass back the \"cursor\" of the previous answer unchanged",
-                )
-            })?),
-            None => None,
         };
         let join = hub.poll_join(ch, after, &inbox);
         if let Some(pos) = history_pos {
@@ -124,10 +151,11 @@ pub async fn handler(
         }
         joins.push(join);
     }
-    wait_ready(joins.iter().map(|j| j.ready.clone())).await;
+    // Boxed: these waits are short, and the held future stays small without them.
+    Box::pin(wait_ready(joins.iter().map(|j| j.ready.clone()))).await;
     // Positions are valid on every node: read what the buffer could not give from history.
     for (ch, from) in from_history {
-        match replay(hub, &ch, from).await {
+        match Box::pin(replay(hub, &ch, from)).await {
             Replay::Messages(ms) => messages.extend(ms),
             Replay::Reset(_) => reset_channels.push(ch.to_string()),
         }
@@ -195,11 +223,7 @@ pub async fn handler(
         body.extend_from_slice(&serde_json::to_vec(&reset_channels).expect("strings serialize"));
     }
     body.push(b'}');
-    let mut resp = Response::new(Body::from(body));
-    let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok(resp)
+    Bytes::from(body)
 }
 
 #[cfg(test)]

@@ -4,8 +4,18 @@
 //! format and shared; when several are queued they go out in one chunk. Heartbeat
 //! comments keep proxies from timing the stream out. On shutdown the stream sends a
 //! `retry:` hint and ends; a slow consumer is told why (`event: disconnect`) and cut off.
+//!
+//! The stream is a [`Takeover::Stream`]: the connection writes it on the bare socket,
+//! and a single message goes out as its shared, already framed HTTP chunk.
 
-use std::{collections::VecDeque, convert::Infallible, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    collections::VecDeque,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use axum::{
     Extension,
@@ -15,6 +25,7 @@ use axum::{
     response::Response,
 };
 use bytes::BytesMut;
+use futures_util::Stream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
@@ -27,11 +38,14 @@ use crate::{
     delivery::Delivery,
     error::ApiError,
     hub::{Inbox, Kick, Subscription, Transport},
-    server::ConnCtx,
+    server::{Chunk, ConnCtx, Takeover, signal::Quiet},
 };
 
 /// Most bytes coalesced into one chunk when messages queue up.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
+/// Deliveries are checked for before the other signals; every this many turns the
+/// signals come first, so a flood of messages cannot hide a drain or an expiry.
+const SIGNALS_EVERY: u32 = 16;
 
 /// `GET /sse`.
 pub async fn handler(
@@ -99,8 +113,8 @@ pub async fn handler(
         inbox,
         _subs: subs,
         guard: ConnGuard::new(Transport::Sse),
-        closed: Box::pin(inbox_closed),
-        shutdown_wait: drain_turn(state.shutdown.clone(), state.config.timers.drain_window),
+        closed: Quiet::new(Box::pin(inbox_closed)),
+        shutdown_wait: Quiet::new(drain_turn(state.shutdown.clone(), state.config.timers.drain_window)),
         beat: Box::pin(tokio::time::sleep(state.config.timers.sse_heartbeat)),
         last_write: tokio::time::Instant::now(),
         expiry: claims.map(|c| Box::pin(tokio::time::sleep(c.remaining()))),
@@ -109,12 +123,10 @@ pub async fn handler(
         json,
         started: false,
         done: false,
+        turns: 0,
     };
-    let body = Body::from_stream(futures_util::stream::unfold(stream, |mut s| async move {
-        let chunk = s.next_chunk().await?;
-        Some((Ok::<_, Infallible>(chunk), s))
-    }));
-    let mut resp = Response::new(body);
+    let mut resp = Response::new(Body::empty());
+    Takeover::Stream(Box::pin(stream)).attach(&mut resp);
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -134,8 +146,8 @@ struct SseStream {
     guard: ConnGuard,
     /// Kept across chunks: re-creating these futures per message registers a waiter
     /// or a timer each time.
-    closed: Pin<Box<WaitForCancellationFutureOwned>>,
-    shutdown_wait: DrainTurn,
+    closed: Quiet<Pin<Box<WaitForCancellationFutureOwned>>>,
+    shutdown_wait: Quiet<DrainTurn>,
     beat: Pin<Box<Sleep>>,
     /// A heartbeat is due `heartbeat` after the last write, whatever it was.
     last_write: Instant,
@@ -146,6 +158,8 @@ struct SseStream {
     json: bool,
     started: bool,
     done: bool,
+    /// Counts polls, for [`SIGNALS_EVERY`].
+    turns: u32,
 }
 
 impl SseStream {
@@ -154,7 +168,12 @@ impl SseStream {
         if !self.positions.accept(d) {
             return None;
         }
-        if self.multi && d.pos.is_some() {
+        Some(self.encode_accepted(d))
+    }
+
+    /// The bytes for `d` (already checked against `positions`).
+    fn encode_accepted(&self, d: &Delivery) -> Bytes {
+        if self.per_connection(d) {
             let body = d.sse_body(self.json);
             let id = self.positions.compound();
             let mut buf = BytesMut::with_capacity(id.len() + 5 + body.len());
@@ -162,9 +181,14 @@ impl SseStream {
             buf.extend_from_slice(id.as_bytes());
             buf.extend_from_slice(b"\n");
             buf.extend_from_slice(&body);
-            return Some(buf.freeze());
+            return buf.freeze();
         }
-        Some(if self.json { d.sse_json() } else { d.sse().clone() })
+        if self.json { d.sse_json() } else { d.sse().clone() }
+    }
+
+    /// Whether `d`'s event differs per connection: several channels give a compound id.
+    fn per_connection(&self, d: &Delivery) -> bool {
+        self.multi && d.pos.is_some()
     }
 
     /// Replayed messages, all in one chunk.
@@ -178,10 +202,108 @@ impl SseStream {
         (!buf.is_empty()).then(|| buf.freeze())
     }
 
-    /// The next chunk to write, or `None` when the stream ends.
-    async fn next_chunk(&mut self) -> Option<Bytes> {
-        if self.done {
+    /// Ends the stream with an `event: disconnect` saying why the hub closed it.
+    fn end_closed(&mut self) -> Bytes {
+        self.done = true;
+        let (reason, message) = match self.inbox.kicked() {
+            Some(Kick::SlowConsumer) => {
+                ("slow_consumer", "the connection fell too far behind and was closed; reconnect")
+            }
+            None => ("server_closed", "the server closed the connection; reconnect"),
+        };
+        self.guard.set_reason(reason);
+        disconnect_event(reason, message)
+    }
+
+    /// The chunk for `first` and whatever else is queued (up to [`MAX_BATCH_BYTES`]), or
+    /// `None` when all of it repeats what was already sent.
+    fn batch(&mut self, first: &Delivery) -> Option<Chunk> {
+        let Ok(next) = self.rx.try_recv() else {
+            if !self.positions.accept(first) {
+                return None;
+            }
+            self.last_write = Instant::now();
+            // One message: its shared, already framed chunk, unless its id is this
+            // connection's own.
+            if !self.per_connection(first) {
+                return Some(Chunk::Framed(first.sse_chunk(self.json).clone()));
+            }
+            return Some(Chunk::Data(self.encode_accepted(first)));
+        };
+        let first = self.encode(first);
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&first.unwrap_or_default());
+        let mut next = Some(next);
+        while let Some(d) = next.take() {
+            if let Some(b) = self.encode(&d) {
+                buf.extend_from_slice(&b);
+            }
+            if buf.len() < MAX_BATCH_BYTES {
+                next = self.rx.try_recv().ok();
+            }
+        }
+        if buf.is_empty() {
             return None;
+        }
+        self.last_write = Instant::now();
+        Some(Chunk::Data(buf.freeze()))
+    }
+
+    /// The signals other than a delivery, in priority order; `None` when none fired.
+    fn poll_signals(&mut self, cx: &mut Context<'_>) -> Option<Bytes> {
+        if let Some(expiry) = &mut self.expiry
+            && expiry.as_mut().poll(cx).is_ready()
+        {
+            self.done = true;
+            self.guard.set_reason("token_expired");
+            return Some(disconnect_event("token_expired", "the token expired; reconnect with a fresh one"));
+        }
+        if self.closed.poll(cx).is_ready() {
+            return Some(self.end_closed());
+        }
+        if self.shutdown_wait.poll(cx).is_ready() {
+            self.done = true;
+            self.guard.set_reason("shutdown");
+            let mut s = String::new();
+            shared::sse::encode_retry(&mut s, self.retry.as_millis() as u64);
+            let tail = disconnect_event("shutting_down", "this node is restarting; reconnect");
+            return Some(Bytes::from([s.as_bytes(), &tail].concat()));
+        }
+        None
+    }
+
+    /// A heartbeat comment when one is due. The timer is re-armed from the last write,
+    /// so a busy stream sends no heartbeats and costs no timer work per message.
+    fn poll_heartbeat(&mut self, cx: &mut Context<'_>) -> Option<Bytes> {
+        while self.beat.as_mut().poll(cx).is_ready() {
+            let due = self.last_write + self.heartbeat;
+            let now = Instant::now();
+            if due > now {
+                self.beat.as_mut().reset(due);
+                continue;
+            }
+            self.last_write = now;
+            self.beat.as_mut().reset(now + self.heartbeat);
+            // A fired timer keeps no waker: poll it once so the next beat wakes us.
+            let _ = self.beat.as_mut().poll(cx);
+            return Some(Bytes::from_static(b":\n\n"));
+        }
+        None
+    }
+}
+
+impl Stream for SseStream {
+    type Item = Chunk;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Chunk>> {
+        self.get_mut().next_chunk(cx)
+    }
+}
+
+impl SseStream {
+    fn next_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk>> {
+        if self.done {
+            return Poll::Ready(None);
         }
         if !self.started {
             self.started = true;
@@ -192,84 +314,44 @@ impl SseStream {
             if let Some(replayed) = self.replayed() {
                 buf.extend_from_slice(&replayed);
             }
-            return Some(buf.freeze());
+            // Registers the signals and the heartbeat (later polls after a chunk skip
+            // them until a wake-up).
+            if let Some(b) = self.poll_signals(cx) {
+                buf.extend_from_slice(&b);
+            } else {
+                let _ = self.poll_heartbeat(cx);
+            }
+            return Poll::Ready(Some(Chunk::Data(buf.freeze())));
         }
+        // An atomic load: a kicked stream stops at once, without touching its token.
+        if self.inbox.kicked().is_some() {
+            return Poll::Ready(Some(Chunk::Data(self.end_closed())));
+        }
+        self.turns = self.turns.wrapping_add(1);
+        if self.turns.is_multiple_of(SIGNALS_EVERY)
+            && let Some(b) = self.poll_signals(cx)
+        {
+            return Poll::Ready(Some(Chunk::Data(b)));
+        }
+        // Deliveries first: the other signals are polled only when none is waiting, so a
+        // message costs no lock or timer work.
         loop {
-            let expiry = &mut self.expiry;
-            let expired = async move {
-                match expiry {
-                    Some(sleep) => sleep.as_mut().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                biased;
-                _ = expired => {
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(d)) => match self.batch(&d) {
+                    Some(b) => return Poll::Ready(Some(b)),
+                    None => continue, // a repeat of a replayed message
+                },
+                Poll::Ready(None) => {
                     self.done = true;
-                    self.guard.set_reason("token_expired");
-                    return Some(disconnect_event("token_expired", "the token expired; reconnect with a fresh one"));
+                    return Poll::Ready(None);
                 }
-                _ = self.closed.as_mut() => {
-                    self.done = true;
-                    let (reason, message) = match self.inbox.kicked() {
-                        Some(Kick::SlowConsumer) => {
-                            ("slow_consumer", "the connection fell too far behind and was closed; reconnect")
-                        }
-                        None => ("server_closed", "the server closed the connection; reconnect"),
-                    };
-                    self.guard.set_reason(reason);
-                    return Some(disconnect_event(reason, message));
-                }
-                _ = self.shutdown_wait.as_mut() => {
-                    self.done = true;
-                    self.guard.set_reason("shutdown");
-                    let mut s = String::new();
-                    shared::sse::encode_retry(&mut s, self.retry.as_millis() as u64);
-                    let tail = disconnect_event("shutting_down", "this node is restarting; reconnect");
-                    return Some(Bytes::from([s.as_bytes(), &tail].concat()));
-                }
-                d = self.rx.recv() => {
-                    let first = self.encode(d.as_deref()?);
-                    let Ok(next) = self.rx.try_recv() else {
-                        match first {
-                            Some(b) => {
-                                self.last_write = Instant::now();
-                                return Some(b);
-                            }
-                            None => continue, // a repeat of a replayed message
-                        }
-                    };
-                    let mut buf = BytesMut::new();
-                    buf.extend_from_slice(&first.unwrap_or_default());
-                    let mut next = Some(next);
-                    while let Some(d) = next.take() {
-                        if let Some(b) = self.encode(&d) {
-                            buf.extend_from_slice(&b);
-                        }
-                        if buf.len() < MAX_BATCH_BYTES {
-                            next = self.rx.try_recv().ok();
-                        }
-                    }
-                    if !buf.is_empty() {
-                        self.last_write = Instant::now();
-                        return Some(buf.freeze());
-                    }
-                }
-                _ = self.beat.as_mut() => {
-                    // Re-armed from the last write, so a busy stream sends no heartbeats
-                    // and costs no timer work per message.
-                    let due = self.last_write + self.heartbeat;
-                    let now = Instant::now();
-                    if due > now {
-                        self.beat.as_mut().reset(due);
-                        continue;
-                    }
-                    self.last_write = now;
-                    self.beat.as_mut().reset(now + self.heartbeat);
-                    return Some(Bytes::from_static(b":\n\n"));
-                }
+                Poll::Pending => break,
             }
         }
+        if let Some(b) = self.poll_signals(cx).or_else(|| self.poll_heartbeat(cx)) {
+            return Poll::Ready(Some(Chunk::Data(b)));
+        }
+        Poll::Pending
     }
 }
 

@@ -1,13 +1,24 @@
 //! WebSocket: `GET /ws[?channel=a]`, JSON text frames.
 //!
-//! The upgrade is done here with tokio-tungstenite directly, so per-connection buffers
-//! are small (the library default read buffer is 128 KiB). One task per connection
-//! selects over the client's frames, its inbox, pings and shutdown. Client ops:
+//! The handler answers the upgrade (`101`) and hands the bare connection to a
+//! [`Session`] (see `server::Takeover`), which speaks the protocol itself ([`frame`]):
+//! it holds no read or write buffer while idle, and a message's frame is encoded once
+//! per delivery and written as is to every subscriber's socket. One task per connection
+//! waits for the client's frames, its inbox, pings and shutdown. Client ops:
 //! `subscribe`, `unsubscribe`, `publish` (when enabled), `ping`. Close codes: 1000
-//! normal, 1002 protocol error, 1008 slow consumer / policy, 1009 message too big,
-//! 1011 server error, 1012 server restarting (reconnect elsewhere), 4001 token expired.
+//! normal, 1001 ping timeout, 1002 protocol error, 1008 slow consumer / policy, 1009
+//! message too big, 1011 server error, 1012 server restarting (reconnect elsewhere),
+//! 4001 token expired.
 
-use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
+pub mod frame;
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use axum::{
     extract::{RawQuery, Request, State},
@@ -15,54 +26,54 @@ use axum::{
     response::Response,
 };
 use bytes::Bytes;
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use hyper_util::rt::TokioIo;
 use shared::protocol::{CLIENT_OPS, ClientOp, ServerFrame, error_code as code};
-use tokio::time::Instant;
-use tokio_tungstenite::{
-    WebSocketStream,
-    tungstenite::{
-        Message, Utf8Bytes,
-        error::{CapacityError, Error as WsError},
-        handshake::derive_accept_key,
-        protocol::{CloseFrame, Role, WebSocketConfig, frame::coding::CloseCode},
-    },
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    time::Instant,
 };
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use tracing::{Instrument, debug};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
 
 use shared::{Resume, StreamPos, protocol::Since};
 
+use self::frame::{DecodeError, Decoder, Incoming, opcode};
 use super::{
-    ConnGuard, Positions, Query, Replay, check_channels, drain_turn, parse_resume, replay, wait_ready,
+    ConnGuard, DrainTurn, Positions, Query, Replay, check_channels, drain_turn, parse_resume, replay,
+    wait_ready,
 };
 use crate::{
     app::AppState,
     auth::Claims,
     broker::Publish,
-    config::Limits,
     delivery::Delivery,
     error::{ApiError, quote},
-    hub::{Hub, Inbox, Subscription, Transport},
+    hub::{Inbox, InboxRx, Subscription, Transport},
+    server::{
+        ConnCtx, Takeover,
+        io::{write_all_bufs, write_now},
+        signal::Quiet,
+    },
 };
 
-/// Read buffer per connection; messages from clients are small ops (it grows for a
-/// larger one, up to the message size limit).
-const READ_BUFFER: usize = 1024;
-/// Write buffer per connection before a flush is forced.
-const WRITE_BUFFER: usize = 16 * 1024;
-/// Most frames written before one flush.
+/// Bytes read from the socket per call, on the stack.
+const READ_CHUNK: usize = 4096;
+/// Most frames written in one batch (one `writev`).
 const MAX_BATCH: usize = 64;
 /// Close code when the subscriber's token expires: reconnect with a fresh token.
 pub const TOKEN_EXPIRED: u16 = 4001;
 /// How long a closing handshake may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Deliveries are checked for before the other signals; every this many turns the
+/// signals come first, so a flood of messages cannot hide a drain.
+const SIGNALS_EVERY: u32 = 16;
 
-/// `GET /ws`: validates the upgrade request and hands the socket to a session task.
+/// `GET /ws`: validates the upgrade request and hands the connection to a [`Session`].
 pub async fn handler(
     State(state): State<AppState>,
+    ctx: Option<axum::Extension<ConnCtx>>,
     RawQuery(query): RawQuery,
-    mut req: Request,
+    req: Request,
 ) -> Result<Response, ApiError> {
     let key = check_upgrade(req.headers())?;
     check_origin(req.headers(), &state.config.allowed_origins)?;
@@ -73,32 +84,11 @@ pub async fn handler(
     if state.shutdown.is_cancelled() {
         return Err(ApiError::shutting_down());
     }
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let max_msg = state.config.limits.max_payload_bytes + 4096;
-    let ws_config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(WRITE_BUFFER + 2 * max_msg)
-        .max_message_size(Some(max_msg))
-        .max_frame_size(Some(max_msg));
-    let tracker = state.tracker.clone();
-    // The session outlives this request: keep the connection span (peer address) on it.
-    let span = tracing::debug_span!(parent: tracing::Span::current(), "ws");
-    tracker.spawn(
-        async move {
-            let upgraded = match on_upgrade.await {
-                Ok(u) => u,
-                Err(err) => {
-                    debug!(%err, "websocket upgrade failed");
-                    return;
-                }
-            };
-            let socket =
-                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
-            Session::new(state, claims).run(socket, channels).await;
-        }
-        .instrument(span),
-    );
+    // The connection's own close token (nothing else watches it once upgraded).
+    let close = ctx.map(|axum::Extension(c)| c.close).unwrap_or_default();
+    let run = move |io: crate::server::io::Io, leftover: Bytes| -> crate::server::UpgradedSession {
+        Box::pin(Session::new(state, claims, close, io, &leftover).run(channels))
+    };
     let mut resp = Response::new(axum::body::Body::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
@@ -108,6 +98,7 @@ pub async fn handler(
         header::SEC_WEBSOCKET_ACCEPT,
         HeaderValue::from_str(&derive_accept_key(key.as_bytes())).expect("base64 is a valid header"),
     );
+    Takeover::Upgrade(Box::new(run)).attach(&mut resp);
     Ok(resp)
 }
 
@@ -148,8 +139,10 @@ fn check_upgrade(h: &HeaderMap) -> Result<String, ApiError> {
 }
 
 /// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
-    ClientClosed,
+    /// The client sent a close frame (with this code).
+    ClientClosed(Option<u16>),
     ClientGone,
     Slow,
     Shutdown,
@@ -160,190 +153,271 @@ enum End {
     Internal,
 }
 
-/// One WebSocket connection's state.
-pub struct Session {
-    hub: Arc<Hub>,
-    limits: Limits,
-    ws_publish: bool,
-    shutdown: CancellationToken,
-    drain_window: Duration,
-    ping_every: Duration,
+/// What woke the session.
+enum Event {
+    Delivery(Option<Arc<Delivery>>),
+    Client(Result<Incoming, End>),
+    Timer,
+    Shutdown,
+}
+
+/// One WebSocket connection: its socket, subscriptions and timers.
+pub struct Session<S> {
+    io: S,
+    decoder: Decoder,
+    state: AppState,
     inbox: Arc<Inbox>,
-    rx: crate::hub::InboxRx,
-    subs: HashMap<Arc<str>, Subscription>,
+    rx: InboxRx,
+    subs: Vec<Subscription>,
     positions: Positions,
     guard: ConnGuard,
     /// The subscriber's token claims when auth is on.
-    claims: Option<Claims>,
+    claims: Option<Box<Claims>>,
+    /// This connection's turn to be told to reconnect when the node drains (polled
+    /// only after it fired: it is checked on every wake-up).
+    shutdown: Quiet<DrainTurn>,
+    /// The unwritten rest of frames whose write was cut short (kick or drain): written
+    /// before the closing frames, so the client still sees whole frames.
+    unsent: Vec<u8>,
 }
 
-impl Session {
-    /// A session with an empty subscription set.
-    pub fn new(state: AppState, claims: Option<Claims>) -> Self {
-        let (inbox, rx) = Inbox::new(Transport::Ws, &state.config.limits, CancellationToken::new());
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    /// A session on `io` with an empty subscription set; `leftover` is what the client
+    /// sent after its upgrade request.
+    /// `close` is cancelled when the hub closes the connection.
+    pub fn new(
+        state: AppState,
+        claims: Option<Claims>,
+        close: CancellationToken,
+        io: S,
+        leftover: &[u8],
+    ) -> Self {
+        let limits = &state.config.limits;
+        let (inbox, rx) = Inbox::new(Transport::Ws, limits, close);
+        let mut decoder = Decoder::new(limits.max_payload_bytes + 4096);
+        decoder.feed(leftover);
+        let shutdown = Quiet::new(drain_turn(state.shutdown.clone(), state.config.timers.drain_window));
         Self {
-            hub: state.hub.clone(),
-            limits: state.config.limits.clone(),
-            ws_publish: state.config.ws_publish,
-            shutdown: state.shutdown.clone(),
-            drain_window: state.config.timers.drain_window,
-            ping_every: state.config.timers.ws_ping,
+            io,
+            decoder,
             inbox,
             rx,
-            subs: HashMap::new(),
+            subs: Vec::new(),
             positions: Positions::default(),
             guard: ConnGuard::new(Transport::Ws),
-            claims,
+            claims: claims.map(Box::new),
+            shutdown,
+            unsent: Vec::new(),
+            state,
         }
     }
 
-    /// Runs the session over any socket of WebSocket messages until it ends.
-    pub async fn run<S>(mut self, mut ws: S, initial: Vec<String>)
-    where
-        S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
-    {
-        if !initial.is_empty() && self.subscribe(&mut ws, initial, None).await.is_err() {
-            return;
-        }
-        let mut ping = tokio::time::interval_at(Instant::now() + self.ping_every, self.ping_every);
-        let mut last_seen = Instant::now();
-        // Created once: a fresh `cancelled()` future per loop turn registers and
-        // unregisters a waiter every time, which showed up in profiles.
-        let closed = self.inbox.closed().clone().cancelled_owned();
-        let mut shutdown = drain_turn(self.shutdown.clone(), self.drain_window);
-        tokio::pin!(closed);
-        let expiry = tokio::time::sleep(self.claims.as_ref().map_or(Duration::MAX / 4, Claims::remaining));
-        tokio::pin!(expiry);
-        let end = loop {
-            tokio::select! {
-                biased;
-                _ = &mut expiry, if self.claims.is_some() => break End::Expired,
-                _ = &mut closed => break End::Slow,
-                _ = &mut shutdown => break End::Shutdown,
-                d = self.rx.recv() => {
-                    let Some(d) = d else { break End::Internal };
-                    if let Err(end) = self.write_batch(&mut ws, d, closed.as_mut(), shutdown.as_mut()).await { break end }
+    /// Subscribes `initial`, then runs the session until it ends.
+    // Not an `async fn`: that would store the session twice in its future (once as the
+    // argument, once as the local), and this future lives as long as the connection.
+    #[allow(clippy::manual_async_fn)]
+    pub fn run(mut self, initial: Vec<String>) -> impl Future<Output = ()> + Send {
+        async move {
+            if !initial.is_empty()
+                && let Err(end) = Box::pin(self.subscribe(initial, None)).await
+            {
+                return Box::pin(self.finish(end)).await;
+            }
+            let ping_every = self.state.config.timers.ws_ping;
+            let expires = self.claims.as_ref().map(|c| Instant::now() + c.remaining());
+            let mut next_ping = Instant::now() + ping_every;
+            let mut last_seen = Instant::now();
+            // One timer for pings and the token's expiry.
+            let timer = tokio::time::sleep_until(expires.map_or(next_ping, |e| e.min(next_ping)));
+            tokio::pin!(timer);
+            let mut turns = 0u32;
+            let end = loop {
+                // An atomic load: a kicked session stops without touching its token.
+                if self.inbox.kicked().is_some() {
+                    break End::Slow;
                 }
-                msg = ws.next() => {
-                    last_seen = Instant::now();
-                    match msg {
-                        None => break End::ClientGone,
-                        Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => break End::TooBig,
-                        Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_))) => break End::ClientGone,
-                        Some(Err(err)) => {
-                            debug!(%err, "websocket protocol error");
-                            break End::Protocol;
-                        }
-                        Some(Ok(Message::Text(text))) => {
-                            if self.handle_op(&mut ws, &text).await.is_err() { break End::ClientGone }
-                        }
-                        Some(Ok(Message::Binary(_))) => {
-                            let f = error(code::BAD_REQUEST, "binary frames are not supported; send JSON text frames");
-                            if send(&mut ws, &f).await.is_err() { break End::ClientGone }
-                        }
-                        Some(Ok(Message::Close(_))) => break End::ClientClosed,
-                        Some(Ok(_)) => {} // ping (answered by tungstenite), pong, raw frame
+                turns = turns.wrapping_add(1);
+                let signals_first = turns.is_multiple_of(SIGNALS_EVERY);
+                let (rx, io, decoder, shutdown) =
+                    (&mut self.rx, &mut self.io, &mut self.decoder, &mut self.shutdown);
+                let event = std::future::poll_fn(|cx| {
+                    if signals_first && shutdown.poll(cx).is_ready() {
+                        return Poll::Ready(Event::Shutdown);
                     }
+                    if let Poll::Ready(d) = rx.poll_recv(cx) {
+                        return Poll::Ready(Event::Delivery(d));
+                    }
+                    if !signals_first && shutdown.poll(cx).is_ready() {
+                        return Poll::Ready(Event::Shutdown);
+                    }
+                    if let Poll::Ready(r) = poll_client(io, decoder, cx) {
+                        return Poll::Ready(Event::Client(r));
+                    }
+                    if timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Event::Timer);
+                    }
+                    Poll::Pending
+                })
+                .await;
+                let result = match event {
+                    Event::Shutdown => Err(End::Shutdown),
+                    Event::Delivery(None) => Err(End::Internal),
+                    Event::Delivery(Some(d)) => self.write_batch(d).await,
+                    Event::Client(Err(end)) => Err(end),
+                    Event::Client(Ok(msg)) => {
+                        last_seen = Instant::now();
+                        match msg {
+                            Incoming::Text(text) => Box::pin(self.handle_op(&text)).await,
+                            Incoming::Binary(_) => {
+                                let f = error(
+                                    code::BAD_REQUEST,
+                                    "binary frames are not supported; send JSON text frames",
+                                );
+                                Box::pin(self.send(&f)).await
+                            }
+                            Incoming::Ping(payload) => {
+                                Box::pin(self.write_frame(opcode::PONG, &payload)).await
+                            }
+                            Incoming::Pong => Ok(()),
+                            Incoming::Close(code) => Err(End::ClientClosed(code)),
+                        }
+                    }
+                    Event::Timer => {
+                        let now = Instant::now();
+                        if expires.is_some_and(|e| now >= e) {
+                            Err(End::Expired)
+                        } else if now >= next_ping && last_seen.elapsed() > ping_every * 2 {
+                            Err(End::Timeout)
+                        } else {
+                            let result = if now >= next_ping {
+                                Box::pin(self.write_frame(opcode::PING, &[])).await
+                            } else {
+                                Ok(())
+                            };
+                            if now >= next_ping {
+                                next_ping = now + ping_every;
+                            }
+                            timer.as_mut().reset(expires.map_or(next_ping, |e| e.min(next_ping)));
+                            result
+                        }
+                    }
+                };
+                if let Err(end) = result {
+                    break end;
                 }
-                _ = ping.tick() => {
-                    if last_seen.elapsed() > self.ping_every * 2 { break End::Timeout }
-                    if ws.send(Message::Ping(Bytes::new())).await.is_err() { break End::ClientGone }
-                }
-            }
-        };
-        self.finish(&mut ws, end).await;
-    }
-
-    async fn write_batch<S>(
-        &mut self,
-        ws: &mut S,
-        first: Arc<Delivery>,
-        closed: Pin<&mut WaitForCancellationFutureOwned>,
-        shutdown: Pin<&mut (dyn std::future::Future<Output = ()> + Send)>,
-    ) -> Result<(), End>
-    where
-        S: Sink<Message, Error = WsError> + Unpin,
-    {
-        let (rx, positions) = (&mut self.rx, &mut self.positions);
-        let write = async move {
-            let mut next = Some(first);
-            let mut n = 0;
-            while let Some(d) = next.take() {
-                if positions.accept(&d) {
-                    ws.feed(text_frame(&d)).await.map_err(|_| End::ClientGone)?;
-                }
-                n += 1;
-                if n < MAX_BATCH {
-                    next = rx.try_recv().ok();
-                }
-            }
-            ws.flush().await.map_err(|_| End::ClientGone)
-        };
-        // A client that stops reading blocks the write; its inbox then overflows and the
-        // hub closes it, which ends the wait here too (as does shutdown).
-        tokio::select! {
-            r = write => r,
-            _ = closed => Err(End::Slow),
-            _ = shutdown => Err(End::Shutdown),
+            };
+            Box::pin(self.finish(end)).await;
         }
     }
 
-    async fn handle_op<S>(&mut self, ws: &mut S, text: &str) -> Result<(), WsError>
-    where
-        S: Sink<Message, Error = WsError> + Unpin,
-    {
+    /// Writes `first` and whatever else is queued (up to [`MAX_BATCH`]) in one go; each
+    /// message's frame is the shared encoding, written without a copy.
+    async fn write_batch(&mut self, first: Arc<Delivery>) -> Result<(), End> {
+        let Ok(second) = self.rx.try_recv() else {
+            if !self.positions.accept(&first) {
+                return Ok(());
+            }
+            return self.write(&mut [first.ws_frame()]).await;
+        };
+        let mut batch = Vec::with_capacity(MAX_BATCH.min(16));
+        batch.push(first);
+        batch.push(second);
+        while batch.len() < MAX_BATCH {
+            let Ok(d) = self.rx.try_recv() else { break };
+            batch.push(d);
+        }
+        batch.retain(|d| self.positions.accept(d));
+        let mut bufs: Vec<&[u8]> = batch.iter().map(|d| &d.ws_frame()[..]).collect();
+        self.write(&mut bufs).await
+    }
+
+    /// Writes `bufs`. A client that stops reading blocks the write; its inbox then
+    /// overflows and the hub closes it, which ends the wait (as does the drain).
+    async fn write(&mut self, bufs: &mut [&[u8]]) -> Result<(), End> {
+        // Most writes finish at once; only one that has to wait watches the signals, in
+        // a boxed future, so the session's state stays small.
+        match write_now(&mut self.io, bufs).await {
+            Poll::Ready(r) => r.map_err(|_| End::ClientGone),
+            Poll::Pending => Box::pin(self.write_slow(bufs)).await,
+        }
+    }
+
+    /// The rest of a write that has to wait: until done, a kick or the drain.
+    async fn write_slow(&mut self, bufs: &mut [&[u8]]) -> Result<(), End> {
+        let Self { io, inbox, shutdown, unsent, .. } = self;
+        let end = tokio::select! {
+            biased;
+            r = write_all_bufs(io, bufs) => return r.map_err(|_| End::ClientGone),
+            _ = inbox.closed().cancelled() => End::Slow,
+            _ = std::future::poll_fn(|cx| shutdown.poll(cx)) => End::Shutdown,
+        };
+        // `bufs` was advanced past what went out.
+        for b in bufs.iter() {
+            unsent.extend_from_slice(b);
+        }
+        Err(end)
+    }
+
+    /// Writes one frame.
+    async fn write_frame(&mut self, op: u8, payload: &[u8]) -> Result<(), End> {
+        let mut header = [0u8; frame::MAX_HEADER];
+        let n = frame::encode_header(op, payload.len(), &mut header);
+        self.write(&mut [&header[..n], payload]).await
+    }
+
+    /// Sends a JSON frame.
+    async fn send(&mut self, frame: &ServerFrame) -> Result<(), End> {
+        let text = serde_json::to_vec(frame).expect("frames serialize");
+        self.write_frame(opcode::TEXT, &text).await
+    }
+
+    async fn handle_op(&mut self, text: &str) -> Result<(), End> {
         let op = match serde_json::from_str::<ClientOp>(text) {
             Ok(op) => op,
-            Err(err) => return send(ws, &op_error(text, &err)).await,
+            Err(err) => return self.send(&op_error(text, &err)).await,
         };
         match op {
-            ClientOp::Subscribe { channels, since } => self.subscribe(ws, channels, since).await,
+            ClientOp::Subscribe { channels, since } => self.subscribe(channels, since).await,
             ClientOp::Unsubscribe { channels } => {
-                let mut left = Vec::with_capacity(channels.len());
-                for ch in channels {
-                    self.subs.remove(ch.as_str());
-                    left.push(ch);
-                }
-                send(ws, &ServerFrame::Unsubscribed { channels: left }).await
+                self.subs.retain(|s| !channels.iter().any(|c| **c == **s.channel()));
+                self.send(&ServerFrame::Unsubscribed { channels }).await
             }
             ClientOp::Publish { channel, data, event } => {
-                let frame = self.publish(channel, data, event).await;
-                send(ws, &frame).await
+                let frame = match self.check_publish(channel, data, event) {
+                    Ok(msg) => publish(self.state.hub.clone(), msg).await,
+                    Err(frame) => frame,
+                };
+                self.send(&frame).await
             }
-            ClientOp::Ping { id } => send(ws, &ServerFrame::Pong { id }).await,
+            ClientOp::Ping { id } => self.send(&ServerFrame::Pong { id }).await,
         }
     }
 
-    async fn subscribe<S>(
-        &mut self,
-        ws: &mut S,
-        channels: Vec<String>,
-        since: Option<Since>,
-    ) -> Result<(), WsError>
-    where
-        S: Sink<Message, Error = WsError> + Unpin,
-    {
-        let channels = match check_channels(channels, &self.limits, true) {
+    async fn subscribe(&mut self, channels: Vec<String>, since: Option<Since>) -> Result<(), End> {
+        let limits = &self.state.config.limits;
+        let channels = match check_channels(channels, limits, true) {
             Ok(c) => c,
-            Err(e) => return send(ws, &error(e.code, &e.message)).await,
+            Err(e) => return self.send(&error(e.code, &e.message)).await,
         };
-        if let Err(e) = crate::auth::check_channels(self.claims.as_ref(), &channels) {
-            return send(ws, &error(e.code, &e.message)).await;
+        if let Err(e) = crate::auth::check_channels(self.claims.as_deref(), &channels) {
+            return self.send(&error(e.code, &e.message)).await;
         }
         let resume: Vec<(String, StreamPos)> = match since_positions(&channels, since) {
             Ok(r) => r,
-            Err(e) => return send(ws, &error(e.code, &e.message)).await,
+            Err(e) => return self.send(&error(e.code, &e.message)).await,
         };
-        let new: Vec<&String> = channels.iter().filter(|c| !self.subs.contains_key(c.as_str())).collect();
+        let new: Vec<&String> =
+            channels.iter().filter(|c| !self.subs.iter().any(|s| **s.channel() == ***c)).collect();
         let total = self.subs.len() + new.len();
-        if total > self.limits.max_channels_per_connection {
-            let e = ApiError::too_many_channels(total, self.limits.max_channels_per_connection);
-            return send(ws, &error(e.code, &e.message)).await;
+        if total > limits.max_channels_per_connection {
+            let e = ApiError::too_many_channels(total, limits.max_channels_per_connection);
+            return self.send(&error(e.code, &e.message)).await;
         }
         let mut readies = Vec::with_capacity(new.len());
+        self.subs.reserve_exact(new.len());
         for ch in new {
-            let (sub, ready) = self.hub.subscribe(ch, &self.inbox);
-            self.subs.insert(sub.channel().clone(), sub);
+            let (sub, ready) = self.state.hub.subscribe(ch, &self.inbox);
+            self.subs.push(sub);
             readies.push(ready);
         }
         wait_ready(readies).await;
@@ -351,107 +425,141 @@ impl Session {
         // live messages that overlap the replay are dropped by `positions`.
         let mut replays = Vec::with_capacity(resume.len());
         for (ch, from) in resume {
-            let Some(name) = self.subs.get_key_value(ch.as_str()).map(|(k, _)| k.clone()) else { continue };
+            let Some(name) = self.subs.iter().find(|s| **s.channel() == *ch).map(|s| s.channel().clone())
+            else {
+                continue;
+            };
             self.positions.set(&name, from);
-            replays.push(replay(&self.hub, &name, from).await);
+            replays.push(replay(&self.state.hub, &name, from).await);
         }
         let recovered = !replays.is_empty() && replays.iter().all(|r| matches!(r, Replay::Messages(_)));
-        send(ws, &ServerFrame::Subscribed { channels, recovered }).await?;
+        self.send(&ServerFrame::Subscribed { channels, recovered }).await?;
+        let mut out = Vec::new();
         for r in replays {
             match r {
-                Replay::Messages(ms) => {
-                    for d in ms {
-                        if self.positions.accept(&d) {
-                            ws.feed(text_frame(&d)).await?;
-                        }
-                    }
-                }
+                Replay::Messages(ms) => out.extend(ms.into_iter().filter(|d| self.positions.accept(d))),
                 Replay::Reset(d) => {
                     metrics::counter!(crate::metrics::RESETS_TOTAL, "transport" => "ws").increment(1);
-                    ws.feed(text_frame(&d)).await?;
+                    out.push(d);
                 }
             }
         }
-        ws.flush().await
+        let mut bufs: Vec<&[u8]> = out.iter().map(|d| &d.ws_frame()[..]).collect();
+        self.write(&mut bufs).await
     }
 
-    async fn publish(&self, channel: String, data: String, event: Option<String>) -> ServerFrame {
-        if !self.ws_publish {
-            return error(code::FORBIDDEN, "publishing over WebSocket is disabled on this server");
+    /// The message a `publish` op asks for, or the error frame refusing it.
+    fn check_publish(
+        &self,
+        channel: String,
+        data: String,
+        event: Option<String>,
+    ) -> Result<Publish, ServerFrame> {
+        let limits = &self.state.config.limits;
+        if !self.state.config.ws_publish {
+            return Err(error(code::FORBIDDEN, "publishing over WebSocket is disabled on this server"));
         }
         if self.claims.as_ref().is_some_and(|c| !c.publish) {
-            return error(code::FORBIDDEN, "the token does not allow publishing (claim \"pub\": true)");
+            return Err(error(code::FORBIDDEN, "the token does not allow publishing (claim \"pub\": true)"));
         }
-        if let Err(e) = shared::validate_channel(&channel, self.limits.max_channel_len) {
+        if let Err(e) = shared::validate_channel(&channel, limits.max_channel_len) {
             let e = ApiError::invalid_channel(&channel, e);
-            return error(e.code, &e.message);
+            return Err(error(e.code, &e.message));
         }
         if let Some(ev) = &event
             && let Err(e) = shared::validate_event(ev)
         {
-            return error(code::INVALID_EVENT, &format!("invalid event {}: {e}", quote(ev)));
+            return Err(error(code::INVALID_EVENT, &format!("invalid event {}: {e}", quote(ev))));
         }
-        if data.len() > self.limits.max_payload_bytes {
-            let e = ApiError::payload_too_large(self.limits.max_payload_bytes);
-            return error(e.code, &e.message);
+        if data.len() > limits.max_payload_bytes {
+            let e = ApiError::payload_too_large(limits.max_payload_bytes);
+            return Err(error(e.code, &e.message));
         }
-        let msg = Publish {
-            channel: channel.clone(),
-            data: Bytes::from(data),
-            event,
-            history: true,
-            idempotency_key: None,
-        };
-        match self.hub.broker().publish(msg).await {
-            Ok(outcome) => ServerFrame::Published { channel, id: outcome.id },
-            Err(err) => {
-                tracing::warn!(%err, "websocket publish failed");
-                let e = ApiError::broker_unavailable();
-                error(e.code, &e.message)
-            }
-        }
+        Ok(Publish { channel, data: Bytes::from(data), event, history: true, idempotency_key: None })
     }
 
-    async fn finish<S>(mut self, ws: &mut S, end: End)
-    where
-        S: Sink<Message, Error = WsError> + Unpin,
-    {
-        let (reason, close) = match end {
-            End::ClientClosed | End::ClientGone => ("client_closed", None),
-            End::Slow => {
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-                    let f = error(
-                        code::SLOW_CONSUMER,
-                        "the connection fell too far behind and is closed; reconnect",
-                    );
-                    send(ws, &f).await
-                })
-                .await;
-                ("slow_consumer", Some((CloseCode::Policy, "slow consumer")))
-            }
-            End::Shutdown => ("shutdown", Some((CloseCode::Restart, "server restarting, reconnect"))),
-            End::Timeout => ("timeout", Some((CloseCode::Away, "ping timeout"))),
-            End::Expired => ("token_expired", Some((CloseCode::Library(TOKEN_EXPIRED), "token expired"))),
-            End::TooBig => ("protocol_error", Some((CloseCode::Size, "message too big"))),
-            End::Protocol => ("protocol_error", Some((CloseCode::Protocol, "protocol error"))),
-            End::Internal => ("server_closed", Some((CloseCode::Error, "internal error"))),
+    /// Says goodbye (why, with a close frame), then closes the connection.
+    async fn finish(mut self, end: End) {
+        let (reason, close): (&'static str, Option<(u16, &'static str)>) = match end {
+            End::ClientClosed(code) => ("client_closed", code.map(|c| (c, ""))),
+            End::ClientGone => ("client_closed", None),
+            End::Slow => ("slow_consumer", Some((1008, "slow consumer"))),
+            End::Shutdown => ("shutdown", Some((1012, "server restarting, reconnect"))),
+            End::Timeout => ("timeout", Some((1001, "ping timeout"))),
+            End::Expired => ("token_expired", Some((TOKEN_EXPIRED, "token expired"))),
+            End::TooBig => ("protocol_error", Some((1009, "message too big"))),
+            End::Protocol => ("protocol_error", Some((1002, "protocol error"))),
+            End::Internal => ("server_closed", Some((1011, "internal error"))),
         };
         self.guard.set_reason(reason);
         self.subs.clear();
-        if let Some((code, why)) = close {
-            let frame = CloseFrame { code, reason: Utf8Bytes::from_static(why) };
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.send(Message::Close(Some(frame)))).await;
+        if end == End::ClientGone {
+            return;
         }
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close()).await;
+        let mut out = std::mem::take(&mut self.unsent);
+        if end == End::Slow {
+            let f = error(code::SLOW_CONSUMER, "the connection fell too far behind and is closed; reconnect");
+            out.extend(frame::encode(opcode::TEXT, &serde_json::to_vec(&f).expect("frames serialize")));
+        }
+        match (end, close) {
+            // A close frame without a code is answered the same way.
+            (End::ClientClosed(None), _) => out.extend(frame::encode(opcode::CLOSE, &[])),
+            (_, Some((code, why))) => out.extend(frame::close(code, why)),
+            _ => {}
+        }
+        let io = &mut self.io;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            io.write_all(&out).await?;
+            io.shutdown().await?;
+            // Read until the client closes too (its close frame, then EOF), so the
+            // socket is not reset with our frames still unread.
+            let mut sink = [0u8; 512];
+            while io.read(&mut sink).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
     }
 }
 
-/// The shared `{"type":"message",...}` (or `reset`) frame of a delivery, without a copy.
-fn text_frame(d: &Delivery) -> Message {
-    // The encoding is serde_json output, always UTF-8; the fallback copy never runs.
-    match Utf8Bytes::try_from(d.ws().clone()) {
-        Ok(text) => Message::Text(text),
-        Err(_) => Message::Text(String::from_utf8_lossy(d.ws()).into_owned().into()),
+/// Publishes for a client: the `published` frame with the id, or an error frame.
+async fn publish(hub: Arc<crate::hub::Hub>, msg: Publish) -> ServerFrame {
+    let channel = msg.channel.clone();
+    match hub.broker().publish(msg).await {
+        Ok(outcome) => ServerFrame::Published { channel, id: outcome.id },
+        Err(err) => {
+            tracing::warn!(%err, "websocket publish failed");
+            let e = ApiError::broker_unavailable();
+            error(e.code, &e.message)
+        }
+    }
+}
+
+/// Polls for the client's next message; `Err` ends the session.
+fn poll_client<S: AsyncRead + Unpin>(
+    io: &mut S,
+    decoder: &mut Decoder,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Incoming, End>> {
+    loop {
+        match decoder.decode() {
+            Ok(Some(m)) => return Poll::Ready(Ok(m)),
+            Ok(None) => {}
+            Err(DecodeError::TooBig) => return Poll::Ready(Err(End::TooBig)),
+            Err(DecodeError::Protocol(why)) => {
+                debug!(why, "websocket protocol error");
+                return Poll::Ready(Err(End::Protocol));
+            }
+        }
+        // The read buffer lives on the stack, only for this call.
+        // Uninitialized: most polls find nothing to read, and zeroing 4 KiB per wake-up
+        // showed in profiles.
+        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut buf = ReadBuf::uninit(&mut chunk);
+        match Pin::new(&mut *io).poll_read(cx, &mut buf) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(())) if !buf.filled().is_empty() => decoder.feed(buf.filled()),
+            Poll::Ready(_) => return Poll::Ready(Err(End::ClientGone)),
+        }
     }
 }
 
@@ -498,17 +606,93 @@ fn op_error(text: &str, err: &serde_json::Error) -> ServerFrame {
     }
 }
 
-async fn send<S>(ws: &mut S, frame: &ServerFrame) -> Result<(), WsError>
-where
-    S: Sink<Message, Error = WsError> + Unpin,
-{
-    let text = serde_json::to_string(frame).expect("frames serialize");
-    ws.send(Message::Text(text.into())).await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn state() -> AppState {
+        let hub = crate::hub::Hub::new(
+            crate::hub::HubConfig { linger: Duration::ZERO, poll_buffer: 4, poll_keepalive: Duration::ZERO },
+            |sink| {
+                let history = crate::broker::HistoryConfig {
+                    max_len: 100,
+                    max_age: Duration::from_secs(3600),
+                    idempotency_window: Duration::from_secs(60),
+                };
+                Arc::new(crate::broker::memory::MemoryBroker::new(sink, history))
+            },
+        );
+        AppState {
+            hub,
+            config: Arc::new(crate::config::Config::default()),
+            shutdown: CancellationToken::new(),
+            tracker: tokio_util::task::TaskTracker::new(),
+            auth: None,
+            publish_limit: Arc::new(crate::ratelimit::SharedBuckets::new(0)),
+        }
+    }
+
+    /// A masked client frame.
+    fn client_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [1u8, 2, 3, 4];
+        assert!(payload.len() < 126);
+        let mut out = vec![b0, 0x80 | payload.len() as u8];
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    /// Reads one short server frame: `(opcode, payload)`.
+    async fn server_frame(io: &mut tokio::io::DuplexStream) -> (u8, Vec<u8>) {
+        let mut head = [0u8; 2];
+        io.read_exact(&mut head).await.unwrap();
+        let len = match head[1] {
+            126 => {
+                let mut l = [0u8; 2];
+                io.read_exact(&mut l).await.unwrap();
+                u16::from_be_bytes(l) as usize
+            }
+            n => n as usize,
+        };
+        let mut payload = vec![0u8; len];
+        io.read_exact(&mut payload).await.unwrap();
+        (head[0] & 0x0f, payload)
+    }
+
+    #[tokio::test]
+    async fn a_session_speaks_the_protocol_over_any_stream() {
+        let state = state();
+        let hub = state.hub.clone();
+        let (server, mut client) = tokio::io::duplex(4096);
+        let session = Session::new(state, None, CancellationToken::new(), server, &[]);
+        let run = session.run(vec!["news".into()]);
+        // The session lives as long as its connection: its future is idle memory.
+        assert!(std::mem::size_of_val(&run) <= 1280, "session future: {}", std::mem::size_of_val(&run));
+        let task = tokio::spawn(run);
+        let (op, payload) = server_frame(&mut client).await;
+        assert_eq!(op, opcode::TEXT);
+        assert!(matches!(serde_json::from_slice(&payload).unwrap(), ServerFrame::Subscribed { .. }));
+        // A delivery goes out as the shared frame.
+        hub.dispatch("news", Bytes::from_static(b"hello"));
+        let (_, payload) = server_frame(&mut client).await;
+        let frame: ServerFrame = serde_json::from_slice(&payload).unwrap();
+        assert!(matches!(frame, ServerFrame::Message { ref data, .. } if data == "hello"), "{frame:?}");
+        // Ops, and pings of the protocol itself.
+        client.write_all(&client_frame(0x81, br#"{"op":"ping","id":7}"#)).await.unwrap();
+        let (_, payload) = server_frame(&mut client).await;
+        assert_eq!(
+            serde_json::from_slice::<ServerFrame>(&payload).unwrap(),
+            ServerFrame::Pong { id: Some(serde_json::json!(7)) }
+        );
+        client.write_all(&client_frame(0x89, b"hb")).await.unwrap();
+        assert_eq!(server_frame(&mut client).await, (opcode::PONG, b"hb".to_vec()));
+        // A close is answered with the same code, then the session ends.
+        client.write_all(&client_frame(0x88, &1000u16.to_be_bytes())).await.unwrap();
+        assert_eq!(server_frame(&mut client).await, (opcode::CLOSE, 1000u16.to_be_bytes().to_vec()));
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(5), task).await.expect("session ended").unwrap();
+        assert_eq!(hub.subscriber_count("news"), 0, "unsubscribed when it ended");
+    }
 
     #[test]
     fn op_errors_tell_unknown_from_malformed() {

@@ -1,0 +1,312 @@
+//! A lean HTTP/1.1 path for what subscribers send: body-less `GET` requests.
+//!
+//! hyper keeps an 8 KiB read buffer and an 8 KiB write buffer per connection for as long
+//! as a response streams, which is most of an idle SSE or long-poll connection's memory.
+//! Here a request head is read into a buffer that exists only while a head is being
+//! read, parsed with `httparse`, answered by the router, and the response head written
+//! directly; an SSE stream, a held long-poll or a WebSocket session then owns the bare
+//! socket. Anything else (a body, HTTP/1.0, another method) is handed to hyper with the
+//! bytes read so far.
+
+use std::{
+    io::ErrorKind,
+    task::{Context, Poll, ready},
+};
+
+use axum::{
+    body::Body,
+    http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version, header, response},
+};
+use tokio::{net::TcpStream, time::Instant};
+
+use super::{MAX_HEADER_BYTES, io::write_all_bufs};
+
+/// Most request headers accepted (hyper's default too).
+const MAX_HEADERS: usize = 100;
+/// Bytes read per `read` call, on the stack.
+const READ_CHUNK: usize = 4096;
+
+/// One accepted connection on the lean path.
+#[derive(Debug)]
+pub struct Conn {
+    /// The socket.
+    pub io: TcpStream,
+    /// Bytes read and not parsed yet (the start of the next request), usually empty.
+    pub buf: Vec<u8>,
+}
+
+/// What reading a request head gave.
+#[allow(clippy::large_enum_variant)] // short-lived: taken apart right after reading
+pub enum Head {
+    /// A body-less `GET` served here.
+    Lean {
+        /// The request, with an empty body.
+        req: Request<Body>,
+        /// False when the client asked to close after the answer.
+        keep_alive: bool,
+    },
+    /// Anything else: hyper serves the connection from here on, starting with `buf`.
+    Hyper,
+    /// Answer this status (with `Connection: close`) and close.
+    Reject(StatusCode),
+    /// The client closed the connection, or sent nothing in time.
+    Closed,
+}
+
+#[allow(clippy::large_enum_variant)] // short-lived, like `Head`
+enum Parsed {
+    Partial,
+    NotLean,
+    Done(Request<Body>, bool, usize),
+    Bad(StatusCode),
+}
+
+impl Conn {
+    /// Wraps an accepted socket.
+    pub fn new(io: TcpStream) -> Self {
+        Self { io, buf: Vec::new() }
+    }
+
+    /// Reads the next request head, until `deadline` (slow-loris protection).
+    pub async fn read_head(&mut self, deadline: Instant) -> Head {
+        loop {
+            if !self.buf.is_empty() {
+                match parse(&self.buf) {
+                    Parsed::Done(req, keep_alive, used) => {
+                        self.buf.drain(..used);
+                        if self.buf.is_empty() {
+                            // Don't keep the head's buffer for the connection's lifetime.
+                            self.buf = Vec::new();
+                        }
+                        return Head::Lean { req, keep_alive };
+                    }
+                    Parsed::NotLean => return Head::Hyper,
+                    Parsed::Bad(status) => return Head::Reject(status),
+                    Parsed::Partial if self.buf.len() > MAX_HEADER_BYTES => {
+                        return Head::Reject(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+                    }
+                    Parsed::Partial => {}
+                }
+            }
+            match tokio::time::timeout_at(deadline, read_some(&self.io, &mut self.buf)).await {
+                Err(_) if self.buf.is_empty() => return Head::Closed,
+                Err(_) => return Head::Reject(StatusCode::REQUEST_TIMEOUT),
+                Ok(Ok(0)) | Ok(Err(_)) => return Head::Closed,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Resolves when the client closes its side (or the connection fails). With `keep`,
+    /// bytes it sends meanwhile (a pipelined request) are kept in `buf` up to a head's
+    /// limit; otherwise they are dropped (nothing can follow an endless response).
+    pub fn poll_closed_by_client(&mut self, cx: &mut Context<'_>, keep: bool) -> Poll<()> {
+        loop {
+            if self.buf.len() > MAX_HEADER_BYTES {
+                // Nothing more is read until the current response is done.
+                return Poll::Pending;
+            }
+            match ready!(poll_read_some(&self.io, &mut self.buf, cx)) {
+                Ok(0) | Err(_) => return Poll::Ready(()),
+                Ok(_) if !keep => self.buf = Vec::new(),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Writes a complete response: `head` (from [`encode_head`]) then `body`.
+    pub async fn write_response(&mut self, head: &[u8], body: &[u8]) -> std::io::Result<()> {
+        write_all_bufs(&mut self.io, &mut [head, body]).await
+    }
+}
+
+/// Reads once (after waiting until the socket is readable) and appends to `buf`.
+async fn read_some(io: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| poll_read_some(io, buf, cx)).await
+}
+
+/// Polls [`read_some`]: no future to keep, so a waiting connection stays small.
+fn poll_read_some(io: &TcpStream, buf: &mut Vec<u8>, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+    loop {
+        ready!(io.poll_read_ready(cx))?;
+        match try_read_into(io, buf) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            r => return Poll::Ready(r),
+        }
+    }
+}
+
+/// The read buffer lives on the stack, not in the connection's future.
+fn try_read_into(io: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    let mut chunk = [0u8; READ_CHUNK];
+    let n = io.try_read(&mut chunk)?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n)
+}
+
+fn parse(buf: &[u8]) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let used = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            // Once the method is known, anything but GET goes to hyper right away.
+            return match req.method {
+                Some(m) if m != "GET" => Parsed::NotLean,
+                _ => Parsed::Partial,
+            };
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Parsed::Bad(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        }
+        Err(_) => return Parsed::Bad(StatusCode::BAD_REQUEST),
+    };
+    if req.method != Some("GET") || req.version != Some(1) {
+        return Parsed::NotLean;
+    }
+    let Ok(uri) = Uri::try_from(req.path.unwrap_or("/")) else { return Parsed::Bad(StatusCode::BAD_REQUEST) };
+    let mut map = HeaderMap::with_capacity(req.headers.len());
+    let mut keep_alive = true;
+    for h in req.headers.iter() {
+        let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_bytes(h.value))
+        else {
+            return Parsed::Bad(StatusCode::BAD_REQUEST);
+        };
+        if name == header::CONTENT_LENGTH {
+            if value.as_bytes() != b"0" {
+                return Parsed::NotLean;
+            }
+        } else if name == header::TRANSFER_ENCODING || name == header::EXPECT {
+            return Parsed::NotLean;
+        } else if name == header::CONNECTION && has_token(&value, "close") {
+            keep_alive = false;
+        }
+        map.append(name, value);
+    }
+    let mut request = Request::new(Body::empty());
+    *request.method_mut() = Method::GET;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = map;
+    Parsed::Done(request, keep_alive, used)
+}
+
+fn has_token(v: &HeaderValue, token: &str) -> bool {
+    v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// How the body after a response head is delimited.
+#[derive(Debug, Clone, Copy)]
+pub enum Framing {
+    /// `Content-Length`.
+    Length(usize),
+    /// `Transfer-Encoding: chunked` (an endless stream).
+    Chunked,
+    /// No body: `101 Switching Protocols`.
+    None,
+}
+
+/// The bytes of a response head.
+pub fn encode_head(parts: &response::Parts, framing: Framing, close: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || name == header::DATE {
+            continue;
+        }
+        if close && name == header::CONNECTION {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::None => {}
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"date: ");
+    out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
+    out
+}
+
+/// The head of a bare status answer with no body (a refused request head).
+pub fn status_head(status: StatusCode) -> Vec<u8> {
+    let (parts, _) = axum::http::Response::builder().status(status).body(()).expect("valid").into_parts();
+    encode_head(&parts, Framing::Length(0), true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done(raw: &str) -> (Request<Body>, bool, usize) {
+        match parse(raw.as_bytes()) {
+            Parsed::Done(r, k, n) => (r, k, n),
+            _ => panic!("not parsed: {raw:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_a_get_and_leaves_what_follows() {
+        let raw = "GET /sse?channel=a HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 5-0\r\n\r\nGET /";
+        let (req, keep_alive, used) = done(raw);
+        assert_eq!(req.uri().path(), "/sse");
+        assert_eq!(req.uri().query(), Some("channel=a"));
+        assert_eq!(req.headers()["last-event-id"], "5-0");
+        assert!(keep_alive);
+        assert_eq!(&raw[used..], "GET /");
+    }
+
+    #[test]
+    fn bodies_other_methods_and_http10_go_to_hyper() {
+        for raw in [
+            "POST /publish/a HTTP/1.1\r\ncontent-length: 1\r\n\r\nx",
+            "POST /publish/a HTTP/1.1\r\ncontent-le",
+            "GET /poll HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc",
+            "GET /poll HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
+            "GET /poll HTTP/1.0\r\n\r\n",
+        ] {
+            assert!(matches!(parse(raw.as_bytes()), Parsed::NotLean), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn close_partial_and_bad_heads() {
+        assert!(!done("GET / HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n").1);
+        assert!(matches!(parse(b"GET /sse HTTP/1.1\r\nHost"), Parsed::Partial));
+        assert!(matches!(
+            parse(b"GET /sse HTTP/1.1\r\nBad Header: x\r\n\r\n"),
+            Parsed::Bad(StatusCode::BAD_REQUEST)
+        ));
+        let many = (0..200).map(|i| format!("x-{i}: v\r\n")).collect::<String>();
+        let raw = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        assert!(matches!(parse(raw.as_bytes()), Parsed::Bad(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)));
+    }
+
+    #[test]
+    fn response_heads_carry_framing_and_close() {
+        let (mut parts, _) = axum::http::Response::new(()).into_parts();
+        parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
+        let head = String::from_utf8(encode_head(&parts, Framing::Chunked, true)).unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"), "{head}");
+        assert!(head.contains("\r\ntransfer-encoding: chunked\r\nconnection: close\r\ndate: "), "{head}");
+        assert!(!head.contains("99") && head.ends_with("\r\n\r\n"), "{head}");
+    }
+}
