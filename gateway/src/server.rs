@@ -215,7 +215,8 @@ enum Next {
     /// hyper serves the rest of the connection.
     Hyper,
     /// Hold the request until its body is ready, then answer it (long-poll).
-    Later(Box<axum::http::response::Parts>, Pin<Box<dyn Future<Output = Bytes> + Send>>, bool),
+    /// `.0` is the start of the response head ([`http1::head_start`]).
+    Later(Vec<u8>, Pin<Box<dyn Future<Output = Bytes> + Send>>, bool),
     /// Write this endless body (the head is out).
     Stream(Pin<Box<dyn Stream<Item = Chunk> + Send>>),
     /// Run this session on the connection (the `101` head is out).
@@ -249,8 +250,8 @@ fn serve_conn(
                     let http1::Conn { io, buf } = conn;
                     return run(Io::Tcp(io), Bytes::from(buf)).await;
                 }
-                Next::Later(parts, body, keep_alive) => {
-                    if !Box::pin(answer_later(&mut conn, parts, body, keep_alive, &ctx, &settings)).await {
+                Next::Later(head, body, keep_alive) => {
+                    if !Box::pin(answer_later(&mut conn, head, body, keep_alive, &ctx, &settings)).await {
                         return;
                     }
                 }
@@ -263,7 +264,7 @@ fn serve_conn(
 /// (also when the client went away meanwhile).
 async fn answer_later(
     conn: &mut http1::Conn,
-    parts: Box<axum::http::response::Parts>,
+    head: Vec<u8>,
     body: Pin<Box<dyn Future<Output = Bytes> + Send>>,
     keep_alive: bool,
     ctx: &ConnCtx,
@@ -278,7 +279,7 @@ async fn answer_later(
     })
     .await;
     match body {
-        Some(body) => respond(conn, &parts, body, keep_alive, ctx, settings).await,
+        Some(body) => respond(conn, head, body, keep_alive, ctx, settings).await,
         None => false, // the client went away
     }
 }
@@ -308,7 +309,8 @@ async fn answer(conn: &mut http1::Conn, ctx: &ConnCtx, settings: &ConnSettings) 
     match Takeover::take(&mut parts.extensions) {
         None => match http_body_util::BodyExt::collect(body).await {
             Ok(body) => {
-                let ok = respond(conn, &parts, body.to_bytes(), keep_alive, ctx, settings).await;
+                let head = http1::head_start(&parts, true);
+                let ok = respond(conn, head, body.to_bytes(), keep_alive, ctx, settings).await;
                 if ok { Next::KeepAlive } else { Next::Close }
             }
             Err(err) => {
@@ -316,7 +318,9 @@ async fn answer(conn: &mut http1::Conn, ctx: &ConnCtx, settings: &ConnSettings) 
                 Next::Close
             }
         },
-        Some(Takeover::Later(body)) => Next::Later(Box::new(parts), body, keep_alive),
+        // The head's start as bytes: smaller than the `HeaderMap` for the wait. A held
+        // request's own headers never ask to close.
+        Some(Takeover::Later(body)) => Next::Later(http1::head_start(&parts, true), body, keep_alive),
         Some(Takeover::Stream(body)) => {
             let head = http1::encode_head(&parts, Framing::Chunked, false);
             match write_bounded(&mut conn.io, &mut [&head], &ctx.close, settings).await {
@@ -334,17 +338,18 @@ async fn answer(conn: &mut http1::Conn, ctx: &ConnCtx, settings: &ConnSettings) 
     }
 }
 
-/// Writes a whole response; false when the connection must close after it.
+/// Writes a whole response (`head` from [`http1::head_start`]); false when the
+/// connection must close after it.
 async fn respond(
     conn: &mut http1::Conn,
-    parts: &axum::http::response::Parts,
+    mut head: Vec<u8>,
     body: Bytes,
     keep_alive: bool,
     ctx: &ConnCtx,
     settings: &ConnSettings,
 ) -> bool {
     let close = !keep_alive || settings.shutdown.is_cancelled() || ctx.close.is_cancelled();
-    let head = http1::encode_head(parts, Framing::Length(body.len()), close);
+    http1::head_end(&mut head, Framing::Length(body.len()), close);
     write_bounded(&mut conn.io, &mut [&head, &body], &ctx.close, settings).await && !close
 }
 

@@ -209,6 +209,14 @@ pub enum Framing {
 
 /// The bytes of a response head.
 pub fn encode_head(parts: &response::Parts, framing: Framing, close: bool) -> Vec<u8> {
+    let mut out = head_start(parts, close);
+    head_end(&mut out, framing, close);
+    out
+}
+
+/// The status line and the response's own headers (without `Connection` when the
+/// connection closes after it): what a held response keeps instead of its `HeaderMap`.
+pub fn head_start(parts: &response::Parts, close: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(parts.status.as_str().as_bytes());
@@ -227,6 +235,11 @@ pub fn encode_head(parts: &response::Parts, framing: Framing, close: bool) -> Ve
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    out
+}
+
+/// Ends a head begun with [`head_start`]: framing, `Connection: close`, `Date`.
+pub fn head_end(out: &mut Vec<u8>, framing: Framing, close: bool) {
     match framing {
         Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");
@@ -242,7 +255,6 @@ pub fn encode_head(parts: &response::Parts, framing: Framing, close: bool) -> Ve
     out.extend_from_slice(b"date: ");
     out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
     out.extend_from_slice(b"\r\n\r\n");
-    out
 }
 
 /// The head of a bare status answer with no body (a refused request head).

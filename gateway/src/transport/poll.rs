@@ -151,6 +151,8 @@ async fn hold(
         }
         joins.push(join);
     }
+    // Not needed any more: free it before the wait.
+    drop(cursor);
     // Boxed: these waits are short, and the held future stays small without them.
     Box::pin(wait_ready(joins.iter().map(|j| j.ready.clone()))).await;
     // Positions are valid on every node: read what the buffer could not give from history.
