@@ -12,7 +12,7 @@ use std::{
     hash::{BuildHasher, RandomState},
     sync::{
         Arc, Mutex, MutexGuard, OnceLock, Weak,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -76,8 +76,6 @@ pub struct Inbox {
     close: CancellationToken,
     kick: OnceLock<Kick>,
     transport: Transport,
-    /// Payload bytes in the queue now.
-    queued: AtomicUsize,
     max_bytes: usize,
     /// Most messages queued.
     capacity: usize,
@@ -86,6 +84,8 @@ pub struct Inbox {
 #[derive(Debug)]
 struct Queue {
     items: VecDeque<Arc<Delivery>>,
+    /// Payload bytes of `items`.
+    bytes: usize,
     /// The receiver, when it waits for the next delivery.
     waker: Option<std::task::Waker>,
     /// False once the receiver is gone: nothing is queued any more.
@@ -94,6 +94,17 @@ struct Queue {
 
 /// Queue capacity kept when a queue drains after a burst.
 const KEEP_CAPACITY: usize = 8;
+
+impl Queue {
+    fn pop(&mut self) -> Option<Arc<Delivery>> {
+        let d = self.items.pop_front()?;
+        self.bytes -= d.data.len();
+        if self.items.is_empty() && self.items.capacity() > KEEP_CAPACITY {
+            self.items.shrink_to(KEEP_CAPACITY);
+        }
+        Some(d)
+    }
+}
 
 /// The receiving half of an [`Inbox`]: hands out queued deliveries and keeps the
 /// inbox's byte count.
@@ -110,23 +121,14 @@ impl InboxRx {
 
     /// The next delivery if one is queued.
     pub fn try_recv(&mut self) -> Result<Arc<Delivery>, mpsc::error::TryRecvError> {
-        let d = self.inbox.pop().ok_or(mpsc::error::TryRecvError::Empty)?;
-        self.inbox.taken(&d);
-        Ok(d)
+        self.inbox.lock().pop().ok_or(mpsc::error::TryRecvError::Empty)
     }
 
     /// Polls for the next delivery (for hand-written streams and futures).
     pub fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Arc<Delivery>>> {
         let mut q = self.inbox.lock();
-        match q.items.pop_front() {
-            Some(d) => {
-                if q.items.is_empty() && q.items.capacity() > KEEP_CAPACITY {
-                    q.items.shrink_to(KEEP_CAPACITY);
-                }
-                drop(q);
-                self.inbox.taken(&d);
-                std::task::Poll::Ready(Some(d))
-            }
+        match q.pop() {
+            Some(d) => std::task::Poll::Ready(Some(d)),
             None => {
                 if !q.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                     q.waker = Some(cx.waker().clone());
@@ -143,10 +145,9 @@ impl Drop for InboxRx {
         q.open = false;
         q.waker = None;
         let items = std::mem::take(&mut q.items);
-        drop(q);
-        for d in &items {
-            self.inbox.taken(d);
-        }
+        q.bytes = 0;
+        drop(q); // the deliveries are released outside the lock
+        drop(items);
     }
 }
 
@@ -159,11 +160,10 @@ impl Inbox {
         close: CancellationToken,
     ) -> (Arc<Self>, InboxRx) {
         let inbox = Arc::new(Self {
-            queue: Mutex::new(Queue { items: VecDeque::new(), waker: None, open: true }),
+            queue: Mutex::new(Queue { items: VecDeque::new(), bytes: 0, waker: None, open: true }),
             close,
             kick: OnceLock::new(),
             transport,
-            queued: AtomicUsize::new(0),
             max_bytes: limits.queue_bytes,
             capacity: limits.queue_size.max(1),
         });
@@ -175,40 +175,25 @@ impl Inbox {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn pop(&self) -> Option<Arc<Delivery>> {
-        self.lock().items.pop_front()
-    }
-
     /// Payload bytes queued now.
     pub fn queued_bytes(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
-    }
-
-    fn taken(&self, d: &Delivery) {
-        self.queued.fetch_sub(d.data.len(), Ordering::Relaxed);
+        self.lock().bytes
     }
 
     /// Queues `d`, or says which limit it would break (nothing queued then).
     fn offer(&self, d: &Arc<Delivery>) -> Result<(), Offer> {
         let len = d.data.len();
-        let before = self.queued.fetch_add(len, Ordering::Relaxed);
-        if before > 0 && before + len > self.max_bytes {
-            self.queued.fetch_sub(len, Ordering::Relaxed);
+        let mut q = self.lock();
+        if !q.open {
+            return Err(Offer::Closed);
+        }
+        if q.items.len() >= self.capacity {
+            return Err(Offer::Full("queue_messages"));
+        }
+        if q.bytes > 0 && q.bytes + len > self.max_bytes {
             return Err(Offer::Full("queue_bytes"));
         }
-        let mut q = self.lock();
-        let refused = if !q.open {
-            Some(Offer::Closed)
-        } else if q.items.len() >= self.capacity {
-            Some(Offer::Full("queue_messages"))
-        } else {
-            None
-        };
-        if let Some(refused) = refused {
-            drop(q);
-            self.queued.fetch_sub(len, Ordering::Relaxed);
-            return Err(refused);
-        }
+        q.bytes += len;
         q.items.push_back(d.clone());
         let waker = q.waker.take();
         drop(q);
