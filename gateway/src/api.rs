@@ -68,14 +68,14 @@ pub fn check_api_key(headers: &HeaderMap, keys: &[Secret]) -> Result<Option<usiz
     }
 }
 
-/// Authenticates the publisher and takes `messages` from its publish-rate bucket.
-fn admit_publisher(
+/// Takes `messages` from the publish-rate bucket of the publisher (`key`, the index
+/// [`check_api_key`] returned, or else the client's address).
+fn take_publish_tokens(
     state: &AppState,
-    headers: &HeaderMap,
+    key: Option<usize>,
     ctx: Option<&ConnCtx>,
     messages: usize,
 ) -> Result<(), ApiError> {
-    let key = check_api_key(headers, &state.config.api_keys).map_err(reject)?;
     let who = match (key, ctx) {
         (Some(i), _) => Publisher::Key(i),
         (None, Some(ctx)) => Publisher::Addr(ctx.peer.ip()),
@@ -160,7 +160,8 @@ pub async fn publish_raw(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<PublishResult>, ApiError> {
-    admit_publisher(&state, &headers, ctx.as_deref(), 1)?;
+    let key = check_api_key(&headers, &state.config.api_keys).map_err(reject)?;
+    take_publish_tokens(&state, key, ctx.as_deref(), 1)?;
     let Path(channel) = channel.map_err(|_| {
         reject(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -207,7 +208,7 @@ pub async fn publish_json(
     headers: HeaderMap,
     body: Result<Json<PublishRequest>, JsonRejection>,
 ) -> Result<Json<PublishResponse>, ApiError> {
-    check_api_key(&headers, &state.config.api_keys).map_err(reject)?;
+    let key = check_api_key(&headers, &state.config.api_keys).map_err(reject)?;
     let Json(req) = body.map_err(|r| {
         reject(if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::payload_too_large(state.config.limits.max_payload_bytes)
@@ -239,7 +240,7 @@ pub async fn publish_json(
     check_event(req.event.as_deref()).map_err(reject)?;
     check_payload(&state, req.data.len()).map_err(reject)?;
     // Charged once the request is known to be valid: one token per channel published to.
-    admit_publisher(&state, &headers, ctx.as_deref(), channels.len())?;
+    take_publish_tokens(&state, key, ctx.as_deref(), channels.len())?;
     let data = Bytes::from(req.data);
     let mut results = Vec::with_capacity(channels.len());
     for channel in channels {

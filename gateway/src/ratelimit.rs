@@ -75,20 +75,23 @@ impl<K: Hash + Eq> Buckets<K> {
 
 /// [`Buckets`] behind a mutex, for handlers running on many tasks.
 #[derive(Debug)]
-pub struct SharedBuckets<K>(Mutex<Buckets<K>>);
+pub struct SharedBuckets<K> {
+    enabled: bool,
+    buckets: Mutex<Buckets<K>>,
+}
 
 impl<K: Hash + Eq> SharedBuckets<K> {
     /// See [`Buckets::new`].
     pub fn new(rate: u32) -> Self {
-        Self(Mutex::new(Buckets::new(rate)))
+        Self { enabled: rate > 0, buckets: Mutex::new(Buckets::new(rate)) }
     }
 
-    /// See [`Buckets::take`]; uses the current time.
+    /// See [`Buckets::take`]; uses the current time. No lock is taken when the limit is off.
     pub fn take(&self, key: K, cost: u32) -> bool {
-        let mut b = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if !b.enabled() {
+        if !self.enabled {
             return true;
         }
+        let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         b.take(key, cost, Instant::now())
     }
 }
