@@ -29,6 +29,27 @@ pub fn router(app: AppState, metrics: PrometheusHandle) -> Router {
         .with_state(Admin { app, metrics, process: std::sync::Arc::new(process_collector()) })
 }
 
+/// Serves `router` on `listener` from a thread of its own (with a single-threaded
+/// runtime) until `stop`.
+pub fn spawn(
+    listener: std::net::TcpListener,
+    router: Router,
+    stop: tokio_util::sync::CancellationToken,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    listener.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name("gateway-admin".into()).spawn(move || {
+        rt.block_on(async move {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => {
+                    let _ = axum::serve(l, router).with_graceful_shutdown(stop.cancelled_owned()).await;
+                }
+                Err(e) => tracing::error!(error = %e, "admin listener failed"),
+            }
+        });
+    })
+}
+
 /// Process CPU, memory, open file descriptors and threads, as `gateway_process_*`.
 fn process_collector() -> metrics_process::Collector {
     let c = metrics_process::Collector::new("gateway_");

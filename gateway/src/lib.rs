@@ -145,15 +145,12 @@ pub async fn run(
         }
     });
 
-    // The admin listener outlives the drain, so /readyz reports it.
+    // The admin listener outlives the drain, so /readyz reports it. It runs on a thread
+    // of its own: when every worker is busy fanning out (or closing thousands of slow
+    // consumers), probes and scrapes still answer at once.
     let admin_stop = CancellationToken::new();
-    let admin = tokio::spawn({
-        let stop = admin_stop.clone();
-        let router = admin::router(state.clone(), metrics);
-        async move {
-            let _ = axum::serve(listeners.admin, router).with_graceful_shutdown(stop.cancelled_owned()).await;
-        }
-    });
+    let admin =
+        admin::spawn(listeners.admin.into_std()?, admin::router(state.clone(), metrics), admin_stop.clone())?;
 
     let header_timeout = state.config.timers.header_read;
     server::serve(
@@ -180,7 +177,7 @@ pub async fn run(
     background.close();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), background.wait()).await;
     admin_stop.cancel();
-    let _ = admin.await;
+    let _ = tokio::task::spawn_blocking(move || admin.join()).await;
     info!("shutdown complete");
     Ok(())
 }
