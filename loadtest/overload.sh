@@ -34,6 +34,9 @@ gpid=$!
 pids+=("$gpid")
 sleep 0.5
 
+# `--workers 2` puts the subscribers in two child processes and leaves the publisher alone
+# in the parent: in one process the 10k readers starve the publisher's timer, the
+# messages reach Redis at a fraction of RATE, and the gateway is never overloaded.
 # Sampler: gateway RSS every 100 ms, and the time /metrics and /readyz take to answer.
 python3 - "$gpid" "$aport" "$OUT/overload.samples.json" <<'PY' &
 import json, signal, sys, time, urllib.request
@@ -70,7 +73,7 @@ echo "== overload: $SUBS ws subscribers, 1 channel, $RATE msg/s for ${SECS}s; qu
   | tee "$OUT/overload.txt"
 ./target/release/loadgen run --url http://127.0.0.1:"$pport" --redis-url redis://127.0.0.1:"$rport" \
   --transport ws --subscribers "$SUBS" --channels 1 --rate "$RATE" --duration "$SECS" --warmup 0 \
-  --drain 5 --source-ips 127.0.0.2-127.0.0.20 --connect-concurrency 200 --server-pid "$gpid" \
+  --drain 5 --source-ips 127.0.0.2-127.0.0.20 --connect-concurrency 200 --server-pid "$gpid" --workers 2 \
   --json "$OUT/overload.json" | tee -a "$OUT/overload.txt" || true
 
 curl -s "http://127.0.0.1:$aport/metrics" >"$OUT/overload.metrics.txt"
