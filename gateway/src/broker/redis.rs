@@ -35,9 +35,12 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest reconnect delay.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often the pub/sub link is probed with PING: a silently wedged link (a paused
-/// Redis, a dead peer behind a NAT) shows up within `HEALTH_EVERY + HEALTH_TIMEOUT`.
+/// Redis, a dead peer behind a NAT) shows up within about `HEALTH_EVERY * 2 +
+/// HEALTH_TIMEOUT`.
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
-/// Longest a probe may take before the link counts as down.
+/// How long the link may stay silent (no message, no answer to an outstanding probe)
+/// before it counts as down. Messages count as life: under a burst the probe's answer
+/// waits behind them, and a busy link is not a dead one.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most channels in one SUBSCRIBE/UNSUBSCRIBE command.
 const BATCH: usize = 1000;
@@ -354,18 +357,32 @@ impl PubSubTask {
         *ever_up = true;
         let mut health = tokio::time::interval(HEALTH_EVERY);
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The probe runs beside the message loop (awaiting it inline would stall every
+        // delivery behind its round trip); the link is wedged when a probe is out and
+        // nothing at all has come from Redis for `HEALTH_TIMEOUT`.
+        let mut probe: Option<BoxFuture<'static, redis::RedisResult<redis::Value>>> = None;
+        let mut last_heard = std::time::Instant::now();
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = health.tick() => {
-                    match tokio::time::timeout(HEALTH_TIMEOUT, sink.ping::<redis::Value>()).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => return Err(LinkLost(format!("health probe failed: {e}"))),
-                        Err(_) => return Err(LinkLost("health probe timed out: link wedged".into())),
+                    if probe.is_none() {
+                        let mut s = sink.clone();
+                        probe = Some(Box::pin(async move { s.ping::<redis::Value>().await }));
+                    } else if last_heard.elapsed() > HEALTH_TIMEOUT {
+                        return Err(LinkLost("health probe timed out: link wedged".into()));
                     }
                 }
+                r = async { probe.as_mut().expect("guarded").await }, if probe.is_some() => {
+                    probe = None;
+                    if let Err(e) = r {
+                        return Err(LinkLost(format!("health probe failed: {e}")));
+                    }
+                    last_heard = std::time::Instant::now();
+                }
                 msg = stream.next() => {
+                    last_heard = std::time::Instant::now();
                     let Some(msg) = msg else { return Err(LinkLost("connection closed".into())) };
                     let Some(hub) = self.sink.upgrade() else { return Ok(()) };
                     hub.deliver(msg.get_channel_name(), Bytes::copy_from_slice(msg.get_payload_bytes()));
