@@ -16,6 +16,7 @@ mod publisher;
 mod report;
 mod run;
 mod subscriber;
+mod ws;
 
 use clap::Parser;
 

@@ -17,7 +17,7 @@
 
 use std::{
     collections::BTreeMap,
-    ops::Range,
+    ops::{ControlFlow, Range},
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -25,7 +25,6 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use shared::{
     protocol::{PollResponse, ServerFrame},
@@ -37,10 +36,6 @@ use tokio::{
     task::JoinSet,
     time::{Instant, sleep, sleep_until, timeout, timeout_at},
 };
-use tokio_tungstenite::{
-    WebSocketStream,
-    tungstenite::{Error as WsError, Message, protocol::WebSocketConfig},
-};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -49,6 +44,7 @@ use crate::{
     net::{self, io_kind},
     payload::{self, Payload},
     report::{ConnectReport, DeliveryReport, MAX_LATENCY_US, Window, encode_histogram, new_histogram},
+    ws::{End, Msg, WsConn},
 };
 
 /// Latency histograms are sharded to keep lock contention low.
@@ -383,7 +379,7 @@ async fn subscriber(
 /// A subscribed connection.
 enum Session {
     Sse(SseSession),
-    Ws(Box<WebSocketStream<TcpStream>>),
+    Ws(WsConn),
     Poll(PollSession),
 }
 
@@ -394,7 +390,7 @@ async fn connect(sh: &Shared, g: u64, tr: &Mutex<Tracker>) -> Result<Session, St
     let ch = sh.s.channel_name(g % sh.channels);
     match sh.s.args.transport {
         Transport::Sse => SseSession::connect(sh, g, tr, stream, &ch).await.map(Session::Sse),
-        Transport::Ws => connect_ws(sh, g, tr, stream, &ch).await.map(|ws| Session::Ws(Box::new(ws))),
+        Transport::Ws => connect_ws(sh, g, tr, stream, &ch).await.map(Session::Ws),
         Transport::Poll => PollSession::connect(sh, g, tr, stream, ch, source).await.map(Session::Poll),
     }
 }
@@ -480,17 +476,6 @@ impl SseSession {
     }
 }
 
-fn ws_kind(e: &WsError) -> String {
-    match e {
-        WsError::Http(resp) => format!("http_{}", resp.status().as_u16()),
-        WsError::Io(e) => io_kind(e),
-        WsError::ConnectionClosed | WsError::AlreadyClosed => "closed".into(),
-        WsError::Protocol(_) => "ws_protocol".into(),
-        WsError::Capacity(_) => "ws_capacity".into(),
-        _ => "ws_other".into(),
-    }
-}
-
 /// What a server text frame meant to us.
 enum WsEvent {
     Subscribed,
@@ -498,10 +483,16 @@ enum WsEvent {
     Other,
 }
 
-fn ws_text(sh: &Shared, g: u64, tr: &Mutex<Tracker>, text: &str) -> WsEvent {
+/// Handles a gateway text frame; `now` is the receive time of the read it came in,
+/// taken at the first delivery.
+fn ws_text(sh: &Shared, g: u64, tr: &Mutex<Tracker>, text: &str, now: &mut Option<u64>) -> WsEvent {
+    // Message frames, the bulk of the traffic, without a JSON parser.
+    if crate::ws::with_message_data(text, |data| sh.deliver(g, tr, data, *now.get_or_insert_with(now_us))) {
+        return WsEvent::Other;
+    }
     match serde_json::from_str::<ServerFrame>(text) {
         Ok(ServerFrame::Message { data, .. }) => {
-            sh.deliver(g, tr, &data, now_us());
+            sh.deliver(g, tr, &data, *now.get_or_insert_with(now_us));
             WsEvent::Other
         }
         Ok(ServerFrame::Subscribed { .. }) => WsEvent::Subscribed,
@@ -520,57 +511,64 @@ async fn connect_ws(
     tr: &Mutex<Tracker>,
     stream: TcpStream,
     ch: &str,
-) -> Result<WebSocketStream<TcpStream>, String> {
+) -> Result<WsConn, String> {
     let nchan = sh.s.args.server == ServerKind::Nchan;
-    let path = if nchan { NCHAN_SUB_PATH } else { "/ws" };
-    let url = format!("ws://{}{}{path}?channel={ch}", sh.s.target(g).host_header, sh.s.target(g).base_path);
-    let config = WebSocketConfig::default().read_buffer_size(8 * 1024).write_buffer_size(0);
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
-        .await
-        .map_err(|e| ws_kind(&e))?;
+    let target = sh.s.target(g);
+    let path = format!("{}{}?channel={ch}", target.base_path, if nchan { NCHAN_SUB_PATH } else { "/ws" });
+    let mut ws = WsConn::connect(stream, &target.host_header, &path).await?;
     if nchan {
         // Nchan enqueues the subscriber before it answers the upgrade and sends no frame.
         return Ok(ws);
     }
     loop {
-        match ws.next().await {
-            None => return Err("eof_before_subscribed".into()),
-            Some(Err(e)) => return Err(ws_kind(&e)),
-            Some(Ok(Message::Text(t))) => match ws_text(sh, g, tr, &t) {
-                WsEvent::Subscribed => return Ok(ws),
-                WsEvent::Error(code) => return Err(format!("ws_error_{code}")),
-                WsEvent::Other => {}
+        let mut now = None;
+        let read = ws.read(|m| match m {
+            Msg::Text(t) => match ws_text(sh, g, tr, t, &mut now) {
+                WsEvent::Subscribed => ControlFlow::Break(Ok(())),
+                WsEvent::Error(code) => ControlFlow::Break(Err(format!("ws_error_{code}"))),
+                WsEvent::Other => ControlFlow::Continue(()),
             },
-            Some(Ok(Message::Close(f))) => {
-                return Err(format!("ws_close_{}", f.map_or(1005, |f| u16::from(f.code))));
-            }
-            Some(Ok(_)) => {}
+            Msg::Binary(_) => ControlFlow::Continue(()),
+        });
+        match read.await {
+            Ok(None) => {}
+            // Frames after the `subscribed` one stay in the reader for `run_ws`.
+            Ok(Some(subscribed)) => return subscribed.map(|()| ws),
+            Err(End::Eof) => return Err("eof_before_subscribed".into()),
+            Err(e) => return Err(e.kind()),
         }
     }
 }
 
-async fn run_ws(sh: &Shared, g: u64, tr: &Mutex<Tracker>, ws: &mut WebSocketStream<TcpStream>) -> String {
+async fn run_ws(sh: &Shared, g: u64, tr: &Mutex<Tracker>, ws: &mut WsConn) -> String {
     let nchan = sh.s.args.server == ServerKind::Nchan;
     let mut error = None;
     loop {
-        match ws.next().await {
-            None => return error.unwrap_or_else(|| "eof".into()),
-            Some(Err(e)) => return error.unwrap_or_else(|| ws_kind(&e)),
-            // Nchan sends each message verbatim as one frame.
-            Some(Ok(Message::Text(t))) if nchan => sh.deliver(g, tr, &t, now_us()),
-            Some(Ok(Message::Binary(b))) if nchan => {
-                sh.deliver(g, tr, &String::from_utf8_lossy(&b), now_us())
-            }
-            Some(Ok(Message::Text(t))) => {
-                if let WsEvent::Error(code) = ws_text(sh, g, tr, &t) {
-                    error = Some(format!("ws_error_{code}"));
+        // One receive time per read, as for SSE.
+        let mut now = None;
+        let read = ws.read(|m| {
+            match m {
+                // Nchan sends each message verbatim as one frame.
+                Msg::Text(t) if nchan => sh.deliver(g, tr, t, *now.get_or_insert_with(now_us)),
+                Msg::Binary(b) if nchan => {
+                    sh.deliver(g, tr, &String::from_utf8_lossy(b), *now.get_or_insert_with(now_us))
                 }
+                Msg::Text(t) => {
+                    if let WsEvent::Error(code) = ws_text(sh, g, tr, t, &mut now) {
+                        error = Some(format!("ws_error_{code}"));
+                    }
+                }
+                Msg::Binary(_) => {}
             }
-            Some(Ok(Message::Close(f))) => {
-                let close = format!("ws_close_{}", f.map_or(1005, |f| u16::from(f.code)));
+            ControlFlow::<()>::Continue(())
+        });
+        match read.await {
+            Ok(_) => {}
+            Err(End::Close(code)) => {
+                let close = format!("ws_close_{code}");
                 return error.map_or(close.clone(), |e| format!("{e}_{close}"));
             }
-            Some(Ok(_)) => {}
+            Err(e) => return error.unwrap_or_else(|| e.kind()),
         }
     }
 }
@@ -765,6 +763,155 @@ mod tests {
         let mut s = String::new();
         percent_encode("eyJl-_Ij/+=", &mut s);
         assert_eq!(s, "eyJl-_Ij%2F%2B%3D");
+    }
+
+    /// An unmasked server frame.
+    fn ws_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![0x80 | opcode];
+        if payload.len() < 126 {
+            v.push(payload.len() as u8);
+        } else {
+            v.push(126);
+            v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        }
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// Settings for one WebSocket subscriber of `url` (one channel, 10 msg/s for 1 s).
+    fn ws_settings(url: &str, server: &str) -> Settings {
+        use clap::Parser;
+
+        use crate::cli::{Cli, Command};
+
+        let args = ["loadgen", "run", "--transport", "ws", "--server", server, "--url", url];
+        let more =
+            ["--subscribers", "1", "--channels", "1", "--rate", "10", "--duration", "1", "--warmup", "0"];
+        // Both servers take publishes over HTTP (Nchan only that way); nothing is published.
+        let publish = ["--publish", "http"];
+        let all = args.iter().chain(&more).chain(&publish);
+        let Cli { command: Command::Run(a) } = Cli::try_parse_from(all).unwrap();
+        Settings::from_args(*a).unwrap()
+    }
+
+    /// Accepts one connection, reads the upgrade request and answers `101` followed by
+    /// `first` in the same write.
+    async fn accept_ws(listener: tokio::net::TcpListener, first: &[u8]) -> (String, TcpStream) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut req = Vec::new();
+        while !req.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            assert_eq!(sock.read(&mut b).await.unwrap(), 1);
+            req.push(b[0]);
+        }
+        let req = String::from_utf8(req).unwrap();
+        let key = req.lines().find_map(|l| l.strip_prefix("Sec-WebSocket-Key: ")).unwrap();
+        let mut out = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {}\r\n\r\n",
+            derive_accept_key(key.as_bytes())
+        )
+        .into_bytes();
+        out.extend_from_slice(first);
+        sock.write_all(&out).await.unwrap();
+        (req, sock)
+    }
+
+    /// Waits until the only subscriber of `pool` has lost its connection.
+    async fn wait_disconnect(pool: &Pool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lock(&pool.trackers[0]).disconnect.is_none() && Instant::now() < deadline {
+            sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A fake gateway WebSocket endpoint: `subscribed` and a message in the same write
+    /// as the upgrade answer, a ping (answered), a message split over two writes, then a
+    /// close with 1001.
+    #[tokio::test]
+    async fn ws_subscriber_against_a_fake_gateway() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = ws_settings(&format!("http://{}", listener.local_addr().unwrap()), "gateway");
+        let channel = format!("{}-0", s.prefix);
+        let message = |seq: u64| {
+            let mut data = String::new();
+            payload::encode(Payload { seq, ch: 0, t_us: now_us() }, 100, &mut data);
+            let frame = ServerFrame::Message { channel: channel.clone(), id: None, event: None, data };
+            serde_json::to_vec(&frame).unwrap()
+        };
+        let subscribed = serde_json::to_vec(&ServerFrame::Subscribed {
+            channels: vec![channel.clone()],
+            recovered: false,
+        })
+        .unwrap();
+        let mut first = ws_frame(0x1, &subscribed);
+        first.extend(ws_frame(0x1, &message(0)));
+        first.extend(ws_frame(0x9, b"hb"));
+        let second = ws_frame(0x1, &message(1));
+        let server = tokio::spawn(async move {
+            let (req, mut sock) = accept_ws(listener, &first).await;
+            // The pong: masked, same payload.
+            let mut pong = [0u8; 8];
+            sock.read_exact(&mut pong).await.unwrap();
+            assert_eq!(pong[..2], [0x8a, 0x82]);
+            assert_eq!([pong[6] ^ pong[2], pong[7] ^ pong[3]], *b"hb");
+            sock.write_all(&second[..7]).await.unwrap();
+            sleep(Duration::from_millis(50)).await;
+            sock.write_all(&second[7..]).await.unwrap();
+            sock.write_all(&ws_frame(0x8, &1001u16.to_be_bytes())).await.unwrap();
+            (req, sock)
+        });
+        let mut pool = Pool::start(&s, 0..1, 1, Instant::now() + Duration::from_secs(10), String::new());
+        let connected = pool.wait_connected().await;
+        assert_eq!((connected.ok, connected.failed), (1, 0), "{:?}", connected.errors);
+        let (req, _sock) = timeout(Duration::from_secs(10), server).await.unwrap().unwrap();
+        assert!(req.starts_with(&format!("GET /ws?channel={channel} HTTP/1.1\r\n")), "{req}");
+        wait_disconnect(&pool).await;
+        {
+            let t = lock(&pool.trackers[0]);
+            assert_eq!((t.unique, t.duplicates, t.bad_payload, t.unexpected), (2, 0, 0, 0));
+            assert_eq!(t.disconnect.as_ref().map(|d| d.0.as_str()), Some("ws_close_1001"));
+        }
+        pool.shutdown().await;
+    }
+
+    /// Against Nchan: subscribed at the upgrade; payloads arrive verbatim as text or
+    /// binary frames; a connection dropped without a close frame ends with `eof`.
+    #[tokio::test]
+    async fn ws_subscriber_against_a_fake_nchan() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = ws_settings(&format!("http://{}", listener.local_addr().unwrap()), "nchan");
+        let mut frames = Vec::new();
+        for (seq, opcode) in [(0, 0x1), (1, 0x2)] {
+            let mut data = String::new();
+            payload::encode(Payload { seq, ch: 0, t_us: now_us() }, 100, &mut data);
+            frames.extend(ws_frame(opcode, data.as_bytes()));
+        }
+        let server = tokio::spawn(async move {
+            let (req, sock) = accept_ws(listener, &[]).await;
+            sleep(Duration::from_millis(50)).await;
+            (req, sock)
+        });
+        let mut pool = Pool::start(&s, 0..1, 1, Instant::now() + Duration::from_secs(10), String::new());
+        let connected = pool.wait_connected().await;
+        assert_eq!((connected.ok, connected.failed), (1, 0), "{:?}", connected.errors);
+        let (req, mut sock) = timeout(Duration::from_secs(10), server).await.unwrap().unwrap();
+        assert!(req.starts_with(&format!("GET /sub?channel={}-0 HTTP/1.1\r\n", s.prefix)), "{req}");
+        tokio::io::AsyncWriteExt::write_all(&mut sock, &frames).await.unwrap();
+        sleep(Duration::from_millis(50)).await;
+        drop(sock);
+        wait_disconnect(&pool).await;
+        {
+            let t = lock(&pool.trackers[0]);
+            assert_eq!((t.unique, t.duplicates, t.bad_payload, t.unexpected), (2, 0, 0, 0));
+            assert_eq!(t.disconnect.as_ref().map(|d| d.0.as_str()), Some("eof"));
+        }
+        pool.shutdown().await;
     }
 
     /// A fake Nchan long-poll endpoint: answers the marker, then one payload, then a
