@@ -149,12 +149,15 @@ pub enum Takeover {
     /// A body that is known later (a held long-poll).
     Later(Pin<Box<dyn Future<Output = Bytes> + Send>>),
     /// The connection switches protocols (WebSocket) after a `101` head: the function
-    /// gets the connection and any bytes the client sent after its request head.
+    /// gets the connection, any bytes the client sent after its request head, and the
+    /// `101` head to write.
     Upgrade(UpgradeFn),
 }
 
-/// Runs a session on a connection that switched protocols.
-pub type UpgradeFn = Box<dyn FnOnce(Io, Bytes) -> UpgradedSession + Send>;
+/// Runs a session on a connection that switched protocols: it gets the connection, any
+/// bytes the client sent after its request head, and the `101` head to write first
+/// (empty when it is out already), so the head can go out with the first frame.
+pub type UpgradeFn = Box<dyn FnOnce(Io, Bytes, Vec<u8>) -> UpgradedSession + Send>;
 
 /// What runs on an upgraded connection until it ends.
 pub type UpgradedSession = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -217,10 +220,10 @@ enum Next {
     /// Hold the request until its body is ready, then answer it (long-poll).
     /// `.0` is the start of the response head ([`http1::head_start`]).
     Later(Vec<u8>, Pin<Box<dyn Future<Output = Bytes> + Send>>, bool),
-    /// Write this endless body (the head is out).
-    Stream(Pin<Box<dyn Stream<Item = Chunk> + Send>>),
-    /// Run this session on the connection (the `101` head is out).
-    Upgrade(UpgradeFn),
+    /// Write this head and endless body.
+    Stream(Vec<u8>, Pin<Box<dyn Stream<Item = Chunk> + Send>>),
+    /// Run this session on the connection; it writes the `101` head (`.1`).
+    Upgrade(UpgradeFn, Vec<u8>),
 }
 
 /// Serves one connection: body-less `GET`s (what subscribers send) on the lean path,
@@ -245,10 +248,12 @@ fn serve_conn(
                     let io = Prefixed::new(Bytes::from(std::mem::take(&mut conn.buf)), conn.io);
                     return Box::pin(serve_hyper(io, ctx, settings)).await;
                 }
-                Next::Stream(body) => return Box::pin(serve_stream(conn, body, &ctx.close, &settings)).await,
-                Next::Upgrade(run) => {
+                Next::Stream(head, body) => {
+                    return Box::pin(serve_stream(conn, head, body, &ctx.close, &settings)).await;
+                }
+                Next::Upgrade(run, head) => {
                     let http1::Conn { io, buf } = conn;
-                    return run(Io::Tcp(io), Bytes::from(buf)).await;
+                    return run(Io::Tcp(io), Bytes::from(buf), head).await;
                 }
                 Next::Later(head, body, keep_alive) => {
                     if !Box::pin(answer_later(&mut conn, head, body, keep_alive, &ctx, &settings)).await {
@@ -321,20 +326,11 @@ async fn answer(conn: &mut http1::Conn, ctx: &ConnCtx, settings: &ConnSettings) 
         // The head's start as bytes: smaller than the `HeaderMap` for the wait. A held
         // request's own headers never ask to close.
         Some(Takeover::Later(body)) => Next::Later(http1::head_start(&parts, true), body, keep_alive),
+        // Heads of streams and upgrades go out with the first chunk or frame: one write.
         Some(Takeover::Stream(body)) => {
-            let head = http1::encode_head(&parts, Framing::Chunked, false);
-            match write_bounded(&mut conn.io, &mut [&head], &ctx.close, settings).await {
-                true => Next::Stream(body),
-                false => Next::Close,
-            }
+            Next::Stream(http1::encode_head(&parts, Framing::Chunked, false), body)
         }
-        Some(Takeover::Upgrade(run)) => {
-            let head = http1::encode_head(&parts, Framing::None, false);
-            match conn.write_response(&head, &[]).await {
-                Ok(()) => Next::Upgrade(run),
-                Err(_) => Next::Close,
-            }
-        }
+        Some(Takeover::Upgrade(run)) => Next::Upgrade(run, http1::encode_head(&parts, Framing::None, false)),
     }
 }
 
@@ -384,15 +380,19 @@ fn write_bounded<'a>(
     }
 }
 
-/// Writes an endless body as chunks until it ends or the client goes away.
+/// Writes `head`, then an endless body as chunks until it ends or the client goes away.
 #[allow(clippy::manual_async_fn)] // an `async fn` would store the connection twice
 fn serve_stream<'a>(
     mut conn: http1::Conn,
+    head: Vec<u8>,
     mut body: Pin<Box<dyn Stream<Item = Chunk> + Send>>,
     close: &'a CancellationToken,
     settings: &'a ConnSettings,
 ) -> impl Future<Output = ()> + Send + 'a {
     async move {
+        if !Box::pin(write_stream_head(&mut conn.io, head, &mut body, close, settings)).await {
+            return;
+        }
         loop {
             let next = std::future::poll_fn(|cx| {
                 if let Poll::Ready(chunk) = body.as_mut().poll_next(cx) {
@@ -419,6 +419,31 @@ fn serve_stream<'a>(
             if !ok {
                 return;
             }
+        }
+    }
+}
+
+/// Writes a stream's head, together with its first chunk when that is ready at once (a
+/// subscription comment usually is): one write instead of two per new subscriber.
+/// False when the connection must close.
+async fn write_stream_head(
+    io: &mut TcpStream,
+    head: Vec<u8>,
+    body: &mut Pin<Box<dyn Stream<Item = Chunk> + Send>>,
+    close: &CancellationToken,
+    settings: &ConnSettings,
+) -> bool {
+    match futures_util::FutureExt::now_or_never(body.next()) {
+        None => write_bounded(io, &mut [&head], close, settings).await,
+        Some(Some(Chunk::Framed(framed))) => write_bounded(io, &mut [&head, &framed], close, settings).await,
+        Some(Some(Chunk::Data(data))) => {
+            let mut size = [0u8; 18];
+            let n = io::chunk_header(data.len(), &mut size);
+            write_bounded(io, &mut [&head, &size[..n], &data, b"\r\n"], close, settings).await
+        }
+        Some(None) => {
+            let _ = write_bounded(io, &mut [&head, b"0\r\n\r\n"], close, settings).await;
+            false
         }
     }
 }
@@ -451,7 +476,9 @@ async fn serve_hyper(io: Prefixed, ctx: ConnCtx, settings: Arc<ConnSettings>) {
                     Some(upgrade) => {
                         let session = async move {
                             match upgrade.await {
-                                Ok(upgraded) => run(Io::Upgraded(TokioIo::new(upgraded)), Bytes::new()).await,
+                                Ok(upgraded) => {
+                                    run(Io::Upgraded(TokioIo::new(upgraded)), Bytes::new(), Vec::new()).await
+                                }
                                 Err(err) => debug!(%err, "upgrade failed"),
                             }
                         };
@@ -506,8 +533,13 @@ mod tests {
         });
         let ctx = ConnCtx { peer: addr, close: CancellationToken::new() };
         let conn = http1::Conn::new(TcpStream::connect(addr).await.unwrap());
-        let stream =
-            serve_stream(conn, Box::pin(futures_util::stream::empty::<Chunk>()), &ctx.close, &settings);
+        let stream = serve_stream(
+            conn,
+            Vec::new(),
+            Box::pin(futures_util::stream::empty::<Chunk>()),
+            &ctx.close,
+            &settings,
+        );
         assert!(std::mem::size_of_val(&stream) <= 512, "serve_stream: {}", std::mem::size_of_val(&stream));
         let conn = serve_conn(TcpStream::connect(addr).await.unwrap(), addr, settings.clone());
         assert!(std::mem::size_of_val(&conn) <= 384, "serve_conn: {}", std::mem::size_of_val(&conn));

@@ -86,9 +86,10 @@ pub async fn handler(
     }
     // The connection's own close token (nothing else watches it once upgraded).
     let close = ctx.map(|axum::Extension(c)| c.close).unwrap_or_default();
-    let run = move |io: crate::server::io::Io, leftover: Bytes| -> crate::server::UpgradedSession {
-        Box::pin(Session::new(state, claims, close, io, &leftover).run(channels))
-    };
+    let run =
+        move |io: crate::server::io::Io, leftover: Bytes, head: Vec<u8>| -> crate::server::UpgradedSession {
+            Box::pin(Session::new(state, claims, close, io, &leftover, head).run(channels))
+        };
     let mut resp = Response::new(axum::body::Body::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
@@ -176,21 +177,23 @@ pub struct Session<S> {
     /// This connection's turn to be told to reconnect when the node drains (polled
     /// only after it fired: it is checked on every wake-up).
     shutdown: Quiet<DrainTurn>,
-    /// The unwritten rest of frames whose write was cut short (kick or drain): written
-    /// before the closing frames, so the client still sees whole frames.
+    /// Bytes that go out before anything else: the `101` head until the first frame
+    /// (one write for both), or the rest of frames whose write was cut short (kick or
+    /// drain), so the client still sees whole frames before the closing ones.
     unsent: Vec<u8>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// A session on `io` with an empty subscription set; `leftover` is what the client
-    /// sent after its upgrade request.
-    /// `close` is cancelled when the hub closes the connection.
+    /// sent after its upgrade request, `head` the `101` response head still to write
+    /// (empty if it is out). `close` is cancelled when the hub closes the connection.
     pub fn new(
         state: AppState,
         claims: Option<Claims>,
         close: CancellationToken,
         io: S,
         leftover: &[u8],
+        head: Vec<u8>,
     ) -> Self {
         let limits = &state.config.limits;
         let (inbox, rx) = Inbox::new(Transport::Ws, limits, close);
@@ -207,7 +210,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             guard: ConnGuard::new(Transport::Ws),
             claims: claims.map(Box::new),
             shutdown,
-            unsent: Vec::new(),
+            unsent: head,
             state,
         }
     }
@@ -218,9 +221,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     #[allow(clippy::manual_async_fn)]
     pub fn run(mut self, initial: Vec<String>) -> impl Future<Output = ()> + Send {
         async move {
-            if !initial.is_empty()
-                && let Err(end) = Box::pin(self.subscribe(initial, None)).await
-            {
+            let first = if initial.is_empty() {
+                self.write(&mut []).await // just the head
+            } else {
+                Box::pin(self.subscribe(initial, None)).await
+            };
+            if let Err(end) = first {
                 return Box::pin(self.finish(end)).await;
             }
             let ping_every = self.state.config.timers.ws_ping;
@@ -334,6 +340,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Writes `bufs`. A client that stops reading blocks the write; its inbox then
     /// overflows and the hub closes it, which ends the wait (as does the drain).
     async fn write(&mut self, bufs: &mut [&[u8]]) -> Result<(), End> {
+        if !self.unsent.is_empty() {
+            let first = std::mem::take(&mut self.unsent);
+            let mut all: Vec<&[u8]> = std::iter::once(&first[..]).chain(bufs.iter().copied()).collect();
+            return Box::pin(self.write_out(&mut all)).await;
+        }
+        self.write_out(bufs).await
+    }
+
+    async fn write_out(&mut self, bufs: &mut [&[u8]]) -> Result<(), End> {
         // Most writes finish at once; only one that has to wait watches the signals, in
         // a boxed future, so the session's state stays small.
         match write_now(&mut self.io, bufs).await {
@@ -419,6 +434,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let (sub, ready) = self.state.hub.subscribe(ch, &self.inbox);
             self.subs.push(sub);
             readies.push(ready);
+        }
+        if !self.unsent.is_empty() && (!resume.is_empty() || !readies.iter().all(|r| r.is_set())) {
+            self.write(&mut []).await?; // the head need not wait for the broker
         }
         wait_ready(readies).await;
         // Replay after the live subscription is ready, so nothing falls in between;
@@ -664,11 +682,15 @@ mod tests {
         let state = state();
         let hub = state.hub.clone();
         let (server, mut client) = tokio::io::duplex(4096);
-        let session = Session::new(state, None, CancellationToken::new(), server, &[]);
+        let head = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
+        let session = Session::new(state, None, CancellationToken::new(), server, &[], head.to_vec());
         let run = session.run(vec!["news".into()]);
         // The session lives as long as its connection: its future is idle memory.
         assert!(std::mem::size_of_val(&run) <= 1280, "session future: {}", std::mem::size_of_val(&run));
         let task = tokio::spawn(run);
+        let mut got = [0u8; 36];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, head, "the 101 head comes first, then the frames");
         let (op, payload) = server_frame(&mut client).await;
         assert_eq!(op, opcode::TEXT);
         assert!(matches!(serde_json::from_slice(&payload).unwrap(), ServerFrame::Subscribed { .. }));
