@@ -81,3 +81,30 @@ async fn ready(State(a): State<Admin>) -> impl IntoResponse {
         ),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    /// The admin listener needs no worker of the main runtime: here there is none at all
+    /// (a plain test thread), and it still answers.
+    #[test]
+    fn the_admin_listener_answers_without_the_main_runtime() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = Router::new().route("/healthz", get(|| async { "alive" }));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let thread = spawn(listener, router, stop.clone()).unwrap();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("alive"), "{answer}");
+        stop.cancel();
+        thread.join().unwrap();
+    }
+}
