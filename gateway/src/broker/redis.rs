@@ -405,6 +405,9 @@ impl PubSubTask {
                     }
                     if !subs.is_empty() || !unsubs.is_empty() {
                         debug!(subscribed = subs.len(), unsubscribed = unsubs.len(), "redis subscriptions updated");
+                        // Redis answered; and while these were awaited the loop read
+                        // nothing, so a probe's answer may be waiting unread.
+                        last_heard = std::time::Instant::now();
                     }
                     self.release_waiting(&active);
                 }
