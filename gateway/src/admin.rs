@@ -1,5 +1,9 @@
 //! The admin listener: `/metrics` (Prometheus), `/healthz` (the process is alive) and
 //! `/readyz` (503 while shutting down or while the broker link is down).
+//!
+//! It runs on a thread of its own, so it answers while the main runtime's workers are
+//! saturated; a [`Heartbeat`] from the main runtime still lets `/healthz` see a wedged
+//! one.
 
 use axum::{
     Json, Router,
@@ -10,6 +14,13 @@ use axum::{
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use crate::{app::AppState, broker::LinkState};
 
@@ -17,37 +28,101 @@ use crate::{app::AppState, broker::LinkState};
 struct Admin {
     app: AppState,
     metrics: PrometheusHandle,
-    process: std::sync::Arc<metrics_process::Collector>,
+    process: Arc<metrics_process::Collector>,
+    heartbeat: Arc<Heartbeat>,
 }
 
-/// Builds the admin router.
-pub fn router(app: AppState, metrics: PrometheusHandle) -> Router {
+/// How often the main runtime beats.
+pub const BEAT_EVERY: Duration = Duration::from_secs(5);
+/// `/healthz` fails when the main runtime has not beaten for this long: its workers are
+/// wedged (a deadlock, a blocking call), not just busy.
+pub const STALLED_AFTER: Duration = Duration::from_secs(30);
+
+/// When the main runtime last ran a timer task: proof of life for `/healthz`, which is
+/// served from another thread.
+#[derive(Debug)]
+pub struct Heartbeat {
+    start: Instant,
+    /// Milliseconds after `start` of the last beat.
+    last_ms: AtomicU64,
+}
+
+impl Heartbeat {
+    /// A heartbeat that has just beaten.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self { start: Instant::now(), last_ms: AtomicU64::new(0) })
+    }
+
+    /// Records a beat now.
+    pub fn beat(&self) {
+        self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long ago the last beat was, at `now`.
+    pub fn silent_for(&self, now: Instant) -> Duration {
+        let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        now.saturating_duration_since(last)
+    }
+}
+
+/// Builds the admin router; `heartbeat` is beaten by the main runtime every
+/// [`BEAT_EVERY`].
+pub fn router(app: AppState, metrics: PrometheusHandle, heartbeat: Arc<Heartbeat>) -> Router {
     Router::new()
         .route("/metrics", get(render_metrics))
-        .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route("/healthz", get(health))
         .route("/readyz", get(ready))
-        .with_state(Admin { app, metrics, process: std::sync::Arc::new(process_collector()) })
+        .with_state(Admin { app, metrics, process: Arc::new(process_collector()), heartbeat })
+}
+
+async fn health(State(a): State<Admin>) -> impl IntoResponse {
+    liveness(&a.heartbeat, Instant::now())
+}
+
+fn liveness(heartbeat: &Heartbeat, now: Instant) -> (StatusCode, Json<serde_json::Value>) {
+    let silent = heartbeat.silent_for(now);
+    if silent > STALLED_AFTER {
+        let body = json!({ "status": "stalled", "runtime_silent_secs": silent.as_secs() });
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body));
+    }
+    (StatusCode::OK, Json(json!({ "status": "ok" })))
 }
 
 /// Serves `router` on `listener` from a thread of its own (with a single-threaded
-/// runtime) until `stop`.
+/// runtime, built there) until `stop`.
 pub fn spawn(
     listener: std::net::TcpListener,
     router: Router,
     stop: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    std::thread::Builder::new().name("gateway-admin".into()).spawn(move || {
-        rt.block_on(async move {
-            match tokio::net::TcpListener::from_std(listener) {
-                Ok(l) => {
-                    let _ = axum::serve(l, router).with_graceful_shutdown(stop.cancelled_owned()).await;
-                }
-                Err(e) => tracing::error!(error = %e, "admin listener failed"),
+    let (started, result) = std::sync::mpsc::sync_channel::<std::io::Result<()>>(1);
+    let thread = std::thread::Builder::new().name("gateway-admin".into()).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = started.send(Err(e));
+                return;
             }
+        };
+        rt.block_on(async move {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = started.send(Err(e));
+                    return;
+                }
+            };
+            let _ = started.send(Ok(()));
+            let _ = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await;
         });
-    })
+    })?;
+    // Waits only for the runtime and the listener's registration: microseconds.
+    match result.recv() {
+        Ok(Ok(())) => Ok(thread),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::other("the admin thread ended before it started")),
+    }
 }
 
 /// Process CPU, memory, open file descriptors and threads, as `gateway_process_*`.
@@ -87,6 +162,21 @@ mod tests {
     use std::io::{Read, Write};
 
     use super::*;
+
+    #[test]
+    fn liveness_fails_only_when_the_main_runtime_stops_beating() {
+        let hb = Heartbeat::new();
+        let now = Instant::now();
+        assert_eq!(liveness(&hb, now).0, StatusCode::OK);
+        assert_eq!(liveness(&hb, now + STALLED_AFTER - Duration::from_secs(1)).0, StatusCode::OK);
+        let (code, body) = liveness(&hb, now + STALLED_AFTER + Duration::from_secs(2));
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body.0["status"], "stalled");
+        // A beat later on makes it healthy again.
+        std::thread::sleep(Duration::from_millis(5));
+        hb.beat();
+        assert!(hb.silent_for(Instant::now()) < Duration::from_secs(1));
+    }
 
     /// The admin listener needs no worker of the main runtime: here there is none at all
     /// (a plain test thread), and it still answers.

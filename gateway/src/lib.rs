@@ -135,12 +135,17 @@ pub async fn run(
     background.spawn(hub.clone().run_reaper(background_stop.clone()));
     let upkeep = metrics.clone();
     let upkeep_stop = background_stop.clone();
+    let heartbeat = admin::Heartbeat::new();
+    let beat = heartbeat.clone();
     background.spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        let mut tick = tokio::time::interval(admin::BEAT_EVERY);
         loop {
             tokio::select! {
                 _ = upkeep_stop.cancelled() => return,
-                _ = tick.tick() => upkeep.run_upkeep(),
+                _ = tick.tick() => {
+                    upkeep.run_upkeep();
+                    beat.beat();
+                }
             }
         }
     });
@@ -149,8 +154,10 @@ pub async fn run(
     // of its own: when every worker is busy fanning out (or closing thousands of slow
     // consumers), probes and scrapes still answer at once.
     let admin_stop = CancellationToken::new();
-    let admin =
-        admin::spawn(listeners.admin.into_std()?, admin::router(state.clone(), metrics), admin_stop.clone())?;
+    let admin_router = admin::router(state.clone(), metrics, heartbeat);
+    let admin = admin::spawn(listeners.admin.into_std()?, admin_router, admin_stop.clone())?;
+    // Stops the admin thread however `run` ends (also when its future is dropped).
+    let admin_guard = admin_stop.clone().drop_guard();
 
     let header_timeout = state.config.timers.header_read;
     server::serve(
@@ -176,8 +183,12 @@ pub async fn run(
     background_stop.cancel();
     background.close();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), background.wait()).await;
-    admin_stop.cancel();
-    let _ = tokio::task::spawn_blocking(move || admin.join()).await;
+    drop(admin_guard); // cancels `admin_stop`
+    // A scraper that keeps its connection open cannot hold the exit for long.
+    let joined = tokio::task::spawn_blocking(move || admin.join());
+    if tokio::time::timeout(std::time::Duration::from_secs(2), joined).await.is_err() {
+        warn!("the admin listener did not stop within 2 s; exiting anyway");
+    }
     info!("shutdown complete");
     Ok(())
 }
