@@ -207,6 +207,23 @@ pub struct PollResponse {
     pub reset_channels: Vec<String>,
 }
 
+/// WebSocket frame opcodes (RFC 6455 §5.2), for the gateway's frame codec and the load
+/// generator's client.
+pub mod opcode {
+    /// A further fragment of a message.
+    pub const CONTINUATION: u8 = 0x0;
+    /// A UTF-8 text message.
+    pub const TEXT: u8 = 0x1;
+    /// A binary message.
+    pub const BINARY: u8 = 0x2;
+    /// Close (with an optional code and reason).
+    pub const CLOSE: u8 = 0x8;
+    /// Ping: answered with a pong carrying the same payload.
+    pub const PING: u8 = 0x9;
+    /// Pong.
+    pub const PONG: u8 = 0xa;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

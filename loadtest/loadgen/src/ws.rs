@@ -46,15 +46,7 @@ thread_local! {
     static DATA_SCRATCH: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
-/// Frame opcodes.
-mod op {
-    pub const CONTINUATION: u8 = 0x0;
-    pub const TEXT: u8 = 0x1;
-    pub const BINARY: u8 = 0x2;
-    pub const CLOSE: u8 = 0x8;
-    pub const PING: u8 = 0x9;
-    pub const PONG: u8 = 0xa;
-}
+use shared::protocol::opcode as op;
 
 /// A complete message from the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,21 +5,8 @@
 //! The decoder holds bytes only while a frame or a fragmented message is incomplete; an
 //! idle connection's decoder owns no allocation.
 
-/// Frame opcodes.
-pub mod opcode {
-    /// A further fragment of a message.
-    pub const CONTINUATION: u8 = 0x0;
-    /// A UTF-8 text message.
-    pub const TEXT: u8 = 0x1;
-    /// A binary message.
-    pub const BINARY: u8 = 0x2;
-    /// Close (with an optional code and reason).
-    pub const CLOSE: u8 = 0x8;
-    /// Ping: answered with a pong carrying the same payload.
-    pub const PING: u8 = 0x9;
-    /// Pong.
-    pub const PONG: u8 = 0xa;
-}
+/// Frame opcodes (shared with the load generator's client).
+pub use shared::protocol::opcode;
 
 /// Longest frame header (2 bytes, 8 of extended length; servers send no mask).
 pub const MAX_HEADER: usize = 10;
