@@ -797,27 +797,7 @@ mod tests {
     /// Accepts one connection, reads the upgrade request and answers `101` followed by
     /// `first` in the same write.
     async fn accept_ws(listener: tokio::net::TcpListener, first: &[u8]) -> (String, TcpStream) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-
-        let (mut sock, _) = listener.accept().await.unwrap();
-        let mut req = Vec::new();
-        while !req.ends_with(b"\r\n\r\n") {
-            let mut b = [0u8; 1];
-            assert_eq!(sock.read(&mut b).await.unwrap(), 1);
-            req.push(b[0]);
-        }
-        let req = String::from_utf8(req).unwrap();
-        let key = req.lines().find_map(|l| l.strip_prefix("Sec-WebSocket-Key: ")).unwrap();
-        let mut out = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Accept: {}\r\n\r\n",
-            derive_accept_key(key.as_bytes())
-        )
-        .into_bytes();
-        out.extend_from_slice(first);
-        sock.write_all(&out).await.unwrap();
-        (req, sock)
+        crate::ws::tests::accept(listener, crate::ws::tests::switching, first.to_vec()).await
     }
 
     /// Waits until the only subscriber of `pool` has lost its connection.

@@ -464,7 +464,7 @@ fn unescape<'a>(s: &str, first: usize, out: &'a mut String) -> Option<&'a str> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// An unmasked server frame.
@@ -747,25 +747,33 @@ mod tests {
     ) -> (std::net::SocketAddr, tokio::task::JoinHandle<(String, TcpStream)>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            let (mut sock, _) = listener.accept().await.unwrap();
-            let mut req = Vec::new();
-            while !req.ends_with(b"\r\n\r\n") {
-                let mut b = [0u8; 1];
-                assert_eq!(sock.read(&mut b).await.unwrap(), 1);
-                req.push(b[0]);
-            }
-            let req = String::from_utf8(req).unwrap();
-            let key = header(req.as_bytes(), "sec-websocket-key").unwrap().to_owned();
-            let mut out = answer(&key).into_bytes();
-            out.extend(after);
-            sock.write_all(&out).await.unwrap();
-            (req, sock)
-        });
-        (addr, task)
+        (addr, tokio::spawn(accept(listener, answer, after)))
     }
 
-    fn switching(key: &str) -> String {
+    /// Accepts one connection, reads its upgrade request, and answers `answer(key)`
+    /// followed by `after` in the same write; returns the request and the socket.
+    pub(crate) async fn accept(
+        listener: tokio::net::TcpListener,
+        answer: impl FnOnce(&str) -> String,
+        after: Vec<u8>,
+    ) -> (String, TcpStream) {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut req = Vec::new();
+        while !req.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            assert_eq!(sock.read(&mut b).await.unwrap(), 1);
+            req.push(b[0]);
+        }
+        let req = String::from_utf8(req).unwrap();
+        let key = header(req.as_bytes(), "sec-websocket-key").unwrap().to_owned();
+        let mut out = answer(&key).into_bytes();
+        out.extend(after);
+        sock.write_all(&out).await.unwrap();
+        (req, sock)
+    }
+
+    /// A `101` answer to the upgrade with key `key`.
+    pub(crate) fn switching(key: &str) -> String {
         format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Accept: {}\r\n\r\n",
