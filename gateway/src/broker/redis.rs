@@ -362,6 +362,9 @@ impl PubSubTask {
         // nothing at all has come from Redis for `HEALTH_TIMEOUT`.
         let mut probe: Option<BoxFuture<'static, redis::RedisResult<redis::Value>>> = None;
         let mut last_heard = std::time::Instant::now();
+        // Subscription changes run beside the loop too, one batch at a time (commands
+        // that arrive meanwhile wait in `cmds` and are coalesced into the next).
+        let mut change: Option<BoxFuture<'static, Change>> = None;
         loop {
             tokio::select! {
                 biased;
@@ -387,29 +390,29 @@ impl PubSubTask {
                     let Some(hub) = self.sink.upgrade() else { return Ok(()) };
                     hub.deliver(msg.get_channel_name(), Bytes::copy_from_slice(msg.get_payload_bytes()));
                 }
-                cmd = self.cmds.recv() => {
+                done = async { change.as_mut().expect("guarded").await }, if change.is_some() => {
+                    change = None;
+                    let Change { subs, unsubs, result } = done;
+                    result?;
+                    for c in &unsubs {
+                        active.remove(c);
+                    }
+                    active.extend(subs.iter().cloned());
+                    debug!(subscribed = subs.len(), unsubscribed = unsubs.len(), "redis subscriptions updated");
+                    last_heard = std::time::Instant::now();
+                    self.release_waiting(&active);
+                }
+                cmd = self.cmds.recv(), if change.is_none() => {
                     let Some(cmd) = cmd else { return Ok(()) };
                     self.apply(cmd);
                     self.drain_cmds();
                     let subs: Vec<Arc<str>> = self.wanted.iter().filter(|c| !active.contains(*c)).cloned().collect();
                     let unsubs: Vec<Arc<str>> = active.iter().filter(|c| !self.wanted.contains(*c)).cloned().collect();
-                    for chunk in unsubs.chunks(BATCH) {
-                        command(sink.unsubscribe(chunk.iter().map(|c| &**c).collect::<Vec<_>>())).await?;
-                        for c in chunk {
-                            active.remove(c);
-                        }
+                    if subs.is_empty() && unsubs.is_empty() {
+                        self.release_waiting(&active);
+                    } else {
+                        change = Some(Box::pin(apply_change(sink.clone(), subs, unsubs)));
                     }
-                    for chunk in subs.chunks(BATCH) {
-                        command(sink.subscribe(chunk.iter().map(|c| &**c).collect::<Vec<_>>())).await?;
-                        active.extend(chunk.iter().cloned());
-                    }
-                    if !subs.is_empty() || !unsubs.is_empty() {
-                        debug!(subscribed = subs.len(), unsubscribed = unsubs.len(), "redis subscriptions updated");
-                        // Redis answered; and while these were awaited the loop read
-                        // nothing, so a probe's answer may be waiting unread.
-                        last_heard = std::time::Instant::now();
-                    }
-                    self.release_waiting(&active);
                 }
             }
         }
@@ -444,6 +447,32 @@ impl PubSubTask {
             }
         });
     }
+}
+
+/// A batch of subscription changes and how Redis took it.
+struct Change {
+    subs: Vec<Arc<str>>,
+    unsubs: Vec<Arc<str>>,
+    result: Result<(), LinkLost>,
+}
+
+/// Sends `unsubs`, then `subs`, in batches of [`BATCH`] channels.
+async fn apply_change(
+    mut sink: redis::aio::PubSubSink,
+    subs: Vec<Arc<str>>,
+    unsubs: Vec<Arc<str>>,
+) -> Change {
+    let result = async {
+        for chunk in unsubs.chunks(BATCH) {
+            command(sink.unsubscribe(chunk.iter().map(|c| &**c).collect::<Vec<_>>())).await?;
+        }
+        for chunk in subs.chunks(BATCH) {
+            command(sink.subscribe(chunk.iter().map(|c| &**c).collect::<Vec<_>>())).await?;
+        }
+        Ok(())
+    }
+    .await;
+    Change { subs, unsubs, result }
 }
 
 async fn command(fut: impl std::future::Future<Output = redis::RedisResult<()>>) -> Result<(), LinkLost> {
