@@ -164,12 +164,28 @@ fn parse(buf: &[u8]) -> Parsed {
     if req.method != Some("GET") || req.version != Some(1) {
         return Parsed::NotLean;
     }
-    let Ok(uri) = Uri::try_from(req.path.unwrap_or("/")) else { return Parsed::Bad(StatusCode::BAD_REQUEST) };
+    // One copy of the head; the URI and every header value are slices of it (a copy
+    // each was most of a request's allocations).
+    let head = bytes::Bytes::copy_from_slice(&buf[..used]);
+    // `part` is a slice of `buf` (httparse borrows from it): the same bytes of `head`.
+    let shared = |part: &[u8]| {
+        if part.is_empty() {
+            return bytes::Bytes::new(); // may point anywhere
+        }
+        let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+        head.slice(start..start + part.len())
+    };
+    let path = match req.path {
+        Some(p) if !p.is_empty() => shared(p.as_bytes()),
+        _ => bytes::Bytes::from_static(b"/"),
+    };
+    let Ok(uri) = Uri::from_maybe_shared(path) else { return Parsed::Bad(StatusCode::BAD_REQUEST) };
     let mut map = HeaderMap::with_capacity(req.headers.len());
     let mut keep_alive = true;
     for h in req.headers.iter() {
+        let value = shared(h.value);
         let (Ok(name), Ok(value)) =
-            (HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_bytes(h.value))
+            (HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_maybe_shared(value))
         else {
             return Parsed::Bad(StatusCode::BAD_REQUEST);
         };
@@ -283,6 +299,21 @@ mod tests {
         assert_eq!(req.headers()["last-event-id"], "5-0");
         assert!(keep_alive);
         assert_eq!(&raw[used..], "GET /");
+    }
+
+    #[test]
+    fn header_values_and_the_uri_are_the_request_bytes() {
+        let raw = "GET /ws?channel=a%20b&token=t HTTP/1.1\r\nHost: x:1\r\nX-Empty:\r\n\
+                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nUpgrade: websocket\r\n\r\n";
+        let (req, keep_alive, used) = done(raw);
+        assert_eq!(used, raw.len());
+        assert!(keep_alive);
+        assert_eq!(req.uri().path(), "/ws");
+        assert_eq!(req.uri().query(), Some("channel=a%20b&token=t"));
+        assert_eq!(req.headers()["host"], "x:1");
+        assert_eq!(req.headers()["x-empty"], "");
+        assert_eq!(req.headers()["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(req.headers()["upgrade"], "websocket");
     }
 
     #[test]
