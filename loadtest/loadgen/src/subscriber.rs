@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     cli::{NCHAN_SUB_PATH, ServerKind, Settings, Transport},
-    http::{BodyDecoder, HttpConn},
+    http::{BodyDecoder, HttpConn, ResponseHead},
     net::{self, io_kind},
     payload::{self, Payload},
     report::{ConnectReport, DeliveryReport, MAX_LATENCY_US, Window, encode_histogram, new_histogram},
@@ -617,15 +617,15 @@ impl PollSession {
             path.push_str("&cursor=");
             percent_encode(&self.cursor, &mut path);
         }
-        self.conn
-            .send_get(&sh.s.target(g).host_header, &path, "application/json")
-            .await
-            .map_err(|e| io_kind(&e))?;
-        let head = self.conn.read_head().await.map_err(|e| e.kind())?;
-        let body = self.conn.read_body(&head, MAX_POLL_BODY).await.map_err(|e| e.kind())?;
-        if head.close {
-            self.reconnect = true;
-        }
+        let (head, body) = Self::exchange(
+            &mut self.conn,
+            &mut self.reconnect,
+            &sh.s.target(g).host_header,
+            &path,
+            "application/json",
+            &[],
+        )
+        .await?;
         if head.status != 200 {
             return Err(format!("http_{}", head.status));
         }
@@ -641,6 +641,25 @@ impl PollSession {
         Ok(())
     }
 
+    /// Sends one poll and reads its whole answer; notes when the server closes after it.
+    /// (Fields, not `&mut self`: the Nchan poll's extra headers borrow `self`.)
+    async fn exchange(
+        conn: &mut HttpConn,
+        reconnect: &mut bool,
+        host: &str,
+        path: &str,
+        accept: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<(ResponseHead, Vec<u8>), String> {
+        conn.send_get_with(host, path, accept, extra).await.map_err(|e| io_kind(&e))?;
+        let head = conn.read_head().await.map_err(|e| e.kind())?;
+        let body = conn.read_body(&head, MAX_POLL_BODY).await.map_err(|e| e.kind())?;
+        if head.close {
+            *reconnect = true;
+        }
+        Ok((head, body))
+    }
+
     /// One Nchan long-poll: the next message after the last one's id (Nchan answers one
     /// message per poll and holds the request until there is one).
     async fn poll_nchan(&mut self, sh: &Shared, g: u64, tr: &Mutex<Tracker>) -> Result<(), String> {
@@ -654,15 +673,15 @@ impl PollSession {
                 extra.push(("If-None-Match", v.as_str()));
             }
         }
-        self.conn
-            .send_get_with(&sh.s.target(g).host_header, &path, "*/*", &extra)
-            .await
-            .map_err(|e| io_kind(&e))?;
-        let head = self.conn.read_head().await.map_err(|e| e.kind())?;
-        let body = self.conn.read_body(&head, MAX_POLL_BODY).await.map_err(|e| e.kind())?;
-        if head.close {
-            self.reconnect = true;
-        }
+        let (head, body) = Self::exchange(
+            &mut self.conn,
+            &mut self.reconnect,
+            &sh.s.target(g).host_header,
+            &path,
+            "*/*",
+            &extra,
+        )
+        .await?;
         match head.status {
             200 => {}
             // No message within a subscriber timeout configured on the server: ask again.
@@ -800,6 +819,31 @@ mod tests {
         crate::ws::tests::accept(listener, crate::ws::tests::switching, first.to_vec()).await
     }
 
+    /// Starts one subscriber against a fake server task; returns the pool once it is
+    /// connected, with the request the server read and its socket.
+    async fn one_subscriber(
+        s: &Settings,
+        server: tokio::task::JoinHandle<(String, TcpStream)>,
+    ) -> (Pool, String, TcpStream) {
+        let mut pool = Pool::start(s, 0..1, 1, Instant::now() + Duration::from_secs(10), String::new());
+        let connected = pool.wait_connected().await;
+        assert_eq!((connected.ok, connected.failed), (1, 0), "{:?}", connected.errors);
+        let (req, sock) = timeout(Duration::from_secs(10), server).await.unwrap().unwrap();
+        (pool, req, sock)
+    }
+
+    /// Asserts that the only subscriber of `pool` got two payloads, nothing else, and
+    /// then lost its connection for `why`.
+    async fn two_delivered_then(pool: Pool, why: &str) {
+        wait_disconnect(&pool).await;
+        {
+            let t = lock(&pool.trackers[0]);
+            assert_eq!((t.unique, t.duplicates, t.bad_payload, t.unexpected), (2, 0, 0, 0));
+            assert_eq!(t.disconnect.as_ref().map(|d| d.0.as_str()), Some(why));
+        }
+        pool.shutdown().await;
+    }
+
     /// Waits until the only subscriber of `pool` has lost its connection.
     async fn wait_disconnect(pool: &Pool) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -846,18 +890,9 @@ mod tests {
             sock.write_all(&ws_frame(0x8, &1001u16.to_be_bytes())).await.unwrap();
             (req, sock)
         });
-        let mut pool = Pool::start(&s, 0..1, 1, Instant::now() + Duration::from_secs(10), String::new());
-        let connected = pool.wait_connected().await;
-        assert_eq!((connected.ok, connected.failed), (1, 0), "{:?}", connected.errors);
-        let (req, _sock) = timeout(Duration::from_secs(10), server).await.unwrap().unwrap();
+        let (pool, req, _sock) = one_subscriber(&s, server).await;
         assert!(req.starts_with(&format!("GET /ws?channel={channel} HTTP/1.1\r\n")), "{req}");
-        wait_disconnect(&pool).await;
-        {
-            let t = lock(&pool.trackers[0]);
-            assert_eq!((t.unique, t.duplicates, t.bad_payload, t.unexpected), (2, 0, 0, 0));
-            assert_eq!(t.disconnect.as_ref().map(|d| d.0.as_str()), Some("ws_close_1001"));
-        }
-        pool.shutdown().await;
+        two_delivered_then(pool, "ws_close_1001").await;
     }
 
     /// Against Nchan: subscribed at the upgrade; payloads arrive verbatim as text or
@@ -877,21 +912,12 @@ mod tests {
             sleep(Duration::from_millis(50)).await;
             (req, sock)
         });
-        let mut pool = Pool::start(&s, 0..1, 1, Instant::now() + Duration::from_secs(10), String::new());
-        let connected = pool.wait_connected().await;
-        assert_eq!((connected.ok, connected.failed), (1, 0), "{:?}", connected.errors);
-        let (req, mut sock) = timeout(Duration::from_secs(10), server).await.unwrap().unwrap();
+        let (pool, req, mut sock) = one_subscriber(&s, server).await;
         assert!(req.starts_with(&format!("GET /sub?channel={}-0 HTTP/1.1\r\n", s.prefix)), "{req}");
         tokio::io::AsyncWriteExt::write_all(&mut sock, &frames).await.unwrap();
         sleep(Duration::from_millis(50)).await;
         drop(sock);
-        wait_disconnect(&pool).await;
-        {
-            let t = lock(&pool.trackers[0]);
-            assert_eq!((t.unique, t.duplicates, t.bad_payload, t.unexpected), (2, 0, 0, 0));
-            assert_eq!(t.disconnect.as_ref().map(|d| d.0.as_str()), Some("eof"));
-        }
-        pool.shutdown().await;
+        two_delivered_then(pool, "eof").await;
     }
 
     /// A fake Nchan long-poll endpoint: answers the marker, then one payload, then a
