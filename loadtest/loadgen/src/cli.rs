@@ -40,6 +40,10 @@ pub struct Cli {
 pub enum Command {
     /// Open subscribers, publish open-loop at a fixed rate, report latency, losses and server cost.
     Run(Box<RunArgs>),
+    /// Measure this machine's floor without a server: the kernel's cost of a fan-out
+    /// write and of an accepted connection (see `loadtest/RESULTS.md`).
+    #[command(subcommand)]
+    Floor(crate::floor::FloorCommand),
 }
 
 /// Which wire protocol the subscribers speak.
@@ -515,7 +519,10 @@ mod tests {
 
     fn settings(args: &[&str]) -> Result<Settings> {
         let Cli { command: Command::Run(a) } =
-            Cli::try_parse_from(["loadgen", "run"].iter().chain(args)).expect("valid flags");
+            Cli::try_parse_from(["loadgen", "run"].iter().chain(args)).expect("valid flags")
+        else {
+            unreachable!("a run")
+        };
         Settings::from_args(*a)
     }
 

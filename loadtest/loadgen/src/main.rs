@@ -8,6 +8,7 @@
 //! memory from /proc. See `loadtest/README.md`.
 
 mod cli;
+mod floor;
 mod http;
 mod net;
 mod payload;
@@ -23,7 +24,16 @@ use clap::Parser;
 use crate::cli::{Cli, Command, MAX_SUBSCRIBERS_PER_PROCESS, Settings};
 
 fn main() {
-    let Cli { command: Command::Run(args) } = Cli::parse();
+    let args = match Cli::parse().command {
+        Command::Run(args) => args,
+        Command::Floor(cmd) => match floor::main(cmd) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => {
+                eprintln!("loadgen floor: {e:#}");
+                std::process::exit(1);
+            }
+        },
+    };
     let settings = match Settings::from_args(*args) {
         Ok(s) => s,
         Err(e) => {

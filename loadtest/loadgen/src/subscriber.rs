@@ -809,7 +809,9 @@ mod tests {
         // Both servers take publishes over HTTP (Nchan only that way); nothing is published.
         let publish = ["--publish", "http"];
         let all = args.iter().chain(&more).chain(&publish);
-        let Cli { command: Command::Run(a) } = Cli::try_parse_from(all).unwrap();
+        let Cli { command: Command::Run(a) } = Cli::try_parse_from(all).unwrap() else {
+            unreachable!("a run")
+        };
         Settings::from_args(*a).unwrap()
     }
 
@@ -935,7 +937,10 @@ mod tests {
         let more = ["--subscribers", "1", "--channels", "1", "--rate", "1", "--duration", "1"];
         let Cli { command: Command::Run(a) } =
             Cli::try_parse_from(args.iter().chain(&more).chain(&["--warmup", "0", "--publish", "http"]))
-                .unwrap();
+                .unwrap()
+        else {
+            unreachable!("a run")
+        };
         let s = Settings::from_args(*a).unwrap();
         let mut text = String::new();
         payload::encode(Payload { seq: 0, ch: 0, t_us: now_us() }, 100, &mut text);
