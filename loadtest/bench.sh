@@ -3,6 +3,8 @@
 # redis-server and a fresh release gateway on free loopback ports, runs loadgen, and
 # stops them. Usage: loadtest/bench.sh [scenario ...]   (default: all)
 # Scenarios: idle-ws idle-sse idle-poll cpu-ws cpu-sse fanout-100x100 latency-1k
+# Floors (no gateway: `loadgen floor`, the kernel's own cost of the same traffic on this
+# machine): floor-1k floor-10k floor-100x100 floor-connect
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-target/bench}
@@ -33,6 +35,12 @@ run() { # name, gateway-extra-args..., -- loadgen args...
   wait "$gpid" "$rpid" 2>/dev/null || true
 }
 
+floor() { # name, loadgen floor args...
+  local name=$1; shift
+  echo "== $name" | tee "$OUT/$name.txt"
+  "$LG" floor "$@" | tee -a "$OUT/$name.txt" || true
+}
+
 IPS=127.0.0.2-127.0.0.20
 scenario() {
   case $1 in
@@ -43,6 +51,10 @@ scenario() {
     cpu-sse)   run cpu-sse -- --transport sse --subscribers 10000 --channels 1 --rate 20 --duration 20 --warmup 2 --source-ips $IPS --connect-concurrency 200 ;;
     fanout-100x100) run fanout-100x100 -- --transport ws --subscribers 10000 --channels 100 --rate 100 --duration 20 --warmup 2 --source-ips $IPS --connect-concurrency 200 ;;
     latency-1k) run latency-1k -- --transport ws --subscribers 1000 --channels 1 --rate 20 --duration 20 --warmup 2 ;;
+    floor-1k)  floor floor-1k fanout --subscribers 1000 --channels 1 --rate 20 --duration 20 ;;
+    floor-10k) floor floor-10k fanout --subscribers 10000 --channels 1 --rate 20 --duration 20 --source-ips $IPS ;;
+    floor-100x100) floor floor-100x100 fanout --subscribers 10000 --channels 100 --rate 100 --duration 20 --source-ips $IPS ;;
+    floor-connect) floor floor-connect connect --connections 10000 --concurrency 200 --source-ips $IPS ;;
     *) echo "unknown scenario $1" >&2; exit 2 ;;
   esac
 }
