@@ -160,9 +160,17 @@ pub async fn run(
     let admin_guard = admin_stop.clone().drop_guard();
 
     let header_timeout = state.config.timers.header_read;
+    let lean_state = state.clone();
+    let lean: server::LeanRoute = Arc::new(move |req, ctx| {
+        use axum::response::IntoResponse;
+        transport::ws::lean_upgrade(&lean_state, req, ctx).map(|r| match r {
+            Ok((run, head)) => server::Lean::Upgrade(run, head),
+            Err(err) => server::Lean::Answer(err.into_response()),
+        })
+    });
     server::serve(
         listeners.public,
-        app::app(state.clone()),
+        server::Routes { router: app::app(state.clone()), lean: Some(lean) },
         shutdown.clone(),
         tracker.clone(),
         header_timeout,

@@ -6,8 +6,8 @@
 //!
 //! Subscribers' requests (body-less `GET`s) are read and answered by `http1` without
 //! hyper, and a subscription response hands the bare socket to its transport through a
-//! [`Takeover`]: an idle subscriber then holds no HTTP buffers at all. Everything else
-//! goes to hyper.
+//! [`Takeover`]: an idle subscriber then holds no HTTP buffers at all. A WebSocket
+//! upgrade there skips the router too ([`LeanRoute`]). Everything else goes to hyper.
 
 mod http1;
 pub mod io;
@@ -74,13 +74,34 @@ pub struct ConnCtx {
     pub close: CancellationToken,
 }
 
-/// Serves `router` on `listener` until `shutdown`; connection tasks join `tracker`. A
+/// A route the lean path answers without the router (`None`: not its request). Used for
+/// WebSocket upgrades, which need none of the router's request and response types.
+pub type LeanRoute = Arc<dyn Fn(&Request, &ConnCtx) -> Option<Lean> + Send + Sync>;
+
+/// How a [`LeanRoute`] answers.
+pub enum Lean {
+    /// Switch protocols: the session, and the start of the `101` head (status line and
+    /// headers, as [`http1::head_start`] makes it).
+    Upgrade(UpgradeFn, Vec<u8>),
+    /// Answer this response instead (a refused upgrade).
+    Answer(Response),
+}
+
+/// What the public listener serves.
+pub struct Routes {
+    /// Every request.
+    pub router: Router,
+    /// Tried first for requests on the lean path.
+    pub lean: Option<LeanRoute>,
+}
+
+/// Serves `routes` on `listener` until `shutdown`; connection tasks join `tracker`. A
 /// client gets `header_timeout` to send each request head (slow-loris protection);
 /// streams get `drain_window` to end themselves after shutdown. A client IP opening more
 /// than `connect_rate_per_ip` connections a second (0: no limit) gets 429 instead.
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    routes: Routes,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     header_timeout: Duration,
@@ -88,7 +109,8 @@ pub async fn serve(
     connect_rate_per_ip: u32,
 ) {
     let settings = Arc::new(ConnSettings {
-        router,
+        router: routes.router,
+        lean: routes.lean,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
         header_timeout,
@@ -203,6 +225,7 @@ struct TakeoverSlot(Arc<Mutex<Option<Takeover>>>);
 /// Settings every connection task needs, shared.
 struct ConnSettings {
     router: Router,
+    lean: Option<LeanRoute>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     header_timeout: Duration,
@@ -308,8 +331,18 @@ async fn answer(conn: &mut http1::Conn, ctx: &ConnCtx, settings: &ConnSettings) 
         }
         Head::Closed => return Next::Close,
     };
-    req.extensions_mut().insert(ctx.clone());
-    let Ok(resp) = settings.router.clone().oneshot(req).await;
+    let resp = match settings.lean.as_ref().and_then(|lean| lean(&req, ctx)) {
+        Some(Lean::Upgrade(run, mut head)) => {
+            http1::head_end(&mut head, Framing::None, false);
+            return Next::Upgrade(run, head);
+        }
+        Some(Lean::Answer(resp)) => resp,
+        None => {
+            req.extensions_mut().insert(ctx.clone());
+            let Ok(resp) = settings.router.clone().oneshot(req).await;
+            resp
+        }
+    };
     let (mut parts, body) = resp.into_parts();
     match Takeover::take(&mut parts.extensions) {
         None => match http_body_util::BodyExt::collect(body).await {
@@ -528,6 +561,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let settings = Arc::new(ConnSettings {
             router: Router::new(),
+            lean: None,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             header_timeout: Duration::from_secs(1),

@@ -137,6 +137,56 @@ async fn websocket_upgrade_after_a_publish_on_the_same_connection() {
     assert_eq!(without_id(ws_next_raw(&mut ws).await), message(&ch, "upgraded"));
 }
 
+/// A WebSocket upgrade on the lean path (answered without the router): a complete `101`
+/// head, then frames; a refused upgrade there is an ordinary JSON error and the
+/// connection stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lean_websocket_upgrade_head_and_a_refused_upgrade_on_a_keep_alive_connection() {
+    let gw = Gateway::start(None, &[]);
+    let ch = channel("ws-lean");
+    let mut s = TcpStream::connect(gw.public).await.unwrap();
+    let mut buf = Vec::new();
+    // No Sec-WebSocket-Key: 400 with a JSON body, and the connection is kept.
+    let bad = get(
+        &format!("/ws?channel={ch}"),
+        "upgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-version: 13\r\n",
+    );
+    s.write_all(bad.as_bytes()).await.unwrap();
+    let (head, body) = response(&mut s, &mut buf).await;
+    assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
+    assert!(body.contains("Sec-WebSocket-Key"), "{body}");
+    let upgrade = get(
+        &format!("/ws?channel={ch}"),
+        "upgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         sec-websocket-version: 13\r\n",
+    );
+    s.write_all(upgrade.as_bytes()).await.unwrap();
+    read_until(&mut s, &mut buf, "the 101 head", |b| contains(b, "\r\n\r\n")).await;
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8(buf[..end].to_vec()).unwrap().to_ascii_lowercase();
+    let lines: Vec<&str> = head.lines().collect();
+    assert_eq!(lines[0], "http/1.1 101 switching protocols", "{head}");
+    for line in
+        ["connection: upgrade", "upgrade: websocket", "sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="]
+    {
+        assert!(lines.contains(&line), "{line:?} missing: {head}");
+    }
+    assert!(lines.iter().any(|l| l.starts_with("date: ")), "{head}");
+    assert!(!head.contains("content-length") && !head.contains("transfer-encoding"), "{head}");
+    // Answered without the router, whose CORS layer would add `vary` (no use to a WebSocket).
+    assert!(!head.contains("vary:"), "{head}");
+    let mut ws = tokio_tungstenite::WebSocketStream::from_partially_read(
+        s,
+        buf.split_off(end),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    assert!(matches!(ws_next_raw(&mut ws).await, shared::protocol::ServerFrame::Subscribed { .. }));
+    reqwest::Client::new().post(gw.url(&format!("/publish/{ch}"))).body("lean").send().await.unwrap();
+    assert_eq!(without_id(ws_next_raw(&mut ws).await), message(&ch, "lean"));
+}
+
 async fn ws_next_raw(
     ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>,
 ) -> shared::protocol::ServerFrame {
