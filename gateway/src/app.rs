@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::{
     Router,
     extract::{DefaultBodyLimit, Request},
-    http::{HeaderName, HeaderValue, Method, StatusCode, header},
+    http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header},
     response::{Html, IntoResponse},
     routing::{get, post},
 };
@@ -14,7 +14,14 @@ use shared::protocol::error_code;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::{api, config::Config, error::ApiError, hub::Hub, transport};
+use crate::{
+    api,
+    config::Config,
+    error::ApiError,
+    hub::Hub,
+    server::{ConnCtx, Lean, LeanAnswer, LeanRoute},
+    transport,
+};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -49,6 +56,84 @@ impl AppState {
 }
 
 const DEMO_PAGE: &str = include_str!("demo.html");
+
+/// The `Vary` value the router's CORS layer adds to every answer.
+const CORS_VARY: &str = "origin, access-control-request-method, access-control-request-headers";
+
+/// The CORS headers the router's layer (below) adds to an answer to a simple request
+/// (not a preflight), in its order: `Vary`, then `Access-Control-Allow-Origin` — `*`
+/// with no allowlist, else the request's `Origin` when it is listed (exact bytes, as
+/// the layer compares). For the lean routes, which answer without the router.
+fn simple_cors<'a>(allowed: &[String], req: &'a HeaderMap) -> [Option<(HeaderName, &'a [u8])>; 2] {
+    let allow = if allowed.is_empty() {
+        Some(&b"*"[..])
+    } else {
+        req.get(header::ORIGIN)
+            .map(HeaderValue::as_bytes)
+            .filter(|o| allowed.iter().any(|a| a.as_bytes() == *o))
+    };
+    [Some((header::VARY, CORS_VARY.as_bytes())), allow.map(|o| (header::ACCESS_CONTROL_ALLOW_ORIGIN, o))]
+}
+
+/// Appends [`simple_cors`] to a head being written.
+pub fn cors_head(allowed: &[String], req: &HeaderMap, head: &mut Vec<u8>) {
+    for (name, value) in simple_cors(allowed, req).into_iter().flatten() {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value);
+        head.extend_from_slice(b"\r\n");
+    }
+}
+
+/// An error answered by a lean route, with the headers the router would add.
+fn lean_error(err: ApiError, allowed: &[String], req: &HeaderMap) -> LeanAnswer {
+    let mut resp = err.into_response();
+    for (name, value) in simple_cors(allowed, req).into_iter().flatten() {
+        if let Ok(value) = HeaderValue::from_bytes(value) {
+            resp.headers_mut().append(name, value);
+        }
+    }
+    LeanAnswer::Answer(resp)
+}
+
+/// The subscriber endpoints that new connections reach on the lean path, answered
+/// without the router (whose request and response types, boxed services and CORS
+/// layer were about half of a new subscriber's allocations): `GET /ws` and
+/// `GET /sse`. Same checks, sessions and headers as their router handlers.
+// A request that is not theirs goes back to the router by value: boxing it would cost
+// every other request an allocation.
+#[allow(clippy::result_large_err)]
+pub fn lean_routes(state: AppState) -> LeanRoute {
+    Arc::new(move |req: Request, ctx: &ConnCtx| {
+        let allowed = &state.config.allowed_origins;
+        match req.uri().path() {
+            "/ws" => Ok(Lean::Now(match transport::ws::lean_upgrade(&state, &req, ctx) {
+                Ok((run, mut head)) => {
+                    cors_head(allowed, req.headers(), &mut head);
+                    LeanAnswer::Upgrade(run, head)
+                }
+                Err(err) => lean_error(err, allowed, req.headers()),
+            })),
+            "/sse" => {
+                let state = state.clone();
+                let close = ctx.close.clone();
+                // The request's body (none: the lean path reads body-less GETs) is not `Sync`.
+                let (req, _) = req.into_parts();
+                Ok(Lean::Later(Box::pin(async move {
+                    let allowed = &state.config.allowed_origins;
+                    match transport::sse::lean_stream(&state, &req, close).await {
+                        Ok((mut head, stream)) => {
+                            cors_head(allowed, &req.headers, &mut head);
+                            LeanAnswer::Stream(head, stream)
+                        }
+                        Err(err) => lean_error(err, allowed, &req.headers),
+                    }
+                })))
+            }
+            _ => Err(req),
+        }
+    })
+}
 
 /// Builds the public router.
 pub fn app(state: AppState) -> Router {

@@ -160,17 +160,9 @@ pub async fn run(
     let admin_guard = admin_stop.clone().drop_guard();
 
     let header_timeout = state.config.timers.header_read;
-    let lean_state = state.clone();
-    let lean: server::LeanRoute = Arc::new(move |req, ctx| {
-        use axum::response::IntoResponse;
-        transport::ws::lean_upgrade(&lean_state, req, ctx).map(|r| match r {
-            Ok((run, head)) => server::Lean::Upgrade(run, head),
-            Err(err) => server::Lean::Answer(err.into_response()),
-        })
-    });
     server::serve(
         listeners.public,
-        server::Routes { router: app::app(state.clone()), lean: Some(lean) },
+        server::Routes { router: app::app(state.clone()), lean: Some(app::lean_routes(state.clone())) },
         shutdown.clone(),
         tracker.clone(),
         header_timeout,

@@ -74,16 +74,27 @@ pub struct ConnCtx {
     pub close: CancellationToken,
 }
 
-/// A route the lean path answers without the router (`None`: not its request). Used for
-/// WebSocket upgrades, which need none of the router's request and response types.
-pub type LeanRoute = Arc<dyn Fn(&Request, &ConnCtx) -> Option<Lean> + Send + Sync>;
+/// A route the lean path answers without the router; a request that is not its own is
+/// handed back. Used for new subscribers (WebSocket upgrades, SSE streams), which need
+/// none of the router's request and response types.
+pub type LeanRoute = Arc<dyn Fn(Request, &ConnCtx) -> Result<Lean, Request> + Send + Sync>;
 
-/// How a [`LeanRoute`] answers.
+/// When a [`LeanRoute`] answers.
 pub enum Lean {
-    /// Switch protocols: the session, and the start of the `101` head (status line and
-    /// headers, as [`http1::head_start`] makes it).
+    /// At once.
+    Now(LeanAnswer),
+    /// Once this future is done (a subscription waiting for its broker).
+    Later(Pin<Box<dyn Future<Output = LeanAnswer> + Send>>),
+}
+
+/// What a [`LeanRoute`] answers. Heads are the status line and headers, as
+/// [`http1::head_start`] makes them; the connection adds framing and `Date`.
+pub enum LeanAnswer {
+    /// Switch protocols: the session, and the start of the `101` head.
     Upgrade(UpgradeFn, Vec<u8>),
-    /// Answer this response instead (a refused upgrade).
+    /// An endless chunked body after this head start.
+    Stream(Vec<u8>, Pin<Box<dyn Stream<Item = Chunk> + Send>>),
+    /// Answer this response (a refused request).
     Answer(Response),
 }
 
@@ -321,7 +332,7 @@ async fn answer(conn: &mut http1::Conn, ctx: &ConnCtx, settings: &ConnSettings) 
         _ = settings.shutdown.cancelled() => return Next::Close,
         head = conn.read_head(deadline) => head,
     };
-    let (mut req, keep_alive) = match head {
+    let (req, keep_alive) = match head {
         Head::Lean { req, keep_alive } => (req, keep_alive),
         Head::Hyper => return Next::Hyper,
         Head::Reject(status) => {
@@ -331,13 +342,29 @@ async fn answer(conn: &mut http1::Conn, ctx: &ConnCtx, settings: &ConnSettings) 
         }
         Head::Closed => return Next::Close,
     };
-    let resp = match settings.lean.as_ref().and_then(|lean| lean(&req, ctx)) {
-        Some(Lean::Upgrade(run, mut head)) => {
-            http1::head_end(&mut head, Framing::None, false);
-            return Next::Upgrade(run, head);
+    let lean = match &settings.lean {
+        Some(lean) => lean(req, ctx),
+        None => Err(req),
+    };
+    let resp = match lean {
+        Ok(lean) => {
+            let answer = match lean {
+                Lean::Now(answer) => answer,
+                Lean::Later(later) => later.await,
+            };
+            match answer {
+                LeanAnswer::Upgrade(run, mut head) => {
+                    http1::head_end(&mut head, Framing::None, false);
+                    return Next::Upgrade(run, head);
+                }
+                LeanAnswer::Stream(mut head, body) => {
+                    http1::head_end(&mut head, Framing::Chunked, false);
+                    return Next::Stream(head, body);
+                }
+                LeanAnswer::Answer(resp) => resp,
+            }
         }
-        Some(Lean::Answer(resp)) => resp,
-        None => {
+        Err(mut req) => {
             req.extensions_mut().insert(ctx.clone());
             let Ok(resp) = settings.router.clone().oneshot(req).await;
             resp

@@ -155,12 +155,7 @@ async fn lean_websocket_upgrade_head_and_a_refused_upgrade_on_a_keep_alive_conne
     let (head, body) = response(&mut s, &mut buf).await;
     assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
     assert!(body.contains("Sec-WebSocket-Key"), "{body}");
-    let upgrade = get(
-        &format!("/ws?channel={ch}"),
-        "upgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         sec-websocket-version: 13\r\n",
-    );
-    s.write_all(upgrade.as_bytes()).await.unwrap();
+    s.write_all(ws_upgrade(&format!("/ws?channel={ch}"), "").as_bytes()).await.unwrap();
     read_until(&mut s, &mut buf, "the 101 head", |b| contains(b, "\r\n\r\n")).await;
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
     let head = String::from_utf8(buf[..end].to_vec()).unwrap().to_ascii_lowercase();
@@ -173,8 +168,6 @@ async fn lean_websocket_upgrade_head_and_a_refused_upgrade_on_a_keep_alive_conne
     }
     assert!(lines.iter().any(|l| l.starts_with("date: ")), "{head}");
     assert!(!head.contains("content-length") && !head.contains("transfer-encoding"), "{head}");
-    // Answered without the router, whose CORS layer would add `vary` (no use to a WebSocket).
-    assert!(!head.contains("vary:"), "{head}");
     let mut ws = tokio_tungstenite::WebSocketStream::from_partially_read(
         s,
         buf.split_off(end),
@@ -185,6 +178,86 @@ async fn lean_websocket_upgrade_head_and_a_refused_upgrade_on_a_keep_alive_conne
     assert!(matches!(ws_next_raw(&mut ws).await, shared::protocol::ServerFrame::Subscribed { .. }));
     reqwest::Client::new().post(gw.url(&format!("/publish/{ch}"))).body("lean").send().await.unwrap();
     assert_eq!(without_id(ws_next_raw(&mut ws).await), message(&ch, "lean"));
+}
+
+fn ws_upgrade(path: &str, extra: &str) -> String {
+    get(
+        path,
+        &format!(
+            "upgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             sec-websocket-version: 13\r\n{extra}"
+        ),
+    )
+}
+
+/// The head of the answer to `req` (lower case, without `date`, lines sorted), and the
+/// body if it has a length; `via_router` sends a publish first, which moves the
+/// connection to hyper and the router.
+async fn answer_to(gw: &Gateway, req: &str, via_router: bool) -> (Vec<String>, String) {
+    let mut s = TcpStream::connect(gw.public).await.unwrap();
+    let mut buf = Vec::new();
+    if via_router {
+        s.write_all(post(&format!("/publish/{}", channel("other")), "x").as_bytes()).await.unwrap();
+        response(&mut s, &mut buf).await;
+    }
+    s.write_all(req.as_bytes()).await.unwrap();
+    read_until(&mut s, &mut buf, "a head", |b| contains(b, "\r\n\r\n")).await;
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8(buf[..end].to_vec()).unwrap().to_ascii_lowercase();
+    let mut lines: Vec<String> =
+        head.lines().filter(|l| !l.is_empty() && !l.starts_with("date: ")).map(String::from).collect();
+    lines.sort();
+    let body = match lines.iter().find_map(|l| l.strip_prefix("content-length: ")) {
+        Some(len) => {
+            let len: usize = len.parse().unwrap();
+            read_until(&mut s, &mut buf, "the body", |b| b.len() >= end + len).await;
+            String::from_utf8(buf[end..end + len].to_vec()).unwrap()
+        }
+        None => String::new(),
+    };
+    (lines, body)
+}
+
+/// New subscribers' requests are answered without the router; the answers must be the
+/// router's, headers (CORS included) and errors alike, with and without an allowlist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lean_subscriber_answers_match_the_routers() {
+    let open = Gateway::start(None, &[]);
+    let listed = Gateway::start(None, &["--allowed-origins", "https://app.example"]);
+    let ch = channel("parity");
+    let cases = [
+        ("ws", ws_upgrade(&format!("/ws?channel={ch}"), "")),
+        ("ws from an origin", ws_upgrade(&format!("/ws?channel={ch}"), "origin: https://app.example\r\n")),
+        (
+            "ws from another origin",
+            ws_upgrade(&format!("/ws?channel={ch}"), "origin: https://evil.example\r\n"),
+        ),
+        (
+            "ws without a key",
+            get(&format!("/ws?channel={ch}"), "upgrade: websocket\r\nconnection: upgrade\r\n"),
+        ),
+        ("sse", get(&format!("/sse?channel={ch}"), "")),
+        ("sse from an origin", get(&format!("/sse?channel={ch}"), "origin: https://app.example\r\n")),
+        ("sse from another origin", get(&format!("/sse?channel={ch}"), "origin: https://evil.example\r\n")),
+        ("sse, bad format", get(&format!("/sse?channel={ch}&format=xml"), "origin: https://app.example\r\n")),
+        ("sse, bad channel", get("/sse?channel=%00", "")),
+        ("sse, bad resume id", get(&format!("/sse?channel={ch}"), "last-event-id: nope\r\n")),
+    ];
+    for gw in [&open, &listed] {
+        for (what, req) in &cases {
+            let lean = answer_to(gw, req, false).await;
+            let routed = answer_to(gw, req, true).await;
+            assert_eq!(lean, routed, "{what}: lean path vs router");
+            assert!(lean.0.iter().any(|l| l.starts_with("vary: ")), "{what}: {:?}", lean.0);
+        }
+    }
+    // The allowlist shows: an allowed origin is named, another gets no allow-origin.
+    let (head, _) = answer_to(&listed, &cases[5].1, false).await;
+    assert!(head.contains(&"access-control-allow-origin: https://app.example".to_owned()), "{head:?}");
+    let (head, _) = answer_to(&listed, &cases[6].1, false).await;
+    assert!(!head.iter().any(|l| l.starts_with("access-control-allow-origin")), "{head:?}");
+    let (head, _) = answer_to(&open, &cases[4].1, false).await;
+    assert!(head.contains(&"access-control-allow-origin: *".to_owned()), "{head:?}");
 }
 
 async fn ws_next_raw(

@@ -47,6 +47,13 @@ const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// signals come first, so a flood of messages cannot hide a drain or an expiry.
 const SIGNALS_EVERY: u32 = 16;
 
+/// The response headers of a stream.
+const STREAM_HEADERS: [(header::HeaderName, &str); 3] = [
+    (header::CONTENT_TYPE, "text/event-stream; charset=utf-8"),
+    (header::CACHE_CONTROL, "no-cache"),
+    (header::HeaderName::from_static("x-accel-buffering"), "no"),
+];
+
 /// `GET /sse`.
 pub async fn handler(
     State(state): State<AppState>,
@@ -54,7 +61,46 @@ pub async fn handler(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let mut query = Query::parse(query.as_deref());
+    let close = ctx.map(|Extension(c)| c.close).unwrap_or_default();
+    let stream = open(&state, &headers, query.as_deref(), close).await?;
+    let mut resp = Response::new(Body::empty());
+    Takeover::Stream(Box::pin(stream)).attach(&mut resp);
+    let h = resp.headers_mut();
+    for (name, value) in STREAM_HEADERS {
+        h.insert(name, HeaderValue::from_static(value));
+    }
+    Ok(resp)
+}
+
+/// `GET /sse` on the lean path, without the router (`app::lean_routes`): the same
+/// checks and stream as [`handler`], and the start of the `200` head (status line and
+/// headers, as `http1::head_start` writes them; the caller adds the CORS headers).
+pub async fn lean_stream(
+    state: &AppState,
+    req: &axum::http::request::Parts,
+    close: tokio_util::sync::CancellationToken,
+) -> Result<(Vec<u8>, Pin<Box<dyn Stream<Item = Chunk> + Send>>), ApiError> {
+    let stream = open(state, &req.headers, req.uri.query(), close).await?;
+    let mut head = Vec::with_capacity(320);
+    head.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    for (name, value) in STREAM_HEADERS {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    Ok((head, Box::pin(stream)))
+}
+
+/// Checks a stream request (resume id, format, channels, token, capacity), subscribes,
+/// waits until the subscriptions are live, and reads what a resuming client missed.
+async fn open(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    close: tokio_util::sync::CancellationToken,
+) -> Result<SseStream, ApiError> {
+    let mut query = Query::parse(query);
     let resume =
         match headers.get("last-event-id").and_then(|v| v.to_str().ok()).or(query.get("last_event_id")) {
             Some(id) if !id.trim().is_empty() => Some(parse_resume(id)?),
@@ -71,12 +117,11 @@ pub async fn handler(
         }
     };
     let channels = check_channels(std::mem::take(&mut query.channels), &state.config.limits, true)?;
-    let claims = state.authorize(&headers, query.get("token"), &channels)?;
+    let claims = state.authorize(headers, query.get("token"), &channels)?;
     super::admit(state.config.limits.max_connections)?;
     if state.shutdown.is_cancelled() {
         return Err(ApiError::shutting_down());
     }
-    let close = ctx.map(|Extension(c)| c.close).unwrap_or_default();
     let (inbox, rx) = Inbox::new(Transport::Sse, &state.config.limits, close);
     let mut subs = Vec::with_capacity(channels.len());
     let mut readies = Vec::with_capacity(channels.len());
@@ -125,13 +170,7 @@ pub async fn handler(
         done: false,
         turns: 0,
     };
-    let mut resp = Response::new(Body::empty());
-    Takeover::Stream(Box::pin(stream)).attach(&mut resp);
-    let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(resp)
+    Ok(stream)
 }
 
 struct SseStream {

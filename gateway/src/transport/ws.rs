@@ -88,29 +88,22 @@ pub async fn handler(
     Ok(resp)
 }
 
-/// `GET /ws` on the lean path, without the router: the session and the start of the
-/// `101` head (status line and headers, as `http1::head_start`), or the error to answer. `None` for any other request. Same checks and session as
-/// [`handler`]; the one difference is that the `101` carries no CORS headers (browsers
-/// do not apply CORS to WebSocket; `Origin` is checked against the allowlist here).
-/// It saves a new subscriber the router's request and response types, about half of
-/// the allocations of a WebSocket connect.
+/// `GET /ws` on the lean path, without the router (`app::lean_routes`): the same checks
+/// and session as [`handler`], and the start of the `101` head (status line and
+/// headers, as `http1::head_start` writes them; the caller adds the CORS headers).
 pub fn lean_upgrade(
     state: &AppState,
     req: &Request,
     ctx: &ConnCtx,
-) -> Option<Result<(crate::server::UpgradeFn, Vec<u8>), ApiError>> {
-    if req.uri().path() != "/ws" {
-        return None;
-    }
-    Some(accept(state, req.headers(), req.uri().query(), ctx.close.clone()).map(|(run, accept)| {
-        let mut head = Vec::with_capacity(192);
-        head.extend_from_slice(
-            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-accept: ",
-        );
-        head.extend_from_slice(accept.as_bytes());
-        head.extend_from_slice(b"\r\n");
-        (run, head)
-    }))
+) -> Result<(crate::server::UpgradeFn, Vec<u8>), ApiError> {
+    let (run, accept) = accept(state, req.headers(), req.uri().query(), ctx.close.clone())?;
+    let mut head = Vec::with_capacity(320);
+    head.extend_from_slice(
+        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-accept: ",
+    );
+    head.extend_from_slice(accept.as_bytes());
+    head.extend_from_slice(b"\r\n");
+    Ok((run, head))
 }
 
 /// Checks an upgrade request (headers, origin, channels, token, capacity) and returns
