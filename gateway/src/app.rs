@@ -148,6 +148,8 @@ pub fn app(state: AppState) -> Router {
         AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
     };
     // Never credentials: with `Any` that would let every site read responses as the user.
+    // The lean routes write what this layer adds by hand (`simple_cors`); a test compares
+    // their answers with the router's, so a change here must be made there too.
     let cors = CorsLayer::new()
         .allow_origin(allow_origin)
         .allow_methods([Method::GET, Method::POST])

@@ -6,8 +6,9 @@
 //!
 //! Subscribers' requests (body-less `GET`s) are read and answered by `http1` without
 //! hyper, and a subscription response hands the bare socket to its transport through a
-//! [`Takeover`]: an idle subscriber then holds no HTTP buffers at all. A WebSocket
-//! upgrade there skips the router too ([`LeanRoute`]). Everything else goes to hyper.
+//! [`Takeover`]: an idle subscriber then holds no HTTP buffers at all. New WebSocket and
+//! SSE subscribers there skip the router too ([`LeanRoute`]). Everything else goes to
+//! hyper.
 
 mod http1;
 pub mod io;

@@ -3,9 +3,9 @@
 //! hyper keeps an 8 KiB read buffer and an 8 KiB write buffer per connection for as long
 //! as a response streams, which is most of an idle SSE or long-poll connection's memory.
 //! Here a request head is read into a buffer that exists only while a head is being
-//! read, parsed with `httparse`, answered by the router, and the response head written
-//! directly; an SSE stream, a held long-poll or a WebSocket session then owns the bare
-//! socket. Anything else (a body, HTTP/1.0, another method) is handed to hyper with the
+//! read, parsed with `httparse`, answered by a lean route or the router, and the
+//! response head written directly; an SSE stream, a held long-poll or a WebSocket
+//! session then owns the bare socket. Anything else (a body, HTTP/1.0, another method) is handed to hyper with the
 //! bytes read so far.
 
 use std::{

@@ -19,7 +19,10 @@ use std::{
     io::{BufRead, BufReader, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     process::{Child, ChildStdout, Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -94,6 +97,12 @@ pub struct ReadArgs {
     port: u16,
     #[arg(long)]
     subscribers: usize,
+    /// Records expected in all: "drained" is printed once they are in.
+    #[arg(long)]
+    expect: u64,
+    /// Seconds from "ready" until it stops waiting for them ("not drained").
+    #[arg(long)]
+    within_secs: f64,
     #[arg(long)]
     source_ips: Option<String>,
 }
@@ -172,8 +181,19 @@ fn decode(rec: &[u8]) -> (u64, u64) {
     (seq, sched)
 }
 
+/// A child process that is killed and reaped however its parent's run ends.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        // After a normal exit both are no-ops (the status is already collected).
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `loadgen floor <role> <args>` with piped stdin/stdout.
-fn spawn_child(role: &str, args: &[String]) -> Result<(Child, BufReader<ChildStdout>)> {
+fn spawn_child(role: &str, args: &[String]) -> Result<(ChildGuard, BufReader<ChildStdout>)> {
     let exe = std::env::current_exe().context("finding this executable")?;
     let mut child = Command::new(exe)
         .arg("floor")
@@ -183,8 +203,9 @@ fn spawn_child(role: &str, args: &[String]) -> Result<(Child, BufReader<ChildStd
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting `loadgen floor {role}`"))?;
-    let out = BufReader::new(child.stdout.take().context("child stdout")?);
-    Ok((child, out))
+    let out = child.stdout.take().map(BufReader::new);
+    let child = ChildGuard(child);
+    Ok((child, out.context("child stdout")?))
 }
 
 fn read_line(out: &mut BufReader<ChildStdout>, what: &str) -> Result<String> {
@@ -216,26 +237,33 @@ fn fanout(a: FanoutArgs) -> Result<i32> {
     let messages = (a.rate * a.duration).ceil() as u64;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let port = listener.local_addr()?.port();
-    let mut args = vec!["--port".into(), port.to_string(), "--subscribers".into(), a.subscribers.to_string()];
+    let plan = Plan { rate: a.rate, messages, channels: a.channels, start: Instant::now(), start_ns: 0 };
+    let deliveries = (0..a.subscribers).map(|i| plan.messages_for(i % a.channels)).sum::<u64>();
+    let mut args = vec![
+        "--port".into(),
+        port.to_string(),
+        "--subscribers".into(),
+        a.subscribers.to_string(),
+        "--expect".into(),
+        deliveries.to_string(),
+        "--within-secs".into(),
+        (a.duration + DRAIN_SECS).to_string(),
+    ];
     args.extend(source_arg(&a.source_ips));
     let (mut child, mut out) = spawn_child("read", &args)?;
-    let mut socks = Vec::with_capacity(a.subscribers);
-    for _ in 0..a.subscribers {
-        let (s, _) = listener.accept()?;
-        s.set_nodelay(true)?;
-        socks.push(s);
-    }
+    let socks = accept_all(&listener, a.subscribers, &mut child)?;
     let ready = read_line(&mut out, "reader")?;
     ensure!(ready.trim() == "ready", "reader: {}", ready.trim());
     std::thread::sleep(Duration::from_millis(300)); // the reader's connect work settles
 
     let me0 = procfs::sample(None)?.cpu_secs;
-    let rd0 = procfs::sample(Some(child.id()))?.cpu_secs;
+    let rd0 = procfs::sample(Some(child.0.id()))?.cpu_secs;
     let start = Instant::now();
     let start_ns = now_ns();
     let per = a.subscribers.div_ceil(a.writers);
     let mut writes = 0u64;
-    let plan = Plan { rate: a.rate, messages, channels: a.channels, start, start_ns };
+    let plan = Plan { start, start_ns, ..plan };
+    let mut socks = socks;
     std::thread::scope(|scope| -> Result<()> {
         let handles: Vec<_> = socks
             .chunks_mut(per)
@@ -248,14 +276,17 @@ fn fanout(a: FanoutArgs) -> Result<i32> {
         Ok(())
     })?;
     let sending = start.elapsed().as_secs_f64();
-    // Let the reader drain, then read both sides' CPU before closing anything.
-    std::thread::sleep(Duration::from_millis(500));
+    // Both sides' CPU once the reader has everything (or has given up waiting), before
+    // anything is closed.
+    let drained = read_line(&mut out, "reader")?;
     let me1 = procfs::sample(None)?.cpu_secs;
-    let rd1 = procfs::sample(Some(child.id()))?.cpu_secs;
+    let rd1 = procfs::sample(Some(child.0.id()))?.cpu_secs;
     drop(socks);
     let report: ReadReport = serde_json::from_str(&read_line(&mut out, "reader")?)?;
-    child.wait()?;
-    let deliveries = (0..a.subscribers).map(|i| plan.messages_for(i % a.channels)).sum::<u64>();
+    child.0.wait()?;
+    if drained.trim() != "drained" {
+        eprintln!("loadgen floor: the reader did not get every record within {DRAIN_SECS}s of the end");
+    }
     let missing = deliveries.saturating_sub(report.received);
     let us = |cpu: f64| cpu / deliveries as f64 * 1e6;
     println!(
@@ -276,6 +307,41 @@ fn fanout(a: FanoutArgs) -> Result<i32> {
     );
     println!("  latency ms  p50 {:.3}  p99 {:.3}  max {:.3}", report.p50_ms, report.p99_ms, report.max_ms);
     Ok(if report.received == deliveries && missing == 0 && report.reordered == 0 { 0 } else { 1 })
+}
+
+/// Seconds the reader may take after the last message before it stops waiting.
+const DRAIN_SECS: f64 = 30.0;
+/// Seconds the reader's connections may take to arrive.
+const CONNECT_SECS: u64 = 60;
+
+/// Accepts `n` connections, or fails when the reader exits or takes over
+/// [`CONNECT_SECS`].
+fn accept_all(listener: &TcpListener, n: usize, child: &mut ChildGuard) -> Result<Vec<TcpStream>> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + Duration::from_secs(CONNECT_SECS);
+    let mut socks = Vec::with_capacity(n);
+    while socks.len() < n {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                s.set_nodelay(true)?;
+                socks.push(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if let Some(status) = child.0.try_wait()? {
+                    bail!("the reader exited ({status}) after {} of {n} connections", socks.len());
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "only {} of {n} connections in {CONNECT_SECS}s",
+                    socks.len()
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(e).context("accepting the reader's connections"),
+        }
+    }
+    Ok(socks)
 }
 
 /// When each message is due and where it goes.
@@ -342,14 +408,22 @@ async fn read(a: ReadArgs) -> Result<i32> {
         streams.push(net::connect(dest, src).await.with_context(|| format!("connection {i}"))?);
     }
     let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?));
-    let tasks: Vec<_> = streams
-        .into_iter()
-        .map(|s| {
-            let hist = hist.clone();
-            tokio::spawn(read_records(s, hist))
-        })
-        .collect();
+    let count = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> =
+        streams.into_iter().map(|s| tokio::spawn(read_records(s, hist.clone(), count.clone()))).collect();
     println!("ready");
+    let deadline = Instant::now() + Duration::from_secs_f64(a.within_secs.clamp(0.0, 3600.0));
+    loop {
+        if count.load(Ordering::Relaxed) >= a.expect {
+            println!("drained");
+            break;
+        }
+        if Instant::now() >= deadline {
+            println!("not drained");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let mut report = ReadReport { received: 0, reordered: 0, p50_ms: 0.0, p99_ms: 0.0, max_ms: 0.0 };
     for t in tasks {
         let (got, reordered) = t.await??;
@@ -366,7 +440,11 @@ async fn read(a: ReadArgs) -> Result<i32> {
 }
 
 /// Reads records until EOF: (records received, records out of order).
-async fn read_records(mut s: tokio::net::TcpStream, hist: Arc<Mutex<Histogram<u64>>>) -> Result<(u64, u64)> {
+async fn read_records(
+    mut s: tokio::net::TcpStream,
+    hist: Arc<Mutex<Histogram<u64>>>,
+    count: Arc<AtomicU64>,
+) -> Result<(u64, u64)> {
     let mut buf = vec![0u8; RECORD * 64];
     let mut have = 0usize;
     let (mut got, mut next, mut reordered) = (0u64, 0u64, 0u64);
@@ -392,6 +470,7 @@ async fn read_records(mut s: tokio::net::TcpStream, hist: Arc<Mutex<Histogram<u6
                 h.saturating_record(now.saturating_sub(sched) / 1000);
             }
         }
+        count.fetch_add((whole / RECORD) as u64, Ordering::Relaxed);
         buf.copy_within(whole..have, 0);
         have -= whole;
     }
@@ -435,7 +514,15 @@ fn connect(a: ConnectArgs) -> Result<i32> {
     let port = listener.local_addr()?.port();
     let accept_held = held.clone();
     rt.spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
+        loop {
+            let mut s = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    // Aborted handshakes, or out of descriptors: keep accepting.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
             let held = accept_held.clone();
             tokio::spawn(async move {
                 let _ = s.set_nodelay(true);
@@ -458,7 +545,7 @@ fn connect(a: ConnectArgs) -> Result<i32> {
     let (mut child, mut out) = spawn_child("dial", &args)?;
     let line = read_line(&mut out, "dialer")?;
     let me1 = procfs::sample(None)?.cpu_secs;
-    let dialer_cpu = procfs::sample(Some(child.id()))?.cpu_secs;
+    let dialer_cpu = procfs::sample(Some(child.0.id()))?.cpu_secs;
     let report: DialReport = serde_json::from_str(&line).with_context(|| format!("dialer said: {line}"))?;
     // A server task files its socket just after writing the head the dialer has read.
     let held_now = || held.lock().unwrap_or_else(|e| e.into_inner()).len();
@@ -467,8 +554,8 @@ fn connect(a: ConnectArgs) -> Result<i32> {
         std::thread::sleep(Duration::from_millis(5));
     }
     let held = held_now();
-    drop(child.stdin.take()); // the dialer exits, closing its sockets
-    child.wait()?;
+    drop(child.0.stdin.take()); // the dialer exits, closing its sockets
+    child.0.wait()?;
     rt.shutdown_background();
     let n = report.ok.max(1) as f64;
     println!(
@@ -502,10 +589,13 @@ async fn dial(a: DialArgs) -> Result<i32> {
         let src = (!ips.is_empty()).then(|| ips[i % ips.len()]);
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
-            let mut s = net::connect(dest, src).await?;
-            s.write_all(REQUEST_HEAD).await?;
-            read_head(&mut s).await?;
-            anyhow::Ok(s)
+            let dial = async {
+                let mut s = net::connect(dest, src).await?;
+                s.write_all(REQUEST_HEAD).await?;
+                read_head(&mut s).await?;
+                anyhow::Ok(s)
+            };
+            tokio::time::timeout(Duration::from_secs(30), dial).await.context("no answer in 30 s")?
         }));
     }
     let (mut held, mut failed) = (Vec::with_capacity(a.connections), 0u64);
@@ -540,6 +630,21 @@ mod tests {
         assert_eq!(buf.len(), 2 * RECORD);
         assert_eq!(decode(&buf[..RECORD]), (7, 1_700_000_000_123_456_789));
         assert_eq!(decode(&buf[RECORD..]), (8, 42));
+    }
+
+    #[test]
+    fn accepting_stops_when_the_reader_is_gone() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _one = TcpStream::connect(addr).unwrap();
+        let mut child = ChildGuard(Command::new("true").spawn().unwrap());
+        let started = Instant::now();
+        let err = accept_all(&listener, 5, &mut child).unwrap_err().to_string();
+        assert!(err.contains("the reader exited") && err.contains("after 1 of 5"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(CONNECT_SECS),
+            "gave up on the exit, not the deadline"
+        );
     }
 
     #[test]
