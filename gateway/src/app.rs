@@ -96,10 +96,10 @@ fn lean_error(err: ApiError, allowed: &[String], req: &HeaderMap) -> LeanAnswer 
     LeanAnswer::Answer(resp)
 }
 
-/// The subscriber endpoints that new connections reach on the lean path, answered
-/// without the router (whose request and response types, boxed services and CORS
-/// layer were about half of a new subscriber's allocations): `GET /ws` and
-/// `GET /sse`. Same checks, sessions and headers as their router handlers.
+/// The subscriber endpoints, answered on the lean path without the router (whose
+/// request and response types, boxed services and CORS layer were about half of a new
+/// subscriber's allocations): `GET /ws`, `GET /sse` and `GET /poll`. Same checks,
+/// sessions and headers as their router handlers.
 // A request that is not theirs goes back to the router by value: boxing it would cost
 // every other request an allocation.
 #[allow(clippy::result_large_err)]
@@ -130,6 +130,13 @@ pub fn lean_routes(state: AppState) -> LeanRoute {
                     }
                 })))
             }
+            "/poll" => Ok(Lean::Now(match transport::poll::lean_poll(&state, &req, ctx.close.clone()) {
+                Ok((mut head, answer)) => {
+                    cors_head(allowed, req.headers(), &mut head);
+                    LeanAnswer::Held(head, answer)
+                }
+                Err(err) => lean_error(err, allowed, req.headers()),
+            })),
             _ => Err(req),
         }
     })

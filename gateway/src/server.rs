@@ -6,9 +6,8 @@
 //!
 //! Subscribers' requests (body-less `GET`s) are read and answered by `http1` without
 //! hyper, and a subscription response hands the bare socket to its transport through a
-//! [`Takeover`]: an idle subscriber then holds no HTTP buffers at all. New WebSocket and
-//! SSE subscribers there skip the router too ([`LeanRoute`]). Everything else goes to
-//! hyper.
+//! [`Takeover`]: an idle subscriber then holds no HTTP buffers at all. Subscribers'
+//! requests there skip the router too ([`LeanRoute`]). Everything else goes to hyper.
 
 mod http1;
 pub mod io;
@@ -76,8 +75,8 @@ pub struct ConnCtx {
 }
 
 /// A route the lean path answers without the router; a request that is not its own is
-/// handed back. Used for new subscribers (WebSocket upgrades, SSE streams), which need
-/// none of the router's request and response types.
+/// handed back. Used for subscribers (WebSocket upgrades, SSE streams, long-polls),
+/// which need none of the router's request and response types.
 pub type LeanRoute = Arc<dyn Fn(Request, &ConnCtx) -> Result<Lean, Request> + Send + Sync>;
 
 /// When a [`LeanRoute`] answers.
@@ -95,6 +94,8 @@ pub enum LeanAnswer {
     Upgrade(UpgradeFn, Vec<u8>),
     /// An endless chunked body after this head start.
     Stream(Vec<u8>, Pin<Box<dyn Stream<Item = Chunk> + Send>>),
+    /// A body known once this future is done (a held long-poll), after this head start.
+    Held(Vec<u8>, Pin<Box<dyn Future<Output = Bytes> + Send>>),
     /// Answer this response (a refused request).
     Answer(Response),
 }
@@ -362,6 +363,7 @@ async fn answer(conn: &mut http1::Conn, ctx: &ConnCtx, settings: &ConnSettings) 
                     http1::head_end(&mut head, Framing::Chunked, false);
                     return Next::Stream(head, body);
                 }
+                LeanAnswer::Held(head, body) => return Next::Later(head, body, keep_alive),
                 LeanAnswer::Answer(resp) => resp,
             }
         }

@@ -64,7 +64,53 @@ pub async fn handler(
     headers: axum::http::HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let mut query = Query::parse(query.as_deref());
+    let close = ctx.map(|Extension(c)| c.close).unwrap_or_default();
+    let answer = prepare(state, &headers, query.as_deref(), close)?;
+    let mut resp = Response::new(Body::empty());
+    let h = resp.headers_mut();
+    for (name, value) in ANSWER_HEADERS {
+        h.insert(name, HeaderValue::from_static(value));
+    }
+    // The wait runs outside the router (see `server::Takeover`): only the held state
+    // stays allocated.
+    Takeover::Later(Box::pin(answer)).attach(&mut resp);
+    Ok(resp)
+}
+
+/// The response headers of an answer.
+const ANSWER_HEADERS: [(header::HeaderName, &str); 2] =
+    [(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")];
+
+/// `GET /poll` on the lean path, without the router (`app::lean_routes`): the same
+/// checks and answer as [`handler`], and the start of the `200` head (status line and
+/// headers, as `http1::head_start` writes them; the caller adds the CORS headers).
+#[allow(clippy::type_complexity)]
+pub fn lean_poll(
+    state: &AppState,
+    req: &axum::extract::Request,
+    close: tokio_util::sync::CancellationToken,
+) -> Result<(Vec<u8>, std::pin::Pin<Box<dyn std::future::Future<Output = Bytes> + Send>>), ApiError> {
+    let answer = prepare(state.clone(), req.headers(), req.uri().query(), close)?;
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    for (name, value) in ANSWER_HEADERS {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    Ok((head, Box::pin(answer)))
+}
+
+/// Checks a poll (timeout, cursor, channels, token, capacity) and returns the wait for
+/// its answer.
+fn prepare(
+    state: AppState,
+    headers: &axum::http::HeaderMap,
+    query: Option<&str>,
+    close: tokio_util::sync::CancellationToken,
+) -> Result<impl std::future::Future<Output = Bytes> + Send + 'static, ApiError> {
+    let mut query = Query::parse(query);
     let timers = &state.config.timers;
     let timeout = match query.get("timeout") {
         None | Some("") => timers.poll_timeout,
@@ -82,7 +128,7 @@ pub async fn handler(
         })?),
     };
     let channels = check_channels(std::mem::take(&mut query.channels), &state.config.limits, true)?;
-    let claims = state.authorize(&headers, query.get("token"), &channels)?;
+    let claims = state.authorize(headers, query.get("token"), &channels)?;
     // Never hold a poll past the token's expiry.
     let timeout = claims.as_ref().map_or(timeout, |c| timeout.min(c.remaining()));
     super::admit(state.config.limits.max_connections)?;
@@ -101,16 +147,7 @@ pub async fn handler(
             None => None,
         });
     }
-    let close = ctx.map(|Extension(c)| c.close).unwrap_or_default();
-    let mut resp = Response::new(Body::empty());
-    let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    // The wait runs outside the router (see `server::Takeover`): only the held state
-    // stays allocated.
-    let answer = hold(state, channels, history, cursor, timeout, close);
-    Takeover::Later(Box::pin(answer)).attach(&mut resp);
-    Ok(resp)
+    Ok(hold(state, channels, history, cursor, timeout, close))
 }
 
 /// Joins the channels, waits for messages (or the timeout) and builds the answer.
