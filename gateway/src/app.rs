@@ -76,7 +76,7 @@ fn simple_cors<'a>(allowed: &[String], req: &'a HeaderMap) -> [Option<(HeaderNam
 }
 
 /// Appends [`simple_cors`] to a head being written.
-pub fn cors_head(allowed: &[String], req: &HeaderMap, head: &mut Vec<u8>) {
+fn cors_head(allowed: &[String], req: &HeaderMap, head: &mut Vec<u8>) {
     for (name, value) in simple_cors(allowed, req).into_iter().flatten() {
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");
