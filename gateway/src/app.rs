@@ -78,10 +78,7 @@ fn simple_cors<'a>(allowed: &[String], req: &'a HeaderMap) -> [Option<(HeaderNam
 /// Appends [`simple_cors`] to a head being written.
 fn cors_head(allowed: &[String], req: &HeaderMap, head: &mut Vec<u8>) {
     for (name, value) in simple_cors(allowed, req).into_iter().flatten() {
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value);
-        head.extend_from_slice(b"\r\n");
+        crate::server::push_header(head, &name, value);
     }
 }
 

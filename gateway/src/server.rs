@@ -27,7 +27,7 @@ use axum::{
     Router,
     body::Body,
     extract::Request,
-    http::{HeaderValue, StatusCode, header},
+    http::{HeaderName, HeaderValue, StatusCode, header},
     response::Response,
 };
 use bytes::Bytes;
@@ -78,6 +78,29 @@ pub struct ConnCtx {
 /// handed back. Used for subscribers (WebSocket upgrades, SSE streams, long-polls),
 /// which need none of the router's request and response types.
 pub type LeanRoute = Arc<dyn Fn(Request, &ConnCtx) -> Result<Lean, Request> + Send + Sync>;
+
+/// Starts a lean route's head: the `HTTP/1.1` status line and these headers, as
+/// [`http1::head_start`] writes them (room is left for CORS, framing and `Date`).
+pub fn lean_head(status: StatusCode, headers: &[(&HeaderName, &[u8])]) -> Vec<u8> {
+    let mut head = Vec::with_capacity(320);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(status.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    head.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        push_header(&mut head, name, value);
+    }
+    head
+}
+
+/// Appends one `name: value` line to a head being written.
+pub fn push_header(head: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
+    head.extend_from_slice(name.as_str().as_bytes());
+    head.extend_from_slice(b": ");
+    head.extend_from_slice(value);
+    head.extend_from_slice(b"\r\n");
+}
 
 /// When a [`LeanRoute`] answers.
 pub enum Lean {

@@ -17,7 +17,7 @@ use axum::{
     Extension,
     body::{Body, Bytes},
     extract::{RawQuery, State},
-    http::{HeaderValue, header},
+    http::{HeaderValue, StatusCode, header},
     response::Response,
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -91,14 +91,8 @@ pub fn lean_poll(
     close: tokio_util::sync::CancellationToken,
 ) -> Result<(Vec<u8>, std::pin::Pin<Box<dyn std::future::Future<Output = Bytes> + Send>>), ApiError> {
     let answer = prepare(state.clone(), req.headers(), req.uri().query(), close)?;
-    let mut head = Vec::with_capacity(256);
-    head.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
-    for (name, value) in ANSWER_HEADERS {
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
-    }
+    let head =
+        crate::server::lean_head(StatusCode::OK, &ANSWER_HEADERS.each_ref().map(|(n, v)| (n, v.as_bytes())));
     Ok((head, Box::pin(answer)))
 }
 

@@ -81,14 +81,10 @@ pub async fn lean_stream(
     close: tokio_util::sync::CancellationToken,
 ) -> Result<(Vec<u8>, Pin<Box<dyn Stream<Item = Chunk> + Send>>), ApiError> {
     let stream = open(state, &req.headers, req.uri.query(), close).await?;
-    let mut head = Vec::with_capacity(320);
-    head.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
-    for (name, value) in STREAM_HEADERS {
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
-    }
+    let head = crate::server::lean_head(
+        axum::http::StatusCode::OK,
+        &STREAM_HEADERS.each_ref().map(|(n, v)| (n, v.as_bytes())),
+    );
     Ok((head, Box::pin(stream)))
 }
 

@@ -97,12 +97,14 @@ pub fn lean_upgrade(
     ctx: &ConnCtx,
 ) -> Result<(crate::server::UpgradeFn, Vec<u8>), ApiError> {
     let (run, accept) = accept(state, req.headers(), req.uri().query(), ctx.close.clone())?;
-    let mut head = Vec::with_capacity(320);
-    head.extend_from_slice(
-        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-accept: ",
+    let head = crate::server::lean_head(
+        StatusCode::SWITCHING_PROTOCOLS,
+        &[
+            (&header::CONNECTION, b"upgrade"),
+            (&header::UPGRADE, b"websocket"),
+            (&header::SEC_WEBSOCKET_ACCEPT, accept.as_bytes()),
+        ],
     );
-    head.extend_from_slice(accept.as_bytes());
-    head.extend_from_slice(b"\r\n");
     Ok((run, head))
 }
 
