@@ -27,7 +27,7 @@ use axum::{
     Router,
     body::Body,
     extract::Request,
-    http::{HeaderName, HeaderValue, StatusCode, header},
+    http::{HeaderValue, StatusCode, header},
     response::Response,
 };
 use bytes::Bytes;
@@ -79,28 +79,13 @@ pub struct ConnCtx {
 /// which need none of the router's request and response types.
 pub type LeanRoute = Arc<dyn Fn(Request, &ConnCtx) -> Result<Lean, Request> + Send + Sync>;
 
-/// Starts a lean route's head: the `HTTP/1.1` status line and these headers, as
-/// [`http1::head_start`] writes them (room is left for CORS, framing and `Date`).
-pub fn lean_head(status: StatusCode, headers: &[(&HeaderName, &[u8])]) -> Vec<u8> {
-    let mut head = Vec::with_capacity(320);
-    head.extend_from_slice(b"HTTP/1.1 ");
-    head.extend_from_slice(status.as_str().as_bytes());
-    head.push(b' ');
-    head.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    head.extend_from_slice(b"\r\n");
-    for (name, value) in headers {
-        push_header(&mut head, name, value);
-    }
-    head
-}
+pub use self::http1::{lean_head, push_header};
 
-/// Appends one `name: value` line to a head being written.
-pub fn push_header(head: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
-    head.extend_from_slice(name.as_str().as_bytes());
-    head.extend_from_slice(b": ");
-    head.extend_from_slice(value);
-    head.extend_from_slice(b"\r\n");
-}
+/// An endless body (SSE), written chunk by chunk as it comes.
+pub type StreamBody = Pin<Box<dyn Stream<Item = Chunk> + Send>>;
+
+/// A body known later (a held long-poll).
+pub type HeldBody = Pin<Box<dyn Future<Output = Bytes> + Send>>;
 
 /// When a [`LeanRoute`] answers.
 pub enum Lean {
@@ -116,9 +101,9 @@ pub enum LeanAnswer {
     /// Switch protocols: the session, and the start of the `101` head.
     Upgrade(UpgradeFn, Vec<u8>),
     /// An endless chunked body after this head start.
-    Stream(Vec<u8>, Pin<Box<dyn Stream<Item = Chunk> + Send>>),
+    Stream(Vec<u8>, StreamBody),
     /// A body known once this future is done (a held long-poll), after this head start.
-    Held(Vec<u8>, Pin<Box<dyn Future<Output = Bytes> + Send>>),
+    Held(Vec<u8>, HeldBody),
     /// Answer this response (a refused request).
     Answer(Response),
 }
@@ -203,9 +188,9 @@ async fn refuse_rate_limited(stream: tokio::net::TcpStream, header_timeout: Dura
 /// allocated while a subscriber idles. Attach it with [`Takeover::attach`].
 pub enum Takeover {
     /// An endless body (SSE): each item is written as it comes (chunked).
-    Stream(Pin<Box<dyn Stream<Item = Chunk> + Send>>),
+    Stream(StreamBody),
     /// A body that is known later (a held long-poll).
-    Later(Pin<Box<dyn Future<Output = Bytes> + Send>>),
+    Later(HeldBody),
     /// The connection switches protocols (WebSocket) after a `101` head: the function
     /// gets the connection, any bytes the client sent after its request head, and the
     /// `101` head to write.
@@ -278,9 +263,9 @@ enum Next {
     Hyper,
     /// Hold the request until its body is ready, then answer it (long-poll).
     /// `.0` is the start of the response head ([`http1::head_start`]).
-    Later(Vec<u8>, Pin<Box<dyn Future<Output = Bytes> + Send>>, bool),
+    Later(Vec<u8>, HeldBody, bool),
     /// Write this head and endless body.
-    Stream(Vec<u8>, Pin<Box<dyn Stream<Item = Chunk> + Send>>),
+    Stream(Vec<u8>, StreamBody),
     /// Run this session on the connection; it writes the `101` head (`.1`).
     Upgrade(UpgradeFn, Vec<u8>),
 }
@@ -329,7 +314,7 @@ fn serve_conn(
 async fn answer_later(
     conn: &mut http1::Conn,
     head: Vec<u8>,
-    body: Pin<Box<dyn Future<Output = Bytes> + Send>>,
+    body: HeldBody,
     keep_alive: bool,
     ctx: &ConnCtx,
     settings: &ConnSettings,
@@ -471,7 +456,7 @@ fn write_bounded<'a>(
 fn serve_stream<'a>(
     mut conn: http1::Conn,
     head: Vec<u8>,
-    mut body: Pin<Box<dyn Stream<Item = Chunk> + Send>>,
+    mut body: StreamBody,
     close: &'a CancellationToken,
     settings: &'a ConnSettings,
 ) -> impl Future<Output = ()> + Send + 'a {
@@ -517,7 +502,7 @@ fn serve_stream<'a>(
 async fn write_stream_head(
     io: &mut TcpStream,
     head: Vec<u8>,
-    body: &mut Pin<Box<dyn Stream<Item = Chunk> + Send>>,
+    body: &mut StreamBody,
     close: &CancellationToken,
     settings: &ConnSettings,
 ) -> bool {

@@ -233,12 +233,7 @@ pub fn encode_head(parts: &response::Parts, framing: Framing, close: bool) -> Ve
 /// The status line and the response's own headers (without `Connection` when the
 /// connection closes after it): what a held response keeps instead of its `HeaderMap`.
 pub fn head_start(parts: &response::Parts, close: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(parts.status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    let mut out = lean_head(parts.status, &[]);
     for (name, value) in &parts.headers {
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || name == header::DATE {
             continue;
@@ -246,12 +241,33 @@ pub fn head_start(parts: &response::Parts, close: bool) -> Vec<u8> {
         if close && name == header::CONNECTION {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        push_header(&mut out, name, value.as_bytes());
     }
     out
+}
+
+/// Starts a head without a `Response` (the lean routes): the `HTTP/1.1` status line and
+/// these headers, as [`head_start`] writes them; room is left for CORS, framing and
+/// `Date`.
+pub fn lean_head(status: StatusCode, headers: &[(&HeaderName, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(320);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        push_header(&mut out, name, value);
+    }
+    out
+}
+
+/// Appends one `name: value` line to a head being written.
+pub fn push_header(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Ends a head begun with [`head_start`]: framing, `Connection: close`, `Date`.

@@ -84,12 +84,11 @@ const ANSWER_HEADERS: [(header::HeaderName, &str); 2] =
 /// `GET /poll` on the lean path, without the router (`app::lean_routes`): the same
 /// checks and answer as [`handler`], and the start of the `200` head (status line and
 /// headers, as `http1::head_start` writes them; the caller adds the CORS headers).
-#[allow(clippy::type_complexity)]
 pub fn lean_poll(
     state: &AppState,
     req: &axum::extract::Request,
     close: tokio_util::sync::CancellationToken,
-) -> Result<(Vec<u8>, std::pin::Pin<Box<dyn std::future::Future<Output = Bytes> + Send>>), ApiError> {
+) -> Result<(Vec<u8>, crate::server::HeldBody), ApiError> {
     let answer = prepare(state.clone(), req.headers(), req.uri().query(), close)?;
     let head =
         crate::server::lean_head(StatusCode::OK, &ANSWER_HEADERS.each_ref().map(|(n, v)| (n, v.as_bytes())));

@@ -79,7 +79,7 @@ pub async fn lean_stream(
     state: &AppState,
     req: &axum::http::request::Parts,
     close: tokio_util::sync::CancellationToken,
-) -> Result<(Vec<u8>, Pin<Box<dyn Stream<Item = Chunk> + Send>>), ApiError> {
+) -> Result<(Vec<u8>, crate::server::StreamBody), ApiError> {
     let stream = open(state, &req.headers, req.uri.query(), close).await?;
     let head = crate::server::lean_head(
         axum::http::StatusCode::OK,

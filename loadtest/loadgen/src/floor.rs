@@ -152,15 +152,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
-fn raise_fd_limit(need: usize) -> Result<()> {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let need = need as u64 + 256;
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
-    if soft < need {
-        ensure!(hard >= need, "{need} file descriptors needed, the hard limit is {hard}");
-        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
-    }
-    Ok(())
+/// Room for `sockets` and this process's own descriptors.
+fn raise_fd_limit(sockets: usize) -> Result<()> {
+    crate::raise_nofile(sockets as u64 + 256)
 }
 
 fn now_ns() -> u64 {

@@ -70,24 +70,30 @@ fn main() {
 
 /// Raises the soft open-file limit to what this process needs (up to the hard limit).
 fn raise_fd_limit(s: &Settings) -> anyhow::Result<()> {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let per_process = match s.role {
         cli::Role::Parent => 0,
         _ => s.args.subscribers.div_ceil(s.args.workers),
     };
     let need =
         per_process as u64 + 256 + if s.role == cli::Role::Parent { 3 * s.args.workers as u64 } else { 0 };
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
-    if soft >= need {
-        return Ok(());
-    }
-    if hard < need {
-        anyhow::bail!(
-            "this process needs {need} file descriptors but the hard limit is {hard}; \
-             use more --workers (at most {MAX_SUBSCRIBERS_PER_PROCESS} subscribers per process, and fewer \
+    raise_nofile(need).map_err(|e| {
+        e.context(format!(
+            "use more --workers (at most {MAX_SUBSCRIBERS_PER_PROCESS} subscribers per process, and fewer \
              if the hard limit is lower)"
+        ))
+    })
+}
+
+/// Raises the soft open-file limit to the hard limit when it is below `need`.
+pub fn raise_nofile(need: u64) -> anyhow::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < need {
+        anyhow::ensure!(
+            hard >= need,
+            "this process needs {need} file descriptors but the hard limit is {hard}"
         );
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
     }
-    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
     Ok(())
 }
