@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{app::AppState, broker::LinkState};
+use crate::{hub::LinkState, state::AppState};
 
 #[derive(Clone)]
 struct Admin {
@@ -138,8 +138,8 @@ async fn render_metrics(State(a): State<Admin>) -> impl IntoResponse {
 }
 
 async fn ready(State(a): State<Admin>) -> impl IntoResponse {
-    let broker = a.app.hub.broker();
-    let link_up = *broker.link().borrow() == LinkState::Up;
+    let hub = &a.app.hub;
+    let link_up = *hub.link().borrow() == LinkState::Up;
     let draining = a.app.shutdown.is_cancelled();
     let status = if draining {
         "draining"
@@ -152,7 +152,7 @@ async fn ready(State(a): State<Admin>) -> impl IntoResponse {
     (
         code,
         Json(
-            json!({ "status": status, "broker": broker.kind(), "link": if link_up { "up" } else { "down" } }),
+            json!({ "status": status, "broker": hub.broker_kind(), "link": if link_up { "up" } else { "down" } }),
         ),
     )
 }

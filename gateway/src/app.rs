@@ -1,179 +1,132 @@
-//! The public HTTP application: routes, shared state, and the answers for unknown
-//! routes and methods.
+//! The public routes: the router (publishing, the demo page, errors for unknown routes
+//! and methods) and the lean subscriber routes, both built from one CORS policy
+//! ([`cors`]) and one adapter per answer kind over the transports' single entries.
+//!
+//! Subscribers' requests (`GET /ws`, `/sse`, `/poll`) are answered on the lean path,
+//! without the router, whose request and response types, boxed services and middleware
+//! were about half of a new subscriber's allocations; the router answers the same
+//! routes (same checks, sessions and headers) for requests that reach it, e.g. after a
+//! publish on the same connection.
 
-use std::sync::Arc;
+pub mod cors;
 
 use axum::{
     Router,
-    extract::{DefaultBodyLimit, Request},
-    http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header},
-    response::{Html, IntoResponse},
+    extract::{DefaultBodyLimit, Request, State},
+    http::{StatusCode, request::Parts},
+    response::{Html, IntoResponse, Response},
     routing::{get, post},
 };
 use shared::protocol::error_code;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use self::cors::Cors;
 use crate::{
     api,
-    config::Config,
     error::ApiError,
-    hub::Hub,
-    server::{ConnCtx, Lean, LeanAnswer, LeanRoute},
+    server::{ConnCtx, LeanAnswer, LeanRoute, Opened, Routes},
+    state::AppState,
     transport,
 };
 
-/// What every handler can reach.
-#[derive(Clone)]
-pub struct AppState {
-    /// The node's channel registry (and, through it, the broker).
-    pub hub: Arc<Hub>,
-    /// Effective configuration.
-    pub config: Arc<Config>,
-    /// Cancelled when the node shuts down; every connection watches it.
-    pub shutdown: CancellationToken,
-    /// Tracks connection tasks (WebSockets) so shutdown can wait for them.
-    pub tracker: TaskTracker,
-    /// Verifies subscriber tokens; `None` when subscriber auth is off.
-    pub auth: Option<Arc<crate::auth::Authenticator>>,
-    /// Publish-rate buckets per API key (or client address when publishing is open).
-    pub publish_limit: Arc<crate::ratelimit::SharedBuckets<api::Publisher>>,
-}
-
-impl AppState {
-    /// Authenticates a subscriber for `channels` when auth is on: `Ok(None)` when off.
-    pub fn authorize(
-        &self,
-        headers: &axum::http::HeaderMap,
-        query_token: Option<&str>,
-        channels: &[String],
-    ) -> Result<Option<crate::auth::Claims>, ApiError> {
-        let Some(auth) = &self.auth else { return Ok(None) };
-        let claims = auth.authenticate(headers, query_token)?;
-        crate::auth::check_channels(Some(&claims), channels)?;
-        Ok(Some(claims))
-    }
-}
-
 const DEMO_PAGE: &str = include_str!("demo.html");
 
-/// The `Vary` value the router's CORS layer adds to every answer.
-const CORS_VARY: &str = "origin, access-control-request-method, access-control-request-headers";
-
-/// The CORS headers the router's layer (below) adds to an answer to a simple request
-/// (not a preflight), in its order: `Vary`, then `Access-Control-Allow-Origin` — `*`
-/// with no allowlist, else the request's `Origin` when it is listed (exact bytes, as
-/// the layer compares). For the lean routes, which answer without the router.
-fn simple_cors<'a>(allowed: &[String], req: &'a HeaderMap) -> [Option<(HeaderName, &'a [u8])>; 2] {
-    let allow = if allowed.is_empty() {
-        Some(&b"*"[..])
-    } else {
-        req.get(header::ORIGIN)
-            .map(HeaderValue::as_bytes)
-            .filter(|o| allowed.iter().any(|a| a.as_bytes() == *o))
-    };
-    [Some((header::VARY, CORS_VARY.as_bytes())), allow.map(|o| (header::ACCESS_CONTROL_ALLOW_ORIGIN, o))]
+/// The subscriber endpoints.
+#[derive(Debug, Clone, Copy)]
+enum Subscriber {
+    Ws,
+    Sse,
+    Poll,
 }
 
-/// Appends [`simple_cors`] to a head being written.
-fn cors_head(allowed: &[String], req: &HeaderMap, head: &mut Vec<u8>) {
-    for (name, value) in simple_cors(allowed, req).into_iter().flatten() {
-        crate::server::push_header(head, &name, value);
-    }
-}
-
-/// An error answered by a lean route, with the headers the router would add.
-fn lean_error(err: ApiError, allowed: &[String], req: &HeaderMap) -> LeanAnswer {
-    let mut resp = err.into_response();
-    for (name, value) in simple_cors(allowed, req).into_iter().flatten() {
-        if let Ok(value) = HeaderValue::from_bytes(value) {
-            resp.headers_mut().append(name, value);
+impl Subscriber {
+    fn for_path(path: &str) -> Option<Self> {
+        match path {
+            "/ws" => Some(Self::Ws),
+            "/sse" => Some(Self::Sse),
+            "/poll" => Some(Self::Poll),
+            _ => None,
         }
     }
-    LeanAnswer::Answer(resp)
+
+    /// Opens the session through the transport's one entry.
+    async fn open(self, state: &AppState, req: &Parts, ctx: &ConnCtx) -> Result<Opened, ApiError> {
+        match self {
+            Self::Ws => transport::ws::open(state, req, ctx).await,
+            Self::Sse => transport::sse::open(state, req, ctx).await,
+            Self::Poll => transport::poll::open(state, req, ctx).await,
+        }
+    }
 }
 
-/// The subscriber endpoints, answered on the lean path without the router (whose
-/// request and response types, boxed services and CORS layer were about half of a new
-/// subscriber's allocations): `GET /ws`, `GET /sse` and `GET /poll`. Same checks,
-/// sessions and headers as their router handlers.
+/// The public listener's routes: the router and the lean subscriber routes.
+pub fn routes(state: AppState) -> Routes {
+    let cors = Cors::new(&state.config.allowed_origins);
+    Routes { router: router(state.clone(), cors.clone()), lean: Some(lean_routes(state, cors)) }
+}
+
+/// The lean path's answer: `open`'s session with its head written directly (CORS
+/// fields included), or its error as the router would answer it.
 // A request that is not theirs goes back to the router by value: boxing it would cost
 // every other request an allocation.
 #[allow(clippy::result_large_err)]
-pub fn lean_routes(state: AppState) -> LeanRoute {
-    Arc::new(move |req: Request, ctx: &ConnCtx| {
-        let allowed = &state.config.allowed_origins;
-        match req.uri().path() {
-            "/ws" => Ok(Lean::Now(match transport::ws::lean_upgrade(&state, &req, ctx) {
-                Ok((run, mut head)) => {
-                    cors_head(allowed, req.headers(), &mut head);
-                    LeanAnswer::Upgrade(run, head)
-                }
-                Err(err) => lean_error(err, allowed, req.headers()),
-            })),
-            "/sse" => {
-                let state = state.clone();
-                let close = ctx.close.clone();
-                // The request's body (none: the lean path reads body-less GETs) is not `Sync`.
-                let (req, _) = req.into_parts();
-                Ok(Lean::Later(Box::pin(async move {
-                    let allowed = &state.config.allowed_origins;
-                    match transport::sse::lean_stream(&state, &req, close).await {
-                        Ok((mut head, stream)) => {
-                            cors_head(allowed, &req.headers, &mut head);
-                            LeanAnswer::Stream(head, stream)
-                        }
-                        Err(err) => lean_error(err, allowed, &req.headers),
+fn lean_routes(state: AppState, cors: Cors) -> LeanRoute {
+    std::sync::Arc::new(move |req: Request, ctx: &ConnCtx| {
+        let Some(kind) = Subscriber::for_path(req.uri().path()) else { return Err(req) };
+        let (state, cors, ctx) = (state.clone(), cors.clone(), ctx.clone());
+        // The request's body (none: the lean path reads body-less GETs) is not `Sync`.
+        let (parts, _) = req.into_parts();
+        Ok(Box::pin(async move {
+            let origin = parts.headers.get(axum::http::header::ORIGIN);
+            match kind.open(&state, &parts, &ctx).await {
+                Ok(opened) => {
+                    let fields = opened.fields().map(|(n, v)| (n, v.as_bytes()));
+                    let mut head = crate::server::lean_head(opened.status, fields);
+                    for (name, value) in cors.fields(origin) {
+                        crate::server::push_header(&mut head, &name, value);
                     }
-                })))
-            }
-            "/poll" => Ok(Lean::Now(match transport::poll::lean_poll(&state, &req, ctx.close.clone()) {
-                Ok((mut head, answer)) => {
-                    cors_head(allowed, req.headers(), &mut head);
-                    LeanAnswer::Held(head, answer)
+                    LeanAnswer::Open(head, opened.body)
                 }
-                Err(err) => lean_error(err, allowed, req.headers()),
-            })),
-            _ => Err(req),
-        }
+                Err(err) => {
+                    let mut resp = err.into_response();
+                    cors.add_to(origin, &mut resp);
+                    LeanAnswer::Answer(resp)
+                }
+            }
+        }))
     })
 }
 
+/// The router's answer to a subscriber request: the same session as a response with
+/// the takeover attached (the CORS middleware adds its fields).
+async fn routed(kind: Subscriber, state: AppState, req: Request) -> Response {
+    let (parts, _) = req.into_parts();
+    let ctx = parts
+        .extensions
+        .get::<ConnCtx>()
+        .cloned()
+        .unwrap_or_else(|| ConnCtx { peer: ([0, 0, 0, 0], 0).into(), close: Default::default() });
+    match kind.open(&state, &parts, &ctx).await {
+        Ok(opened) => opened.into_response(),
+        Err(err) => err.into_response(),
+    }
+}
+
 /// Builds the public router.
-pub fn app(state: AppState) -> Router {
+fn router(state: AppState, cors: Cors) -> Router {
     let max = state.config.limits.max_payload_bytes;
     // JSON escaping can grow a payload up to six times (\uXXXX); the payload itself is
     // checked against the limit after parsing.
     let json_limit = max.saturating_mul(6).saturating_add(64 * 1024);
-    let origins = &state.config.allowed_origins;
-    let allow_origin = if origins.is_empty() {
-        AllowOrigin::any()
-    } else {
-        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
-    };
-    // Never credentials: with `Any` that would let every site read responses as the user.
-    // The lean routes write what this layer adds by hand (`simple_cors`); a test compares
-    // their answers with the router's, so a change here must be made there too.
-    let cors = CorsLayer::new()
-        .allow_origin(allow_origin)
-        .allow_methods([Method::GET, Method::POST])
-        .allow_headers([
-            header::CONTENT_TYPE,
-            header::AUTHORIZATION,
-            HeaderName::from_static("x-api-key"),
-            HeaderName::from_static("last-event-id"),
-        ])
-        .max_age(std::time::Duration::from_secs(600));
     Router::new()
         .route("/", get(|| async { Html(DEMO_PAGE) }))
-        .route("/sse", get(transport::sse::handler))
-        .route("/ws", get(transport::ws::handler))
-        .route("/poll", get(transport::poll::handler))
+        .route("/sse", get(|State(s): State<AppState>, req| routed(Subscriber::Sse, s, req)))
+        .route("/ws", get(|State(s): State<AppState>, req| routed(Subscriber::Ws, s, req)))
+        .route("/poll", get(|State(s): State<AppState>, req| routed(Subscriber::Poll, s, req)))
         .route("/publish/{channel}", post(api::publish_raw).layer(DefaultBodyLimit::max(max)))
         .route("/api/publish", post(api::publish_json).layer(DefaultBodyLimit::max(json_limit)))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(cors)
+        .layer(axum::middleware::from_fn_with_state(cors, cors::middleware))
         .with_state(state)
 }
 

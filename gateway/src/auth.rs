@@ -20,7 +20,11 @@ use serde::Deserialize;
 use shared::protocol::error_code;
 
 pub use self::jwks::Jwks;
-use crate::{error::ApiError, metrics as m};
+use crate::{
+    config::{AuthSettings, ConfigError},
+    error::ApiError,
+    metrics as m,
+};
 
 /// Name of the cookie a token may come in.
 pub const TOKEN_COOKIE: &str = "gateway_token";
@@ -71,39 +75,21 @@ impl std::fmt::Debug for Authenticator {
     }
 }
 
-/// Settings for [`Authenticator::new`].
-#[derive(Clone, Default)]
-pub struct AuthConfig {
-    /// Shared secret for HS256 tokens.
-    pub hs256_secret: Option<crate::config::Secret>,
-    /// PEM public key for RS256 tokens.
-    pub rs256_public_key_pem: Option<String>,
-    /// Keys from a JWK set file, for tokens that name one in their `kid` header.
-    pub jwks: Option<Jwks>,
-    /// Required `aud`, if any.
-    pub audience: Option<String>,
-    /// Required `iss`, if any.
-    pub issuer: Option<String>,
-}
-
-impl std::fmt::Debug for AuthConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuthConfig")
-            .field("hs256_secret", &self.hs256_secret)
-            .field(
-                "rs256_public_key",
-                &self.rs256_public_key_pem.as_ref().map(|k| format!("<PEM, {} bytes>", k.len())),
-            )
-            .field("jwks", &self.jwks)
-            .field("audience", &self.audience)
-            .field("issuer", &self.issuer)
-            .finish()
-    }
-}
-
 impl Authenticator {
-    /// Builds a verifier, or `None` when no key is configured (auth off).
-    pub fn new(cfg: &AuthConfig) -> Result<Option<Self>, String> {
+    /// Builds a verifier from the settings, reading the key files they name; `None`
+    /// when no key is configured (auth off). A bad file is an error naming the file and
+    /// the problem.
+    pub fn new(cfg: &AuthSettings) -> Result<Option<Self>, ConfigError> {
+        let pem = match &cfg.rs256_public_key {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!("cannot read jwt_rs256_public_key {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
+        let jwks = match &cfg.jwks_file {
+            Some(path) => Some(load_jwks(path)?),
+            None => None,
+        };
         let validation = |alg| {
             let mut v = Validation::new(alg);
             v.leeway = 5;
@@ -125,13 +111,16 @@ impl Authenticator {
                 validation(Algorithm::HS256),
             ));
         }
-        if let Some(pem) = &cfg.rs256_public_key_pem {
-            let key =
-                DecodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| format!("RS256 public key: {e}"))?;
+        if let (Some(pem), Some(path)) = (&pem, &cfg.rs256_public_key) {
+            let key = DecodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| {
+                ConfigError(format!(
+                    "jwt_rs256_public_key {}: not an RSA public key in PEM: {e}",
+                    path.display()
+                ))
+            })?;
             keys.push((Algorithm::RS256, key, validation(Algorithm::RS256)));
         }
-        let by_kid: HashMap<_, _> = cfg
-            .jwks
+        let by_kid: HashMap<_, _> = jwks
             .iter()
             .flat_map(Jwks::iter)
             .map(|(kid, k)| (kid.to_owned(), (k.alg, k.key.clone(), validation(k.alg))))
@@ -185,6 +174,13 @@ impl Authenticator {
             )),
         }
     }
+}
+
+/// Reads and checks the `jwt_jwks_file`; the error names the file and the problem.
+fn load_jwks(path: &std::path::Path) -> Result<Jwks, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read jwt_jwks_file {}: {e}", path.display())))?;
+    Jwks::parse(&text).map_err(|e| ConfigError(format!("jwt_jwks_file {}: {e}", path.display())))
 }
 
 /// Checks that `claims` (if auth is on) allow every channel.
@@ -261,12 +257,38 @@ mod tests {
             B64.encode(b"jwks-secret"),
             B64.encode([0xc5; 256]),
         );
-        let cfg = AuthConfig {
-            jwks: Some(Jwks::parse(&text).unwrap()),
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        std::fs::write(&path, text).unwrap();
+        let cfg = AuthSettings {
+            jwks_file: Some(path),
             hs256_secret: static_secret.map(crate::config::Secret::new),
             ..Default::default()
         };
         Authenticator::new(&cfg).unwrap().expect("auth on")
+    }
+
+    #[test]
+    fn key_files_are_read_with_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (good, bad) = (dir.path().join("good.json"), dir.path().join("bad.json"));
+        std::fs::write(&good, r#"{"keys":[{"kty":"oct","kid":"k1","k":"c2VjcmV0"}]}"#).unwrap();
+        std::fs::write(&bad, "{\"keys\": [").unwrap();
+        let with =
+            |path: &std::path::Path| AuthSettings { jwks_file: Some(path.to_owned()), ..Default::default() };
+        let auth = Authenticator::new(&with(&good)).unwrap().expect("auth on");
+        assert!(auth.by_kid.contains_key("k1"), "the JWKS file is read");
+        let err = Authenticator::new(&with(&bad)).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("invalid configuration: jwt_jwks_file {}: invalid JSON", bad.display())),
+            "{err}"
+        );
+        let missing = dir.path().join("missing.json");
+        let err = Authenticator::new(&with(&missing)).unwrap_err().to_string();
+        assert!(err.contains(&format!("cannot read jwt_jwks_file {}", missing.display())), "{err}");
+        let pem = AuthSettings { rs256_public_key: Some(good.clone()), ..Default::default() };
+        let err = Authenticator::new(&pem).unwrap_err().to_string();
+        assert!(err.contains("jwt_rs256_public_key") && err.contains("not an RSA public key"), "{err}");
     }
 
     #[test]
@@ -298,7 +320,7 @@ mod tests {
         let e = auth.verify(&token(Some("other"), Algorithm::HS256, b"static-secret")).unwrap_err();
         assert!(e.message.contains("unknown token key id"), "{}", e.message);
         // Without a JWKS a kid is ignored, as before.
-        let cfg = AuthConfig { hs256_secret: Some(crate::config::Secret::new("s")), ..Default::default() };
+        let cfg = AuthSettings { hs256_secret: Some(crate::config::Secret::new("s")), ..Default::default() };
         let plain = Authenticator::new(&cfg).unwrap().unwrap();
         assert!(plain.verify(&token(Some("whatever"), Algorithm::HS256, b"s")).is_ok());
     }

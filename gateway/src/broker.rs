@@ -74,17 +74,6 @@ pub enum Recovery {
     Gap,
 }
 
-/// Limits of per-channel history.
-#[derive(Debug, Clone)]
-pub struct HistoryConfig {
-    /// Most messages kept per channel.
-    pub max_len: usize,
-    /// Oldest message kept.
-    pub max_age: std::time::Duration,
-    /// How long an idempotency key suppresses repeats.
-    pub idempotency_window: std::time::Duration,
-}
-
 /// Why a broker operation failed; shown to clients only as "broker unavailable".
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {

@@ -1,14 +1,17 @@
 //! A horizontally scaled pub/sub fan-out gateway: SSE, WebSocket and long-poll clients
 //! on stateless nodes, joined through Redis.
 //!
-//! # Layout
-//! - [`config`]: flags, env, TOML file, defaults.
+//! # Layout (top to bottom; an import only points down — `ARCHITECTURE.md` is the map)
+//! - [`run`] (here) and [`publish_cli`]: what the binary runs.
+//! - [`app`]: the public routes (router, lean subscriber routes, CORS); [`admin`]:
+//!   metrics, health, readiness.
+//! - [`transport`] ([`transport::sse`], [`transport::ws`], [`transport::poll`]) and
+//!   [`api`] over [`publish`], the one publish path; both take [`state::AppState`].
+//! - [`hub`]: the node-local, sharded channel registry, fan-out, inboxes, deliveries and
+//!   history replay; the only way up here reaches the broker.
 //! - [`broker`]: the broker trait, [`broker::memory`] and [`broker::redis`].
-//! - [`hub`]: the node-local, sharded channel registry and fan-out.
-//! - [`delivery`]: one message with its wire encodings, computed once.
-//! - [`transport`]: [`transport::sse`], [`transport::ws`], [`transport::poll`].
-//! - [`api`]: HTTP publishing; [`app`]: the public router; [`admin`]: metrics, health.
-//! - [`server`]: the accept loop; [`metrics`]: metric names; [`publish_cli`]: stdin publisher.
+//! - Below everything: [`server`] (the listener and HTTP/1 plumbing), [`auth`],
+//!   [`config`], [`wire`] (pure encoders), [`error`], [`metrics`], [`ratelimit`].
 //!
 //! `main.rs` only parses config, sets up logging and metrics, binds and calls [`run`].
 
@@ -20,14 +23,16 @@ pub mod app;
 pub mod auth;
 pub mod broker;
 pub mod config;
-pub mod delivery;
 pub mod error;
 pub mod hub;
 pub mod metrics;
+pub mod publish;
 pub mod publish_cli;
 pub mod ratelimit;
 pub mod server;
+pub mod state;
 pub mod transport;
+pub mod wire;
 
 use std::sync::Arc;
 
@@ -37,10 +42,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    app::AppState,
+    auth::Authenticator,
     broker::{Broker, memory::MemoryBroker, redis::RedisBroker},
-    config::Config,
+    config::{Config, ConfigError},
     hub::{Hub, HubConfig},
+    publish::Publishing,
+    state::AppState,
 };
 
 /// The two bound listeners of a node.
@@ -58,23 +65,41 @@ pub enum StartError {
     /// The broker could not be set up (e.g. a malformed Redis URL).
     #[error("broker: {0}")]
     Broker(#[from] broker::BrokerError),
-    /// The subscriber-auth key could not be used.
-    #[error("auth: {0}")]
-    Auth(String),
     /// A listener's address could not be read.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// A node's configuration checked all the way, key files read: what `gateway config`
+/// prints and what [`run`] runs.
+pub struct Node {
+    config: Config,
+    auth: Option<Authenticator>,
+}
+
+impl Node {
+    /// Checks `config` and reads the key files it names.
+    pub fn new(config: Config) -> Result<Self, ConfigError> {
+        let auth = Authenticator::new(&config.auth)?;
+        Ok(Self { config, auth })
+    }
+
+    /// The effective configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
 }
 
 /// Runs a node until `shutdown` is cancelled, then closes every client cleanly (WS
 /// close 1012, SSE `retry:` and end, long-polls answered) and waits for them within
 /// the configured grace period.
 pub async fn run(
-    config: Config,
+    node: Node,
     listeners: Listeners,
     shutdown: CancellationToken,
     metrics: PrometheusHandle,
 ) -> Result<(), StartError> {
+    let Node { config, auth } = node;
     // Connections join `tracker`; the broker, reaper and metrics upkeep join
     // `background` and keep running until every connection has drained, so clients
     // waiting for their turn to reconnect still receive messages.
@@ -113,24 +138,23 @@ pub async fn run(
     }
     let public_addr = listeners.public.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
-    if hub.broker().kind() == "memory" {
+    if hub.broker_kind() == "memory" {
         warn!(
             "no Redis configured (--redis-url / GATEWAY_REDIS_URL): running a single node on the in-process broker"
         );
     }
-    info!(public = %public_addr, admin = %admin_addr, broker = hub.broker().kind(), "gateway listening");
+    info!(public = %public_addr, admin = %admin_addr, broker = hub.broker_kind(), "gateway listening");
 
-    let auth = auth::Authenticator::new(&config.auth).map_err(StartError::Auth)?.map(Arc::new);
+    let auth = auth.map(Arc::new);
     if let Some(a) = &auth {
         info!(?a, "subscriber authentication on");
     }
     let state = AppState {
         auth,
-        publish_limit: Arc::new(ratelimit::SharedBuckets::new(config.limits.publish_rate_per_key)),
+        publishing: Arc::new(Publishing::new(&config)),
         hub: hub.clone(),
         config: Arc::new(config),
         shutdown: shutdown.clone(),
-        tracker: tracker.clone(),
     };
     background.spawn(hub.clone().run_reaper(background_stop.clone()));
     let upkeep = metrics.clone();
@@ -162,7 +186,7 @@ pub async fn run(
     let header_timeout = state.config.timers.header_read;
     server::serve(
         listeners.public,
-        server::Routes { router: app::app(state.clone()), lean: Some(app::lean_routes(state.clone())) },
+        app::routes(state.clone()),
         shutdown.clone(),
         tracker.clone(),
         header_timeout,

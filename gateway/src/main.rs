@@ -3,7 +3,10 @@
 use std::{io::IsTerminal, process::ExitCode};
 
 use clap::Parser;
-use gateway::config::{Cli, Command, Config, LogFormat, ServeArgs};
+use gateway::{
+    Node,
+    config::{Cli, Command, Config, LogFormat, ServeArgs},
+};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -11,9 +14,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve(cli.serve)) {
         Command::Serve(args) => serve(args),
-        Command::Config(args) => match Config::from_args(args) {
-            Ok(config) => {
-                println!("{config:#?}");
+        Command::Config(args) => match Config::from_args(args).and_then(Node::new) {
+            Ok(node) => {
+                println!("{:#?}", node.config());
                 ExitCode::SUCCESS
             }
             Err(e) => fail(&e.to_string(), 2),
@@ -44,24 +47,26 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    let config = match Config::from_args(args) {
-        Ok(c) => c,
+    let node = match Config::from_args(args).and_then(Node::new) {
+        Ok(n) => n,
         Err(e) => return fail(&e.to_string(), 2),
     };
+    let config = node.config();
     init_tracing(config.log_format);
     let metrics = gateway::metrics::install();
+    let (listen, admin_listen) = (config.listen, config.admin_listen);
     runtime().block_on(async move {
-        let public = match gateway::server::bind(config.listen) {
+        let public = match gateway::server::bind(listen) {
             Ok(l) => l,
-            Err(e) => return fail(&format!("cannot listen on {}: {e}", config.listen), 1),
+            Err(e) => return fail(&format!("cannot listen on {listen}: {e}"), 1),
         };
-        let admin = match gateway::server::bind(config.admin_listen) {
+        let admin = match gateway::server::bind(admin_listen) {
             Ok(l) => l,
-            Err(e) => return fail(&format!("cannot listen on {} (admin): {e}", config.admin_listen), 1),
+            Err(e) => return fail(&format!("cannot listen on {admin_listen} (admin): {e}"), 1),
         };
         let shutdown = CancellationToken::new();
         tokio::spawn(watch_signals(shutdown.clone()));
-        match gateway::run(config, gateway::Listeners { public, admin }, shutdown, metrics).await {
+        match gateway::run(node, gateway::Listeners { public, admin }, shutdown, metrics).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e.to_string(), 1),
         }

@@ -57,6 +57,31 @@ pub const LIMIT_REJECTIONS_TOTAL: &str = "gateway_limit_rejections_total";
 pub const LIMITS: [&str; 5] =
     ["max_connections", "connect_rate", "publish_rate", "queue_messages", "queue_bytes"];
 
+/// The kind of a client connection: the value of the `transport` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnKind {
+    /// Server-Sent Events.
+    Sse = 0,
+    /// WebSocket.
+    Ws = 1,
+    /// HTTP long-poll.
+    Poll = 2,
+}
+
+impl ConnKind {
+    /// Every kind, in label order (index = the discriminant).
+    pub const ALL: [ConnKind; 3] = [Self::Sse, Self::Ws, Self::Poll];
+
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sse => "sse",
+            Self::Ws => "ws",
+            Self::Poll => "poll",
+        }
+    }
+}
+
 /// Installs the global Prometheus recorder once per process and returns its handle.
 pub fn install() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -80,7 +105,6 @@ pub fn install() -> PrometheusHandle {
 /// `increase()` see their first increment and dashboards show 0 instead of no data.
 fn register_known_series() {
     use metrics::{counter, gauge};
-    const TRANSPORTS: [&str; 3] = ["sse", "ws", "poll"];
     const DISCONNECT_REASONS: [&str; 6] =
         ["client_closed", "slow_consumer", "shutdown", "timeout", "protocol_error", "server_closed"];
     const REJECT_REASONS: [&str; 13] = [
@@ -98,7 +122,7 @@ fn register_known_series() {
         "over_capacity",
         "rate_limited",
     ];
-    for t in TRANSPORTS {
+    for t in ConnKind::ALL.map(ConnKind::as_str) {
         gauge!(CONNECTIONS, "transport" => t).increment(0.0);
         counter!(CONNECTIONS_TOTAL, "transport" => t).increment(0);
         counter!(RESETS_TOTAL, "transport" => t).increment(0);

@@ -14,11 +14,9 @@ use shared::protocol::PublishRequest;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::{
-    broker::{
-        Publish,
-        redis::{is_missing_function, library_source, load_library},
-    },
-    config::{Config, DEFAULT_MAX_CHANNEL_LEN, DEFAULT_MAX_PAYLOAD_BYTES, PublishArgs, mask_url},
+    broker::{Publish, redis::script},
+    config::{Config, Limits, PublishArgs, mask_url},
+    publish::check,
 };
 
 #[derive(Deserialize)]
@@ -36,20 +34,18 @@ enum Target {
 
 /// Runs the publisher over stdin.
 pub async fn run(args: PublishArgs) -> ExitCode {
-    let max_payload = args.max_payload_bytes.unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES);
-    if let Some(ch) = &args.channel {
-        if let Err(e) = shared::validate_channel(ch, DEFAULT_MAX_CHANNEL_LEN) {
-            eprintln!("gateway publish: invalid channel {ch:?}: {e}");
-            return ExitCode::from(2);
-        }
-    } else if !args.jsonl {
+    let mut limits = Limits::default();
+    if let Some(max) = args.max_payload_bytes {
+        limits.max_payload_bytes = max;
+    }
+    if args.channel.is_none() && !args.jsonl {
         eprintln!("gateway publish: a channel is required (or use --jsonl lines that name one)");
         return ExitCode::from(2);
     }
-    if let Some(ev) = &args.event
-        && let Err(e) = shared::validate_event(ev)
+    // The channel and event given once, checked before anything is read.
+    if let Err(e) = check(&limits, args.channel.as_deref().unwrap_or("ok"), args.event.as_deref(), b"", None)
     {
-        eprintln!("gateway publish: invalid event {ev:?}: {e}");
+        eprintln!("gateway publish: {}", e.message);
         return ExitCode::from(2);
     }
     let mut target = match connect(&args).await {
@@ -72,7 +68,7 @@ pub async fn run(args: PublishArgs) -> ExitCode {
             }
         };
         lineno += 1;
-        let msg = match parse_line(&args, line, max_payload) {
+        let msg = match parse_line(&args, line, &limits) {
             Ok(m) => m,
             Err(e) => {
                 eprintln!("gateway publish: line {lineno}: {e}");
@@ -92,7 +88,7 @@ pub async fn run(args: PublishArgs) -> ExitCode {
     if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
 
-fn parse_line(args: &PublishArgs, line: String, max_payload: usize) -> Result<Publish, String> {
+fn parse_line(args: &PublishArgs, line: String, limits: &Limits) -> Result<Publish, String> {
     let (channel, data, event) = if args.jsonl {
         let l: Line = serde_json::from_str(&line)
             .map_err(|e| format!("not a JSON line {{\"channel\",\"data\"}}: {e}"))?;
@@ -101,14 +97,7 @@ fn parse_line(args: &PublishArgs, line: String, max_payload: usize) -> Result<Pu
     } else {
         (args.channel.clone().unwrap_or_default(), line, args.event.clone())
     };
-    shared::validate_channel(&channel, DEFAULT_MAX_CHANNEL_LEN)
-        .map_err(|e| format!("invalid channel {channel:?}: {e}"))?;
-    if let Some(ev) = &event {
-        shared::validate_event(ev).map_err(|e| format!("invalid event {ev:?}: {e}"))?;
-    }
-    if data.len() > max_payload {
-        return Err(format!("payload of {} bytes exceeds the limit of {max_payload}", data.len()));
-    }
+    check(limits, &channel, event.as_deref(), data.as_bytes(), None).map_err(|e| e.message)?;
     Ok(Publish { channel, data: Bytes::from(data), event, history: true, idempotency_key: None })
 }
 
@@ -142,13 +131,11 @@ async fn publish(target: &mut Target, msg: Publish) -> Result<(), String> {
         Target::Redis(conn) => {
             // With history, like the HTTP API: `FCALL fanout_publish`. A Redis no gateway
             // has connected to yet lacks the library; load it with the default limits.
-            let mut cmd = redis::cmd("FCALL");
-            cmd.arg("fanout_publish").arg(1).arg(&msg.channel).arg(&msg.data[..]);
-            cmd.arg(msg.event.as_deref().unwrap_or(""));
+            let cmd = script::publish_cmd(&msg);
             match cmd.query_async::<redis::Value>(conn).await {
-                Err(e) if is_missing_function(&e) => {
-                    let source = library_source(&Config::default().history);
-                    load_library(conn, &source)
+                Err(e) if script::is_missing_function(&e) => {
+                    let source = script::library_source(&Config::default().history);
+                    script::load_library(conn, &source)
                         .await
                         .map_err(|e| format!("redis: loading the library: {e}"))?;
                     cmd.query_async::<redis::Value>(conn).await.map(|_| ()).map_err(|e| format!("redis: {e}"))

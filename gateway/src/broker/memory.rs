@@ -15,10 +15,8 @@ use shared::{
 };
 use tokio::sync::watch;
 
-use super::{
-    Broker, BrokerError, HistoryConfig, HistoryEntry, LinkState, Publish, PublishOutcome, Ready, Recovery,
-    Sink,
-};
+use super::{Broker, BrokerError, HistoryEntry, LinkState, Publish, PublishOutcome, Ready, Recovery, Sink};
+use crate::config::HistoryConfig;
 
 #[derive(Default)]
 struct Stream {

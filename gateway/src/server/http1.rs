@@ -233,7 +233,7 @@ pub fn encode_head(parts: &response::Parts, framing: Framing, close: bool) -> Ve
 /// The status line and the response's own headers (without `Connection` when the
 /// connection closes after it): what a held response keeps instead of its `HeaderMap`.
 pub fn head_start(parts: &response::Parts, close: bool) -> Vec<u8> {
-    let mut out = lean_head(parts.status, &[]);
+    let mut out = lean_head(parts.status, []);
     for (name, value) in &parts.headers {
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || name == header::DATE {
             continue;
@@ -247,9 +247,12 @@ pub fn head_start(parts: &response::Parts, close: bool) -> Vec<u8> {
 }
 
 /// Starts a head without a `Response` (the lean routes): the `HTTP/1.1` status line and
-/// these headers, as [`head_start`] writes them; room is left for CORS, framing and
-/// `Date`.
-pub fn lean_head(status: StatusCode, headers: &[(&HeaderName, &[u8])]) -> Vec<u8> {
+/// these header fields, as [`head_start`] writes them; room is left for CORS, framing
+/// and `Date`.
+pub fn lean_head<'a>(
+    status: StatusCode,
+    headers: impl IntoIterator<Item = (&'a HeaderName, &'a [u8])>,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(320);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());

@@ -139,18 +139,6 @@ impl AsyncWrite for Io {
     }
 }
 
-/// Writes the head of an HTTP/1.1 chunk of `len` bytes (`<hex>\r\n`) into `out`;
-/// returns its length.
-pub fn chunk_header(len: usize, out: &mut [u8; 18]) -> usize {
-    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
-    for (i, slot) in out[..digits].iter_mut().enumerate() {
-        let nibble = (len >> (4 * (digits - 1 - i))) & 0xf;
-        *slot = b"0123456789abcdef"[nibble];
-    }
-    out[digits..digits + 2].copy_from_slice(b"\r\n");
-    digits + 2
-}
-
 /// Writes what of `bufs` the stream takes without waiting, advancing `bufs` past it:
 /// `Ready(Ok)` when all of it went out, `Pending` when the rest must wait.
 pub fn poll_write_now<W: AsyncWrite + Unpin + ?Sized>(
@@ -230,21 +218,6 @@ mod tests {
         }
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
             Poll::Ready(Ok(()))
-        }
-    }
-
-    #[test]
-    fn chunk_headers_are_hex() {
-        for (len, want) in [
-            (1usize, "1\r\n"),
-            (15, "f\r\n"),
-            (16, "10\r\n"),
-            (0x1a2b, "1a2b\r\n"),
-            (usize::MAX, "ffffffffffffffff\r\n"),
-        ] {
-            let mut out = [0u8; 18];
-            let n = chunk_header(len, &mut out);
-            assert_eq!(std::str::from_utf8(&out[..n]).unwrap(), want);
         }
     }
 

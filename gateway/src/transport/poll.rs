@@ -8,30 +8,25 @@
 //! from another node or an earlier run, or the buffer was overrun) gets
 //! `"reset": true` with the affected channels, then live messages.
 //!
-//! The handler checks the request and returns at once; the wait is a
-//! [`Takeover::Later`] the connection runs, so a held poll keeps only its own state.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use axum::{
-    Extension,
-    body::{Body, Bytes},
-    extract::{RawQuery, State},
-    http::{HeaderValue, StatusCode, header},
-    response::Response,
+    body::Bytes,
+    http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts},
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use serde::{Deserialize, Serialize};
 
 use shared::StreamPos;
 
-use super::{ConnGuard, Positions, Query, Replay, check_channels, replay, wait_ready};
+use super::{ConnGuard, Positions, Query, check_channels};
 use crate::{
-    app::AppState,
-    delivery::Delivery,
     error::ApiError,
-    hub::{Inbox, Transport},
-    server::{ConnCtx, Takeover},
+    hub::{Delivery, Inbox, Replay},
+    metrics::ConnKind,
+    server::{ConnCtx, Opened, Takeover},
+    state::AppState,
 };
 
 /// Positions per channel on one node run, carried opaquely by the client.
@@ -57,49 +52,29 @@ impl Cursor {
     }
 }
 
-/// `GET /poll`.
-pub async fn handler(
-    State(state): State<AppState>,
-    ctx: Option<Extension<ConnCtx>>,
-    headers: axum::http::HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
-    let close = ctx.map(|Extension(c)| c.close).unwrap_or_default();
-    let answer = prepare(state, &headers, query.as_deref(), close)?;
-    let mut resp = Response::new(Body::empty());
-    let h = resp.headers_mut();
-    for (name, value) in ANSWER_HEADERS {
-        h.insert(name, HeaderValue::from_static(value));
-    }
-    // The wait runs outside the router (see `server::Takeover`): only the held state
-    // stays allocated.
-    Takeover::Later(Box::pin(answer)).attach(&mut resp);
-    Ok(resp)
-}
+/// The response header fields of an answer.
+static ANSWER_HEADERS: [(header::HeaderName, HeaderValue); 2] = [
+    (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+    (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+];
 
-/// The response headers of an answer.
-const ANSWER_HEADERS: [(header::HeaderName, &str); 2] =
-    [(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")];
-
-/// `GET /poll` on the lean path, without the router (`app::lean_routes`): the same
-/// checks and answer as [`handler`], and the start of the `200` head (status line and
-/// headers, as `http1::head_start` writes them; the caller adds the CORS headers).
-pub fn lean_poll(
-    state: &AppState,
-    req: &axum::extract::Request,
-    close: tokio_util::sync::CancellationToken,
-) -> Result<(Vec<u8>, crate::server::HeldBody), ApiError> {
-    let answer = prepare(state.clone(), req.headers(), req.uri().query(), close)?;
-    let head =
-        crate::server::lean_head(StatusCode::OK, &ANSWER_HEADERS.each_ref().map(|(n, v)| (n, v.as_bytes())));
-    Ok((head, Box::pin(answer)))
+/// `GET /poll`: checks the request and returns at once; the wait for the answer is a
+/// [`Takeover::Later`] the connection runs, so a held poll keeps only its own state.
+pub async fn open(state: &AppState, req: &Parts, ctx: &ConnCtx) -> Result<Opened, ApiError> {
+    let answer = prepare(state.clone(), &req.headers, req.uri.query(), ctx.close.clone())?;
+    Ok(Opened {
+        status: StatusCode::OK,
+        headers: &ANSWER_HEADERS,
+        extra: None,
+        body: Takeover::Later(Box::pin(answer)),
+    })
 }
 
 /// Checks a poll (timeout, cursor, channels, token, capacity) and returns the wait for
 /// its answer.
 fn prepare(
     state: AppState,
-    headers: &axum::http::HeaderMap,
+    headers: &HeaderMap,
     query: Option<&str>,
     close: tokio_util::sync::CancellationToken,
 ) -> Result<impl std::future::Future<Output = Bytes> + Send + 'static, ApiError> {
@@ -154,8 +129,8 @@ async fn hold(
 ) -> Bytes {
     let hub = &state.hub;
     let foreign = cursor.as_ref().is_some_and(|c| c.e != hub.epoch());
-    let (inbox, mut rx) = Inbox::new(Transport::Poll, &state.config.limits, close);
-    let mut guard = ConnGuard::new(Transport::Poll);
+    let (inbox, mut rx) = Inbox::new(ConnKind::Poll, &state.config.limits, close);
+    let mut guard = ConnGuard::new(ConnKind::Poll);
 
     let mut joins = Vec::with_capacity(channels.len());
     let mut messages: Vec<Arc<Delivery>> = Vec::new();
@@ -184,10 +159,10 @@ async fn hold(
     // Not needed any more: free it before the wait.
     drop(cursor);
     // Boxed: these waits are short, and the held future stays small without them.
-    Box::pin(wait_ready(joins.iter().map(|j| j.ready.clone()))).await;
+    Box::pin(hub.wait_ready(joins.iter().map(|j| &j.subscription))).await;
     // Positions are valid on every node: read what the buffer could not give from history.
     for (ch, from) in from_history {
-        match Box::pin(replay(hub, &ch, from)).await {
+        match Box::pin(hub.replay(&ch, from)).await {
             Replay::Messages(ms) => messages.extend(ms),
             Replay::Reset(_) => reset_channels.push(ch.to_string()),
         }
@@ -198,7 +173,7 @@ async fn hold(
             d = rx.recv() => {
                 if let Some(d) = d {
                     messages.push(d);
-                    while let Ok(d) = rx.try_recv() {
+                    while let Some(d) = rx.try_recv() {
                         messages.push(d);
                     }
                     // A live gap notice (history lost in a broker outage) is a reset, not

@@ -18,27 +18,21 @@ use std::{
 };
 
 use axum::{
-    Extension,
-    body::{Body, Bytes},
-    extract::{RawQuery, State},
-    http::{HeaderMap, HeaderValue, header},
-    response::Response,
+    body::Bytes,
+    http::{HeaderValue, StatusCode, header, request::Parts},
 };
 use bytes::BytesMut;
 use futures_util::Stream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use super::{
-    ConnGuard, DrainTurn, Positions, Query, Replay, check_channels, drain_turn, parse_resume, replay,
-    wait_ready,
-};
+use super::{ConnGuard, DrainTurn, Positions, Query, check_channels, drain_turn, parse_resume};
 use crate::{
-    app::AppState,
-    delivery::Delivery,
     error::ApiError,
-    hub::{Inbox, Kick, Subscription, Transport},
-    server::{Chunk, ConnCtx, Takeover, signal::Quiet},
+    hub::{Delivery, Inbox, InboxRx, Kick, Replay, Subscription},
+    metrics::ConnKind,
+    server::{Chunk, ConnCtx, Opened, Takeover, signal::Quiet},
+    state::AppState,
 };
 
 /// Most bytes coalesced into one chunk when messages queue up.
@@ -47,56 +41,19 @@ const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// signals come first, so a flood of messages cannot hide a drain or an expiry.
 const SIGNALS_EVERY: u32 = 16;
 
-/// The response headers of a stream.
-const STREAM_HEADERS: [(header::HeaderName, &str); 3] = [
-    (header::CONTENT_TYPE, "text/event-stream; charset=utf-8"),
-    (header::CACHE_CONTROL, "no-cache"),
-    (header::HeaderName::from_static("x-accel-buffering"), "no"),
+/// The response header fields of a stream.
+static STREAM_HEADERS: [(header::HeaderName, HeaderValue); 3] = [
+    (header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8")),
+    (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+    (header::HeaderName::from_static("x-accel-buffering"), HeaderValue::from_static("no")),
 ];
 
-/// `GET /sse`.
-pub async fn handler(
-    State(state): State<AppState>,
-    ctx: Option<Extension<ConnCtx>>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
-    let close = ctx.map(|Extension(c)| c.close).unwrap_or_default();
-    let stream = open(&state, &headers, query.as_deref(), close).await?;
-    let mut resp = Response::new(Body::empty());
-    Takeover::Stream(Box::pin(stream)).attach(&mut resp);
-    let h = resp.headers_mut();
-    for (name, value) in STREAM_HEADERS {
-        h.insert(name, HeaderValue::from_static(value));
-    }
-    Ok(resp)
-}
-
-/// `GET /sse` on the lean path, without the router (`app::lean_routes`): the same
-/// checks and stream as [`handler`], and the start of the `200` head (status line and
-/// headers, as `http1::head_start` writes them; the caller adds the CORS headers).
-pub async fn lean_stream(
-    state: &AppState,
-    req: &axum::http::request::Parts,
-    close: tokio_util::sync::CancellationToken,
-) -> Result<(Vec<u8>, crate::server::StreamBody), ApiError> {
-    let stream = open(state, &req.headers, req.uri.query(), close).await?;
-    let head = crate::server::lean_head(
-        axum::http::StatusCode::OK,
-        &STREAM_HEADERS.each_ref().map(|(n, v)| (n, v.as_bytes())),
-    );
-    Ok((head, Box::pin(stream)))
-}
-
-/// Checks a stream request (resume id, format, channels, token, capacity), subscribes,
-/// waits until the subscriptions are live, and reads what a resuming client missed.
-async fn open(
-    state: &AppState,
-    headers: &HeaderMap,
-    query: Option<&str>,
-    close: tokio_util::sync::CancellationToken,
-) -> Result<SseStream, ApiError> {
-    let mut query = Query::parse(query);
+/// `GET /sse`: checks a stream request (resume id, format, channels, token, capacity),
+/// subscribes, waits until the subscriptions are live, reads what a resuming client
+/// missed, and opens the stream.
+pub async fn open(state: &AppState, req: &Parts, ctx: &ConnCtx) -> Result<Opened, ApiError> {
+    let headers = &req.headers;
+    let mut query = Query::parse(req.uri.query());
     let resume =
         match headers.get("last-event-id").and_then(|v| v.to_str().ok()).or(query.get("last_event_id")) {
             Some(id) if !id.trim().is_empty() => Some(parse_resume(id)?),
@@ -118,15 +75,10 @@ async fn open(
     if state.shutdown.is_cancelled() {
         return Err(ApiError::shutting_down());
     }
-    let (inbox, rx) = Inbox::new(Transport::Sse, &state.config.limits, close);
-    let mut subs = Vec::with_capacity(channels.len());
-    let mut readies = Vec::with_capacity(channels.len());
-    for ch in &channels {
-        let (sub, ready) = state.hub.subscribe(ch, &inbox);
-        subs.push(sub);
-        readies.push(ready);
-    }
-    wait_ready(readies).await;
+    let hub = &state.hub;
+    let (inbox, rx) = Inbox::new(ConnKind::Sse, &state.config.limits, ctx.close.clone());
+    let subs: Vec<Subscription> = channels.iter().map(|ch| hub.subscribe(ch, &inbox)).collect();
+    hub.wait_ready(&subs).await;
     // Resume: what each channel missed since the client's last id, read after the live
     // subscription is in place so nothing falls in between.
     let mut positions = Positions::default();
@@ -135,7 +87,7 @@ async fn open(
         for sub in &subs {
             let Some(from) = resume.for_channel(sub.channel()) else { continue };
             positions.set(sub.channel(), from);
-            match replay(&state.hub, sub.channel(), from).await {
+            match hub.replay(sub.channel(), from).await {
                 Replay::Messages(ms) => pending.extend(ms),
                 Replay::Reset(r) => {
                     metrics::counter!(crate::metrics::RESETS_TOTAL, "transport" => "sse").increment(1);
@@ -153,7 +105,7 @@ async fn open(
         rx,
         inbox,
         _subs: subs,
-        guard: ConnGuard::new(Transport::Sse),
+        guard: ConnGuard::new(ConnKind::Sse),
         closed: Quiet::new(Box::pin(inbox_closed)),
         shutdown_wait: Quiet::new(drain_turn(state.shutdown.clone(), state.config.timers.drain_window)),
         beat: Box::pin(tokio::time::sleep(state.config.timers.sse_heartbeat)),
@@ -166,7 +118,12 @@ async fn open(
         done: false,
         turns: 0,
     };
-    Ok(stream)
+    Ok(Opened {
+        status: StatusCode::OK,
+        headers: &STREAM_HEADERS,
+        extra: None,
+        body: Takeover::Stream(Box::pin(stream)),
+    })
 }
 
 struct SseStream {
@@ -175,7 +132,7 @@ struct SseStream {
     positions: Positions,
     /// Replayed messages, sent before live ones.
     pending: VecDeque<Arc<Delivery>>,
-    rx: crate::hub::InboxRx,
+    rx: InboxRx,
     inbox: Arc<Inbox>,
     _subs: Vec<Subscription>,
     guard: ConnGuard,
@@ -253,7 +210,7 @@ impl SseStream {
     /// The chunk for `first` and whatever else is queued (up to [`MAX_BATCH_BYTES`]), or
     /// `None` when all of it repeats what was already sent.
     fn batch(&mut self, first: &Delivery) -> Option<Chunk> {
-        let Ok(next) = self.rx.try_recv() else {
+        let Some(next) = self.rx.try_recv() else {
             if !self.positions.accept(first) {
                 return None;
             }
@@ -274,7 +231,7 @@ impl SseStream {
                 buf.extend_from_slice(&b);
             }
             if buf.len() < MAX_BATCH_BYTES {
-                next = self.rx.try_recv().ok();
+                next = self.rx.try_recv();
             }
         }
         if buf.is_empty() {

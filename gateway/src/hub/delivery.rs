@@ -6,6 +6,8 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use shared::{EnvelopeRef, StreamPos};
 
+use crate::wire::{chunk, ws_frame};
+
 /// One message for one channel, shared by every local subscriber via `Arc`.
 #[derive(Debug)]
 pub struct Delivery {
@@ -158,13 +160,7 @@ impl Delivery {
         let cell = if json { &self.sse_json_chunk } else { &self.sse_chunk };
         cell.get_or_init(|| {
             let event = if json { self.sse_json() } else { self.sse().clone() };
-            let mut head = [0u8; 18];
-            let n = crate::server::io::chunk_header(event.len(), &mut head);
-            let mut v = Vec::with_capacity(n + event.len() + 2);
-            v.extend_from_slice(&head[..n]);
-            v.extend_from_slice(&event);
-            v.extend_from_slice(b"\r\n");
-            Bytes::from(v)
+            chunk::frame(&event)
         })
     }
 
@@ -190,12 +186,7 @@ impl Delivery {
     /// [`Self::ws`] as a whole WebSocket text frame, header included. Server frames are
     /// not masked, so every subscriber's socket gets these same bytes.
     pub fn ws_frame(&self) -> &Bytes {
-        self.ws_frame.get_or_init(|| {
-            Bytes::from(crate::transport::ws::frame::encode(
-                crate::transport::ws::frame::opcode::TEXT,
-                self.ws(),
-            ))
-        })
+        self.ws_frame.get_or_init(|| Bytes::from(ws_frame::encode(ws_frame::opcode::TEXT, self.ws())))
     }
 }
 
@@ -236,8 +227,7 @@ mod tests {
         assert_eq!(d.ws_frame().as_ptr(), d.ws_frame().as_ptr());
         assert_eq!(d.sse_json().as_ptr(), d.sse_json().as_ptr());
         assert_eq!(&d.sse_chunk(false)[..], b"11\r\nid: 1-0\ndata: x\n\n\r\n");
-        let chunk = crate::server::Chunk::Framed(d.sse_chunk(true).clone());
-        assert_eq!(chunk.into_data(), d.sse_json());
+        assert_eq!(chunk::data(d.sse_chunk(true)), d.sse_json());
         assert_eq!(&d.ws_frame()[2..], &d.ws()[..], "a short frame: two header bytes");
     }
 

@@ -1,0 +1,123 @@
+//! The Redis side of history publishing: the `fanout` Redis Function library
+//! (`fanout.lua`), the one place that builds its calls' argument lists, and the parsers
+//! of its replies. The gateway's broker and `gateway publish` both call through here.
+
+use bytes::Bytes;
+use shared::StreamPos;
+
+use crate::{
+    broker::{BrokerError, HistoryEntry, Publish, PublishOutcome, Recovery},
+    config::HistoryConfig,
+};
+
+/// The Redis Function library source with this node's history limits filled in.
+pub fn library_source(h: &HistoryConfig) -> String {
+    include_str!("fanout.lua")
+        .replace("__MAXLEN__", &h.max_len.to_string())
+        .replace("__MAXAGE_MS__", &h.max_age.as_millis().to_string())
+        .replace("__KEY_TTL_MS__", &(h.max_age.as_millis() + 3_600_000).to_string())
+        .replace("__IDEM_MS__", &h.idempotency_window.as_millis().max(1).to_string())
+}
+
+/// Loads (or replaces) the `fanout` function library.
+pub async fn load_library(
+    conn: &mut impl redis::aio::ConnectionLike,
+    source: &str,
+) -> redis::RedisResult<()> {
+    redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(source)
+        .query_async::<String>(conn)
+        .await
+        .map(|_| ())
+}
+
+/// Whether Redis answered that the `fanout` library is not loaded.
+pub fn is_missing_function(e: &redis::RedisError) -> bool {
+    e.to_string().contains("Function not found")
+}
+
+/// `FCALL fanout_publish 1 <channel> <data> <event> <idempotency-key>` for `msg` (empty
+/// strings for an absent event or key, as the function expects).
+pub fn publish_cmd(msg: &Publish) -> redis::Cmd {
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg("fanout_publish").arg(1).arg(&msg.channel).arg(&msg.data[..]);
+    cmd.arg(msg.event.as_deref().unwrap_or("")).arg(msg.idempotency_key.as_deref().unwrap_or(""));
+    cmd
+}
+
+/// Parses `fanout_publish`'s reply `{id, receivers}`; receivers is -1 for a repeat of an
+/// idempotency key (nothing published again; `id` is the first publish's).
+pub fn parse_publish(reply: redis::Value) -> Result<PublishOutcome, BrokerError> {
+    let redis::Value::Array(parts) = reply else {
+        return Err(BrokerError::Protocol("fanout_publish: not an array".into()));
+    };
+    let id = parts.first().and_then(text).map(str::to_owned);
+    let receivers = match parts.get(1) {
+        Some(redis::Value::Int(n)) => *n,
+        _ => 0,
+    };
+    Ok(PublishOutcome { id, subscribed: receivers > 0, duplicate: receivers < 0 })
+}
+
+/// `FCALL_RO fanout_since 1 <channel> <from> <count>`.
+pub fn since_cmd(channel: &str, from: StreamPos, count: usize) -> redis::Cmd {
+    let mut cmd = redis::cmd("FCALL_RO");
+    cmd.arg("fanout_since").arg(1).arg(channel).arg(from.to_string()).arg(count);
+    cmd
+}
+
+/// `FCALL_RO fanout_head 1 <channel>`.
+pub fn head_cmd(channel: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("FCALL_RO");
+    cmd.arg("fanout_head").arg(1).arg(channel);
+    cmd
+}
+
+/// Parses `fanout_head`'s reply: the newest position, if any.
+pub fn parse_head(reply: &redis::Value) -> Option<StreamPos> {
+    text(reply).and_then(|s| s.parse().ok())
+}
+
+fn bulk(v: &redis::Value) -> Option<&[u8]> {
+    match v {
+        redis::Value::BulkString(b) => Some(b),
+        redis::Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn text(v: &redis::Value) -> Option<&str> {
+    bulk(v).and_then(|b| std::str::from_utf8(b).ok())
+}
+
+/// Parses `fanout_since`'s reply `{status, entries, last}`.
+pub fn parse_since(v: redis::Value) -> Result<Recovery, BrokerError> {
+    let bad = |what: &str| BrokerError::Protocol(format!("fanout_since: {what}"));
+    let redis::Value::Array(parts) = v else { return Err(bad("not an array")) };
+    let [status, entries, _last] = &parts[..] else { return Err(bad("wrong length")) };
+    match text(status) {
+        Some("reset") => return Ok(Recovery::Gap),
+        Some("ok") => {}
+        _ => return Err(bad("unknown status")),
+    }
+    let redis::Value::Array(entries) = entries else { return Err(bad("entries not an array")) };
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let redis::Value::Array(pair) = e else { return Err(bad("entry not an array")) };
+        let [id, fields] = &pair[..] else { return Err(bad("entry shape")) };
+        let pos: StreamPos = text(id).and_then(|s| s.parse().ok()).ok_or_else(|| bad("entry id"))?;
+        let redis::Value::Array(fields) = fields else { return Err(bad("entry fields")) };
+        let (mut data, mut event) = (Bytes::new(), None);
+        for kv in fields.chunks(2) {
+            match (kv.first().and_then(text), kv.get(1).and_then(bulk)) {
+                (Some("d"), Some(v)) => data = Bytes::copy_from_slice(v),
+                (Some("e"), Some(v)) => event = Some(String::from_utf8_lossy(v).into_owned()),
+                _ => {}
+            }
+        }
+        out.push(HistoryEntry { pos, event, data });
+    }
+    Ok(Recovery::Covered(out))
+}

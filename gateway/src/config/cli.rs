@@ -1,0 +1,73 @@
+//! The command line: `gateway [serve]`, `gateway publish`, `gateway config`, and the
+//! options of `gateway publish` (a node's options are the settings table).
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use super::ServeArgs;
+
+/// `gateway` — pub/sub fan-out over SSE, WebSocket and long-poll, scaled out through Redis.
+#[derive(Debug, Parser)]
+#[command(name = "gateway", version, about, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// What to do; `serve` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Options of `serve`, accepted without the subcommand too.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a gateway node (the default).
+    Serve(ServeArgs),
+    /// Publish each line of standard input as one message.
+    Publish(PublishArgs),
+    /// Print the effective configuration (secrets masked) and exit.
+    Config(ServeArgs),
+}
+
+/// Options of `gateway publish`.
+#[derive(Debug, Clone, Args)]
+pub struct PublishArgs {
+    /// Channel to publish to (optional with --jsonl, where each line names its channel).
+    pub channel: Option<String>,
+    /// Each line is JSON `{"channel","data","event"?}` instead of a raw payload.
+    #[arg(long)]
+    pub jsonl: bool,
+    /// Event name for every message.
+    #[arg(long)]
+    pub event: Option<String>,
+    /// Publish straight to this Redis.
+    #[arg(long, env = "GATEWAY_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Publish through a gateway's HTTP API instead, e.g. http://127.0.0.1:8080.
+    #[arg(long, env = "GATEWAY_URL")]
+    pub gateway_url: Option<String>,
+    /// API key for --gateway-url.
+    #[arg(long, env = "GATEWAY_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Largest payload accepted, in bytes [default: 65536].
+    #[arg(long, env = "GATEWAY_MAX_PAYLOAD_BYTES")]
+    pub max_payload_bytes: Option<usize>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        <Self as clap::ValueEnum>::from_str(s, false)
+    }
+}

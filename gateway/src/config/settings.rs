@@ -1,0 +1,209 @@
+//! The settings table: every option of a gateway node declared once — its name (the
+//! flag `--name-with-dashes` and the TOML key `name_with_underscores`), its
+//! environment variable, its default and its help text — and merged with the
+//! precedence flags > `GATEWAY_*` environment > TOML file > default.
+//!
+//! clap reads flags and the environment into [`ServeArgs`]; serde reads the file into
+//! [`FileSettings`]; [`Settings::merge`] takes, per option, the first of the two that
+//! is set, else the default, and runs the option's check. Nothing here touches the
+//! process environment, so precedence is unit-tested with plain values.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use super::{ConfigError, LogFormat, Secret, SecretUrl, checks};
+
+/// Declares the options. Each row is
+/// `/// help` `name: Type = "default" | none, "GATEWAY_NAME" [, check] [; #[arg(...)]]`:
+/// a default is written as the flag's own text (parsed with `FromStr`, and shown as
+/// `[default: ...]` in `--help`); `none` means unset unless given. A check is a
+/// function `fn(name, value) -> Result<value, ConfigError>` that validates (and may
+/// normalize) the merged value.
+macro_rules! settings {
+    (@ty $ty:ty, none) => { Option<$ty> };
+    (@ty $ty:ty, $default:literal) => { $ty };
+    (@merge $value:expr, $ty:ty, none) => { $value };
+    (@merge $value:expr, $ty:ty, $default:literal) => {
+        match $value {
+            Some(v) => v,
+            None => $default.parse::<$ty>().expect("the default of every setting parses"),
+        }
+    };
+    (@shown none) => { None };
+    (@shown $default:literal) => { Some($default) };
+    ($(
+        $(#[doc = $doc:literal])*
+        $(#[arg($($arg:tt)*)])?
+        $name:ident: $ty:ty = $default:tt, $env:literal $(, $check:path)?;
+    )*) => {
+        /// Options of a gateway node: each is a flag, a `GATEWAY_*` variable and a key
+        /// of the `--config` file.
+        #[derive(Debug, Clone, Default, clap::Args)]
+        pub struct ServeArgs {
+            /// TOML file with any of the options below (snake_case keys).
+            #[arg(long, env = "GATEWAY_CONFIG")]
+            pub config: Option<PathBuf>,
+            $(
+                $(#[doc = $doc])*
+                #[arg(
+                    long,
+                    env = $env,
+                    help = help_text(concat!($($doc),*), settings!(@shown $default)),
+                    long_help = help_text(concat!($($doc),*), settings!(@shown $default))
+                    $(, $($arg)*)?
+                )]
+                pub $name: Option<$ty>,
+            )*
+        }
+
+        /// The `--config` TOML file: the same options as the flags, all optional; an
+        /// unknown key is an error (a typo must not be ignored).
+        #[derive(Debug, Default, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct FileSettings {
+            $( $(#[doc = $doc])* pub $name: Option<$ty>, )*
+        }
+
+        /// Every option's effective value, checked.
+        #[derive(Debug, Clone)]
+        pub struct Settings {
+            $( $(#[doc = $doc])* pub $name: settings!(@ty $ty, $default), )*
+        }
+
+        impl Settings {
+            /// Merges flags and environment (`args`) over the file: the first that is set
+            /// wins, else the default; then runs each option's check.
+            pub fn merge(args: ServeArgs, file: FileSettings) -> Result<Self, ConfigError> {
+                Ok(Self {
+                    $($name: {
+                        let value = settings!(@merge args.$name.or(file.$name), $ty, $default);
+                        $( let value = $check(stringify!($name), value)?; )?
+                        value
+                    },)*
+                })
+            }
+
+            /// Every option as `(name, env, default)`, for docs and consistency tests.
+            pub fn table() -> &'static [(&'static str, &'static str, Option<&'static str>)] {
+                &[$((stringify!($name), $env, settings!(@shown $default)),)*]
+            }
+        }
+    };
+}
+
+/// A help line, with its default when it has one, as `--help` shows it.
+fn help_text(doc: &str, default: Option<&str>) -> String {
+    match default {
+        Some(d) => format!("{} [default: {d}]", doc.trim()),
+        None => doc.trim().to_owned(),
+    }
+}
+
+settings! {
+    /// Public listener address.
+    listen: SocketAddr = "0.0.0.0:8080", "GATEWAY_LISTEN";
+    /// Admin listener address (metrics, health, readiness).
+    admin_listen: SocketAddr = "0.0.0.0:9091", "GATEWAY_ADMIN_LISTEN";
+    /// Redis URL, e.g. redis://127.0.0.1:6379. Unset: single node on an in-process broker.
+    #[arg(hide_env_values = true)]
+    redis_url: SecretUrl = none, "GATEWAY_REDIS_URL", checks::redis_url;
+    /// Redis connection pool size for publishing.
+    redis_pool_size: usize = "16", "GATEWAY_REDIS_POOL_SIZE", checks::positive;
+    /// API key(s) required to publish; comma-separated. Unset: publishing is open.
+    #[arg(value_delimiter = ',', hide_env_values = true)]
+    api_keys: Vec<Secret> = none, "GATEWAY_API_KEYS", checks::keys;
+    /// Largest payload accepted, in bytes.
+    max_payload_bytes: usize = "65536", "GATEWAY_MAX_PAYLOAD_BYTES", checks::positive;
+    /// Most channels one connection may subscribe to.
+    max_channels_per_connection: usize = "32", "GATEWAY_MAX_CHANNELS_PER_CONNECTION", checks::positive;
+    /// Most client connections (SSE, WebSocket, held long-polls) per node; 0 = no cap.
+    max_connections: usize = "0", "GATEWAY_MAX_CONNECTIONS";
+    /// Longest channel name, in bytes.
+    max_channel_len: usize = "128", "GATEWAY_MAX_CHANNEL_LEN", checks::positive;
+    /// Messages queued per connection before it counts as a slow consumer and is
+    /// disconnected.
+    queue_size: usize = "512", "GATEWAY_QUEUE_SIZE", checks::positive;
+    /// Payload bytes queued per connection before it counts as a slow consumer and is
+    /// disconnected.
+    queue_bytes: usize = "1048576", "GATEWAY_QUEUE_BYTES", checks::positive;
+    /// New connections per second accepted from one client IP (the TCP peer address; a
+    /// bucket of that many refills continuously); over it, 429. 0 = no limit. Leave it off
+    /// behind a proxy or load balancer, where every client shares its address.
+    connect_rate_per_ip: u32 = "0", "GATEWAY_CONNECT_RATE_PER_IP";
+    /// Messages per second one API key may publish (per client IP when no keys are
+    /// configured); over it, 429. 0 = no limit.
+    publish_rate_per_key: u32 = "0", "GATEWAY_PUBLISH_RATE_PER_KEY";
+    /// Seconds between SSE heartbeat comments.
+    sse_heartbeat_secs: u64 = "15", "GATEWAY_SSE_HEARTBEAT_SECS", checks::positive;
+    /// Seconds between WebSocket pings; a client silent for two intervals is dropped.
+    ws_ping_secs: u64 = "25", "GATEWAY_WS_PING_SECS", checks::positive;
+    /// Allow the WebSocket `publish` op.
+    ws_publish: bool = "false", "GATEWAY_WS_PUBLISH";
+    /// Long-poll hold time when the client asks for none, in seconds.
+    poll_timeout_secs: u64 = "25", "GATEWAY_POLL_TIMEOUT_SECS";
+    /// Longest long-poll hold time a client may ask for, in seconds.
+    poll_max_timeout_secs: u64 = "60", "GATEWAY_POLL_MAX_TIMEOUT_SECS";
+    /// Messages kept per channel for long-poll clients between polls.
+    poll_buffer: usize = "128", "GATEWAY_POLL_BUFFER", checks::positive;
+    /// Seconds a channel stays subscribed after a long-poll answer.
+    poll_keepalive_secs: u64 = "30", "GATEWAY_POLL_KEEPALIVE_SECS";
+    /// Milliseconds before unsubscribing a channel whose last local subscriber left.
+    linger_ms: u64 = "2000", "GATEWAY_LINGER_MS";
+    /// Seconds over which SIGTERM spreads telling clients to reconnect (random per
+    /// client), so they don't all hit the other nodes at once.
+    drain_window_secs: u64 = "5", "GATEWAY_DRAIN_WINDOW_SECS";
+    /// Seconds to drain connections on SIGTERM before exiting.
+    shutdown_grace_secs: u64 = "30", "GATEWAY_SHUTDOWN_GRACE_SECS";
+    /// Origins allowed to open WebSockets and to read responses cross-site (CORS), comma-
+    /// separated, e.g. https://app.example.com. Unset: any origin.
+    #[arg(value_delimiter = ',')]
+    allowed_origins: Vec<String> = none, "GATEWAY_ALLOWED_ORIGINS", checks::origins;
+    /// Shared secret for HS256 subscriber tokens; setting it (or an RS256 key, or a JWKS
+    /// file) turns subscriber authentication on.
+    #[arg(hide_env_values = true)]
+    jwt_hs256_secret: Secret = none, "GATEWAY_JWT_HS256_SECRET", checks::not_empty;
+    /// PEM file with the RSA public key for RS256 subscriber tokens.
+    jwt_rs256_public_key: PathBuf = none, "GATEWAY_JWT_RS256_PUBLIC_KEY";
+    /// JSON file with a JWK set (`{"keys": [...]}`); tokens with a `kid` header are
+    /// verified by that key, with the algorithm the key pins. Read at startup.
+    jwt_jwks_file: PathBuf = none, "GATEWAY_JWT_JWKS_FILE";
+    /// Required `aud` claim of subscriber tokens.
+    jwt_audience: String = none, "GATEWAY_JWT_AUDIENCE";
+    /// Required `iss` claim of subscriber tokens.
+    jwt_issuer: String = none, "GATEWAY_JWT_ISSUER";
+    /// Seconds a client gets to send a request's headers before it is cut off.
+    header_timeout_secs: u64 = "10", "GATEWAY_HEADER_TIMEOUT_SECS", checks::positive;
+    /// Most messages kept in each channel's history (for resume).
+    history_size: usize = "1000", "GATEWAY_HISTORY_SIZE", checks::positive;
+    /// Seconds a message stays in history.
+    history_ttl_secs: u64 = "3600", "GATEWAY_HISTORY_TTL_SECS", checks::positive;
+    /// Seconds during which a repeated publish `idempotency_key` is suppressed.
+    idempotency_window_secs: u64 = "300", "GATEWAY_IDEMPOTENCY_WINDOW_SECS";
+    /// Log format: text or json. Levels come from RUST_LOG.
+    log_format: LogFormat = "text", "GATEWAY_LOG_FORMAT";
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self::merge(ServeArgs::default(), FileSettings::default()).expect("the defaults are valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variable_is_the_option_name_in_capitals() {
+        for (name, env, _) in Settings::table() {
+            assert_eq!(*env, format!("GATEWAY_{}", name.to_ascii_uppercase()), "{name}");
+        }
+    }
+
+    #[test]
+    fn every_default_parses_and_passes_its_check() {
+        let s = Settings::default();
+        assert_eq!(s.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(s.max_channel_len, shared::channel::DEFAULT_MAX_CHANNEL_LEN, "one rule for channel names");
+        assert!(s.redis_url.is_none() && s.api_keys.is_none());
+    }
+}

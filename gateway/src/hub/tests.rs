@@ -1,0 +1,97 @@
+//! Unit tests of the hub: fan-out, the slow-consumer policy, lingering channels.
+
+use super::*;
+use crate::broker::memory::MemoryBroker;
+
+pub(super) fn hub(linger_ms: u64) -> Arc<Hub> {
+    Hub::new(
+        HubConfig {
+            linger: Duration::from_millis(linger_ms),
+            poll_buffer: 4,
+            poll_keepalive: Duration::from_millis(0),
+        },
+        |sink| {
+            let history = crate::config::HistoryConfig {
+                max_len: 100,
+                max_age: Duration::from_secs(3600),
+                idempotency_window: Duration::from_secs(60),
+            };
+            Arc::new(MemoryBroker::new(sink, history))
+        },
+    )
+}
+
+pub(super) fn inbox(cap: usize) -> (Arc<Inbox>, InboxRx) {
+    inbox_bytes(cap, usize::MAX)
+}
+
+fn inbox_bytes(cap: usize, bytes: usize) -> (Arc<Inbox>, InboxRx) {
+    let limits = crate::config::Limits { queue_size: cap, queue_bytes: bytes, ..Default::default() };
+    Inbox::new(ConnKind::Ws, &limits, CancellationToken::new())
+}
+
+#[test]
+fn byte_budget_kicks_a_backlogged_inbox_and_counts_what_is_taken() {
+    let hub = hub(0);
+    let (slow, _rs) = inbox_bytes(100, 10);
+    let (fast, mut rf) = inbox_bytes(100, 10);
+    let _s1 = hub.subscribe("c", &slow);
+    let _s2 = hub.subscribe("c", &fast);
+    hub.dispatch("c", Bytes::from_static(b"0123456789abcdef"));
+    assert_eq!(slow.kicked(), None, "an empty queue takes a message of any size");
+    assert_eq!(fast.queued_bytes(), 16);
+    assert_eq!(rf.try_recv().unwrap().data.len(), 16);
+    assert_eq!(fast.queued_bytes(), 0, "taking a message frees its bytes");
+    hub.dispatch("c", Bytes::from_static(b"x"));
+    assert_eq!(slow.kicked(), Some(Kick::SlowConsumer), "16 queued + 1 > 10");
+    assert_eq!(slow.queued_bytes(), 16, "the refused message is not counted");
+    assert_eq!(fast.kicked(), None);
+    assert_eq!(&rf.try_recv().unwrap().data[..], b"x");
+}
+
+#[test]
+fn dispatch_shares_one_delivery_between_subscribers() {
+    let hub = hub(0);
+    let (a, mut ra) = inbox(8);
+    let (b, mut rb) = inbox(8);
+    let _sa = hub.subscribe("c", &a);
+    let _sb = hub.subscribe("c", &b);
+    hub.dispatch("c", Bytes::from_static(b"hi"));
+    let (da, db) = (ra.try_recv().unwrap(), rb.try_recv().unwrap());
+    assert!(Arc::ptr_eq(&da, &db));
+    assert_eq!(&da.data[..], b"hi");
+    hub.dispatch("other", Bytes::from_static(b"x"));
+    assert!(ra.try_recv().is_none(), "no delivery for other channels");
+}
+
+#[test]
+fn full_inbox_is_kicked_and_others_still_get_messages() {
+    let hub = hub(0);
+    let (slow, _rs) = inbox(2);
+    let (fast, mut rf) = inbox(100);
+    let _s1 = hub.subscribe("c", &slow);
+    let _s2 = hub.subscribe("c", &fast);
+    for i in 0..10 {
+        hub.dispatch("c", Bytes::from(format!("m{i}")));
+    }
+    assert_eq!(slow.kicked(), Some(Kick::SlowConsumer));
+    assert!(slow.closed().is_cancelled());
+    let got: Vec<_> = std::iter::from_fn(|| rf.try_recv()).collect();
+    assert_eq!(got.len(), 10);
+    assert_eq!(&got[9].data[..], b"m9");
+}
+
+#[test]
+fn empty_channels_linger_then_are_reaped() {
+    let hub = hub(50);
+    let (a, _ra) = inbox(8);
+    let sub = hub.subscribe("c", &a);
+    assert_eq!(hub.subscriber_count("c"), 1);
+    drop(sub);
+    assert_eq!(hub.reap(Instant::now()), 0, "still lingering");
+    let sub = hub.subscribe("c", &a);
+    assert_eq!(hub.reap(Instant::now() + Duration::from_secs(1)), 0, "came back in time");
+    drop(sub);
+    assert_eq!(hub.reap(Instant::now() + Duration::from_secs(1)), 1);
+    assert_eq!(hub.subscriber_count("c"), 0);
+}
