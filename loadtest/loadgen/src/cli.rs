@@ -16,9 +16,8 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-/// Most subscriber sockets one process may open: the hard limit on open files here is
-/// 20,000 per process, and the process needs a few more for itself.
-pub const MAX_SUBSCRIBERS_PER_PROCESS: usize = 19_000;
+use crate::fdlimit::MAX_SUBSCRIBERS_PER_PROCESS;
+
 /// Most worker processes.
 pub const MAX_WORKERS: usize = 64;
 /// Most messages one run may schedule (bounds the publisher loop and the seq bitsets).

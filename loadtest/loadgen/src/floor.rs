@@ -32,7 +32,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{cli, net, procfs};
+use crate::{cli, fdlimit, net, procfs};
 
 /// Bytes per record: the size of the payloads in `bench.sh`.
 pub const RECORD: usize = 100;
@@ -154,7 +154,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// Room for `sockets` and this process's own descriptors.
 fn raise_fd_limit(sockets: usize) -> Result<()> {
-    crate::raise_nofile(sockets as u64 + 256)
+    fdlimit::raise_nofile(sockets as u64 + 256)
 }
 
 fn now_ns() -> u64 {
@@ -219,7 +219,7 @@ fn source_arg(s: &Option<String>) -> Vec<String> {
 
 fn fanout(a: FanoutArgs) -> Result<i32> {
     ensure!(
-        a.subscribers > 0 && a.subscribers <= cli::MAX_SUBSCRIBERS_PER_PROCESS,
+        a.subscribers > 0 && a.subscribers <= fdlimit::MAX_SUBSCRIBERS_PER_PROCESS,
         "--subscribers 1..=19000"
     );
     ensure!(a.rate > 0.0 && a.rate <= 10_000.0, "--rate must be in (0, 10000]");
@@ -492,7 +492,7 @@ async fn read_head(s: &mut tokio::net::TcpStream) -> Result<()> {
 
 fn connect(a: ConnectArgs) -> Result<i32> {
     ensure!(
-        a.connections > 0 && a.connections <= cli::MAX_SUBSCRIBERS_PER_PROCESS,
+        a.connections > 0 && a.connections <= fdlimit::MAX_SUBSCRIBERS_PER_PROCESS,
         "--connections 1..=19000"
     );
     ensure!(a.concurrency > 0 && a.concurrency <= 10_000, "--concurrency 1..=10000");
