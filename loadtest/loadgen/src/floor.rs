@@ -17,7 +17,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     process::{Child, ChildStdout, Command, Stdio},
     sync::{
         Arc, Mutex,
@@ -32,7 +32,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{cli, fdlimit, net, procfs};
+use crate::{fdlimit, loopback::source_ips, net, procfs};
 
 /// Bytes per record: the size of the payloads in `bench.sh`.
 pub const RECORD: usize = 100;
@@ -209,10 +209,6 @@ fn read_line(out: &mut BufReader<ChildStdout>, what: &str) -> Result<String> {
     Ok(line)
 }
 
-fn source_ips(s: &Option<String>) -> Result<Vec<Ipv4Addr>> {
-    s.as_deref().map(cli::parse_source_ips).transpose().map(Option::unwrap_or_default)
-}
-
 fn source_arg(s: &Option<String>) -> Vec<String> {
     s.iter().flat_map(|s| ["--source-ips".to_owned(), s.clone()]).collect()
 }
@@ -226,7 +222,7 @@ fn fanout(a: FanoutArgs) -> Result<i32> {
     ensure!(a.duration > 0.0 && a.duration <= 600.0, "--duration must be in (0, 600]");
     ensure!(a.writers > 0 && a.writers <= 64, "--writers 1..=64");
     ensure!(a.channels > 0 && a.channels <= a.subscribers, "--channels 1..=subscribers");
-    source_ips(&a.source_ips)?;
+    source_ips(a.source_ips.as_deref())?;
     raise_fd_limit(a.subscribers)?;
     let messages = (a.rate * a.duration).ceil() as u64;
     let listener = TcpListener::bind("127.0.0.1:0")?;
@@ -394,7 +390,7 @@ impl Plan {
 
 async fn read(a: ReadArgs) -> Result<i32> {
     raise_fd_limit(a.subscribers)?;
-    let ips = source_ips(&a.source_ips)?;
+    let ips = source_ips(a.source_ips.as_deref())?;
     let dest = SocketAddr::from(([127, 0, 0, 1], a.port));
     let mut streams = Vec::with_capacity(a.subscribers);
     for i in 0..a.subscribers {
@@ -496,7 +492,7 @@ fn connect(a: ConnectArgs) -> Result<i32> {
         "--connections 1..=19000"
     );
     ensure!(a.concurrency > 0 && a.concurrency <= 10_000, "--concurrency 1..=10000");
-    source_ips(&a.source_ips)?;
+    source_ips(a.source_ips.as_deref())?;
     raise_fd_limit(a.connections)?;
     let rt = runtime()?;
     let held = Arc::new(Mutex::new(Vec::with_capacity(a.connections)));
@@ -573,7 +569,7 @@ fn connect(a: ConnectArgs) -> Result<i32> {
 
 async fn dial(a: DialArgs) -> Result<i32> {
     raise_fd_limit(a.connections)?;
-    let ips = source_ips(&a.source_ips)?;
+    let ips = source_ips(a.source_ips.as_deref())?;
     let dest = SocketAddr::from(([127, 0, 0, 1], a.port));
     let sem = Arc::new(tokio::sync::Semaphore::new(a.concurrency));
     let start = Instant::now();

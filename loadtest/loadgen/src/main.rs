@@ -11,6 +11,7 @@ mod cli;
 mod fdlimit;
 mod floor;
 mod http;
+mod loopback;
 mod net;
 mod payload;
 mod procfs;
