@@ -394,7 +394,7 @@ async fn read(a: ReadArgs) -> Result<i32> {
     let dest = SocketAddr::from(([127, 0, 0, 1], a.port));
     let mut streams = Vec::with_capacity(a.subscribers);
     for i in 0..a.subscribers {
-        let src = (!ips.is_empty()).then(|| ips[i % ips.len()]);
+        let src = net::source_for(&ips, i);
         streams.push(net::connect(dest, src).await.with_context(|| format!("connection {i}"))?);
     }
     let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?));
@@ -576,7 +576,7 @@ async fn dial(a: DialArgs) -> Result<i32> {
     let mut tasks = Vec::with_capacity(a.connections);
     for i in 0..a.connections {
         let permit = sem.clone().acquire_owned().await?;
-        let src = (!ips.is_empty()).then(|| ips[i % ips.len()]);
+        let src = net::source_for(&ips, i);
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
             let dial = async {

@@ -384,8 +384,7 @@ enum Session {
 }
 
 async fn connect(sh: &Shared, g: u64, tr: &Mutex<Tracker>) -> Result<Session, String> {
-    let ips = &sh.s.source_ips;
-    let source = (!ips.is_empty()).then(|| ips[g as usize % ips.len()]);
+    let source = net::source_for(&sh.s.source_ips, g as usize);
     let stream = net::connect(sh.s.target(g).dest, source).await.map_err(|e| io_kind(&e))?;
     let ch = sh.s.channel_name(g % sh.channels);
     match sh.s.args.transport {
