@@ -14,7 +14,7 @@ use tokio::{
 
 pub use self::{
     body::BodyDecoder,
-    head::{HttpError, MAX_HEAD_BYTES, ResponseHead, find_head_end, parse_head},
+    head::{HttpError, MAX_HEAD_BYTES, ResponseHead, find_head_end, header, parse_head},
 };
 
 /// Read buffer per connection.

@@ -817,7 +817,7 @@ mod tests {
     /// Accepts one connection, reads the upgrade request and answers `101` followed by
     /// `first` in the same write.
     async fn accept_ws(listener: tokio::net::TcpListener, first: &[u8]) -> (String, TcpStream) {
-        crate::ws::tests::accept(listener, crate::ws::tests::switching, first.to_vec()).await
+        crate::ws::testing::accept(listener, crate::ws::testing::switching, first.to_vec()).await
     }
 
     /// Starts one subscriber against a fake server task; returns the pool once it is

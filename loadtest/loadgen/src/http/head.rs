@@ -117,6 +117,15 @@ pub fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
     buf.get(from..)?.windows(4).position(|w| w == b"\r\n\r\n").map(|p| from + p + 4)
 }
 
+/// The value of header `name` (lower case) in a response head.
+pub fn header<'a>(head: &'a [u8], name: &str) -> Option<&'a str> {
+    let text = std::str::from_utf8(head).ok()?;
+    text.split("\r\n").skip(1).find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
