@@ -8,8 +8,10 @@
 //! memory from /proc. See `loadtest/README.md`.
 
 mod cli;
+mod fdlimit;
 mod floor;
 mod http;
+mod loopback;
 mod net;
 mod payload;
 mod procfs;
@@ -21,7 +23,10 @@ mod ws;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, MAX_SUBSCRIBERS_PER_PROCESS, Settings};
+use crate::{
+    cli::{Cli, Command, Settings},
+    fdlimit::{MAX_SUBSCRIBERS_PER_PROCESS, raise_nofile},
+};
 
 fn main() {
     let args = match Cli::parse().command {
@@ -82,18 +87,4 @@ fn raise_fd_limit(s: &Settings) -> anyhow::Result<()> {
              if the hard limit is lower)"
         ))
     })
-}
-
-/// Raises the soft open-file limit to the hard limit when it is below `need`.
-pub fn raise_nofile(need: u64) -> anyhow::Result<()> {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
-    if soft < need {
-        anyhow::ensure!(
-            hard >= need,
-            "this process needs {need} file descriptors but the hard limit is {hard}"
-        );
-        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
-    }
-    Ok(())
 }

@@ -30,6 +30,12 @@ pub async fn connect(dest: SocketAddr, source: Option<Ipv4Addr>) -> io::Result<T
     Ok(stream)
 }
 
+/// The source address of connection `i`: round-robin over `ips`, none (the kernel
+/// chooses) when `ips` is empty.
+pub fn source_for(ips: &[Ipv4Addr], i: usize) -> Option<Ipv4Addr> {
+    (!ips.is_empty()).then(|| ips[i % ips.len()])
+}
+
 /// Short stable name of a socket error, for the error counts.
 pub fn io_kind(e: &io::Error) -> String {
     use io::ErrorKind as K;

@@ -1,0 +1,143 @@
+//! The summary printed as a table.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use super::summary::Summary;
+
+impl Summary {
+    /// The human-readable table.
+    pub fn render(&self) -> String {
+        let c = &self.config;
+        let mut o = String::new();
+        let w = &mut o;
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        let idle = self.publish.is_none();
+        // The gateway's lines stay as they were; other servers are named.
+        let who = if c.server == "gateway" { String::new() } else { format!(" ({})", c.server) };
+        if idle {
+            let _ = writeln!(
+                w,
+                "loadgen{who}: {} × {} on {} channels, idle for {}s (no publishing), {} worker(s)",
+                c.subscribers, c.transport, c.channels, c.duration_secs, c.workers
+            );
+        } else {
+            let _ = writeln!(
+                w,
+                "loadgen{who}: {} × {} on {} channels, {} msg/s for {}s (+{}s warm-up), {}-byte payloads, publish via {}, {} worker(s)",
+                c.subscribers,
+                c.transport,
+                c.channels,
+                c.rate,
+                c.duration_secs,
+                c.warmup_secs,
+                c.payload_bytes,
+                c.publish,
+                c.workers
+            );
+        }
+        let k = &self.connect;
+        let _ = writeln!(
+            w,
+            "  connections   ok {}  failed {}  in {:.2}s = {:.0}/s   connect p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+            k.ok,
+            k.failed,
+            k.duration_secs,
+            k.rate_per_sec,
+            k.connect_time_ms.p50,
+            k.connect_time_ms.p99,
+            k.connect_time_ms.max
+        );
+        if !k.errors.is_empty() {
+            let _ = writeln!(w, "  connect errors {}", fmt_counts(&k.errors));
+        }
+        if let Some(p) = &self.publish {
+            let _ = writeln!(
+                w,
+                "  published     {} ok / {} scheduled ({} in window), failed {}, no receivers {}; {:.1} msg/s; publisher lag mean {:.3} ms, max {:.2} ms, >10ms {}",
+                p.ok,
+                p.scheduled,
+                p.measured,
+                p.failed,
+                p.no_receivers,
+                p.achieved_rate,
+                p.mean_lag_ms,
+                p.max_lag_ms,
+                p.late_10ms
+            );
+            if !p.errors.is_empty() {
+                let _ = writeln!(w, "  publish errors {}", fmt_counts(&p.errors));
+            }
+        }
+        let d = &self.delivery;
+        if !idle || d.received_total + d.unexpected + d.bad_payload > 0 {
+            let _ = writeln!(
+                w,
+                "  deliveries    expected {}  received {}  missing {}  duplicates {}  reordered {}  unexpected {}  bad {}",
+                d.expected, d.received, d.missing, d.duplicates, d.reordered, d.unexpected, d.bad_payload
+            );
+        }
+        if d.poll_resets > 0 || d.poll_reconnects > 0 {
+            let _ = writeln!(w, "  long-poll     resets {}  reconnects {}", d.poll_resets, d.poll_reconnects);
+        }
+        let _ = writeln!(
+            w,
+            "  subscribers   connected at end {}{}",
+            d.connected_at_end,
+            if d.disconnects.is_empty() {
+                String::new()
+            } else {
+                format!("  disconnects {}", fmt_counts(&d.disconnects))
+            }
+        );
+        let l = &self.latency_ms;
+        if !idle {
+            let _ = writeln!(
+                w,
+                "  latency ms    p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}  (n={})",
+                l.p50, l.p90, l.p99, l.p999, l.max, l.mean, l.count
+            );
+        }
+        let s = &self.server;
+        for p in &s.processes {
+            let _ = writeln!(
+                w,
+                "  server {:>7}  {}{}: cpu {:.2}s in window ({:.2} cores), {:.2}s while connecting; rss before {:.1} MiB  idle {:.1} MiB  after {:.1} MiB{}",
+                p.pid,
+                p.name.as_deref().unwrap_or("?"),
+                if p.exited { " (EXITED during the run)" } else { "" },
+                p.cpu_secs_measured,
+                if s.measured_window_secs > 0.0 { p.cpu_secs_measured / s.measured_window_secs } else { 0.0 },
+                p.cpu_secs_connect,
+                mib(p.before.rss_kib),
+                mib(p.idle.rss_kib),
+                mib(p.end.rss_kib),
+                p.kib_per_connection.map(|k| format!("  ({k:.2} KiB/conn)")).unwrap_or_default()
+            );
+        }
+        if !s.processes.is_empty() {
+            let _ = writeln!(
+                w,
+                "  server total  cpu {:.2}s over {:.1}s{}; rss {:+.1} MiB for {} connections{}",
+                s.cpu_secs_measured,
+                s.measured_window_secs,
+                s.cpu_us_per_delivery.map(|u| format!(" = {u:.2} µs/delivery")).unwrap_or_default(),
+                (s.rss_idle_kib as f64 - s.rss_before_kib as f64) / 1024.0,
+                self.connect.ok,
+                s.kib_per_connection.map(|k| format!(" = {k:.2} KiB/conn")).unwrap_or_default()
+            );
+        }
+        let _ = writeln!(
+            w,
+            "  loadgen       {} process(es), cpu {:.2}s, rss {:.1} MiB",
+            self.loadgen.processes,
+            self.loadgen.cpu_secs,
+            mib(self.loadgen.rss_kib)
+        );
+        let _ = writeln!(w, "  result        {}", if self.clean { "CLEAN" } else { "NOT CLEAN (see above)" });
+        o
+    }
+}
+
+fn fmt_counts(m: &BTreeMap<String, u64>) -> String {
+    m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+}
