@@ -13,7 +13,12 @@ use axum::{
 };
 use shared::protocol::{PublishRequest, PublishResponse, PublishResult, error_code};
 
-use crate::{error::ApiError, publish::rejected, server::ConnCtx, state::AppState, transport::Query};
+use crate::{
+    error::ApiError,
+    publish::rejected,
+    server::{ConnCtx, Query},
+    state::AppState,
+};
 
 /// `POST /publish/{channel}`: the raw body is the payload; `?event=` names an event.
 pub async fn publish_raw(

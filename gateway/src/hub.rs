@@ -46,7 +46,8 @@ pub use self::{
 /// types, reached through the hub.
 pub use crate::broker::{BrokerError, LinkState, Publish, PublishOutcome};
 use crate::{
-    broker::{Broker, Ready, Sink},
+    broker::{Broker, Ready, Sink, memory::MemoryBroker},
+    config::HistoryConfig,
     metrics::{self as m, ConnKind},
 };
 
@@ -172,6 +173,11 @@ impl Hub {
                 metrics,
             }
         })
+    }
+
+    /// A hub on the in-process broker: a single node, no Redis.
+    pub fn in_memory(config: HubConfig, history: HistoryConfig) -> Arc<Self> {
+        Self::new(config, |sink| Arc::new(MemoryBroker::new(sink, history)))
     }
 
     /// A random number identifying this process; long-poll cursors carry it.

@@ -43,7 +43,7 @@ use tracing::{info, warn};
 
 use crate::{
     auth::Authenticator,
-    broker::{Broker, memory::MemoryBroker, redis::RedisBroker},
+    broker::{Broker, redis::RedisBroker},
     config::{Config, ConfigError},
     hub::{Hub, HubConfig},
     publish::Publishing,
@@ -111,31 +111,15 @@ pub async fn run(
         poll_buffer: config.limits.poll_buffer,
         poll_keepalive: config.timers.poll_keepalive,
     };
-    let mut broker_err = None;
-    let hub = Hub::new(hub_config, |sink| -> Arc<dyn Broker> {
-        match &config.redis_url {
-            None => Arc::new(MemoryBroker::new(sink, config.history.clone())),
-            Some(url) => {
-                match RedisBroker::start(
-                    url.expose(),
-                    config.redis_pool_size,
-                    config.history.clone(),
-                    sink.clone(),
-                    background_stop.clone(),
-                    &background,
-                ) {
-                    Ok(b) => Arc::new(b),
-                    Err(e) => {
-                        broker_err = Some(e);
-                        Arc::new(MemoryBroker::new(sink, config.history.clone()))
-                    }
-                }
-            }
+    let hub = match &config.redis_url {
+        None => Hub::in_memory(hub_config, config.history.clone()),
+        Some(url) => {
+            let redis = RedisBroker::prepare(url.expose(), config.redis_pool_size, config.history.clone())?;
+            Hub::new(hub_config, |sink| -> Arc<dyn Broker> {
+                Arc::new(redis.start(sink, background_stop.clone(), &background))
+            })
         }
-    });
-    if let Some(e) = broker_err {
-        return Err(e.into());
-    }
+    };
     let public_addr = listeners.public.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
     if hub.broker_kind() == "memory" {

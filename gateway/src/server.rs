@@ -11,12 +11,14 @@
 //!   subscriber holds no HTTP buffers at all. Everything else goes to hyper
 //!   (`fallback`).
 //! - [`takeover`]: what a transport hands to the connection; [`io`]: the byte streams
-//!   a connection can end up on; [`signal`]: cheap checks of rarely firing signals.
+//!   a connection can end up on; [`signal`]: cheap checks of rarely firing signals;
+//!   [`Query`]: a request's query string.
 
 mod conn;
 mod fallback;
 mod http1;
 pub mod io;
+mod query;
 pub mod signal;
 pub mod takeover;
 
@@ -36,6 +38,7 @@ use tracing::{Instrument, debug, warn};
 
 pub use self::{
     http1::{lean_head, push_header},
+    query::Query,
     takeover::{Chunk, HeldBody, Opened, StreamBody, Takeover, UpgradeFn, UpgradedSession},
 };
 

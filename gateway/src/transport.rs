@@ -3,7 +3,7 @@
 //! the node's state; the routes turn the result into an answer. Transports know the
 //! hub (subscribe, replay, publish), never the broker.
 //!
-//! This module holds what they share: query parsing, channel checks, resume
+//! This module holds what they share: channel checks, resume
 //! positions and the drain turn; [`guard`] counts connections.
 
 pub mod guard;
@@ -17,35 +17,6 @@ use shared::{Resume, StreamPos};
 
 pub use self::guard::{ConnGuard, admit};
 use crate::{config::Limits, error::ApiError, hub::Delivery};
-
-/// The query string, decoded.
-#[derive(Debug, Default)]
-pub struct Query {
-    /// Every `channel=` value, in order.
-    pub channels: Vec<String>,
-    /// Other parameters (last value wins).
-    pub params: Vec<(String, String)>,
-}
-
-impl Query {
-    /// Decodes a raw query string.
-    pub fn parse(raw: Option<&str>) -> Self {
-        let mut q = Query::default();
-        for (k, v) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
-            if k == "channel" {
-                q.channels.push(v.into_owned());
-            } else {
-                q.params.push((k.into_owned(), v.into_owned()));
-            }
-        }
-        q
-    }
-
-    /// The last value of parameter `name`.
-    pub fn get(&self, name: &str) -> Option<&str> {
-        self.params.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-    }
-}
 
 /// Checks a list of channels: each valid, no more than the limit; duplicates removed.
 pub fn check_channels(

@@ -39,17 +39,18 @@ pub struct RedisBroker {
 }
 
 /// The Redis Function library source with this node's history limits filled in.
+/// A Redis broker whose URL and pool are set up, not yet started: setting up can fail
+/// (a malformed URL), starting cannot.
+pub struct Prepared {
+    client: redis::Client,
+    pool: Pool,
+    history: HistoryConfig,
+    url: String,
+}
+
 impl RedisBroker {
-    /// Starts the pub/sub task (under `tracker`, ending at `shutdown`) and the pool.
-    /// Redis need not be up yet: the task keeps reconnecting.
-    pub fn start(
-        url: &str,
-        pool_size: usize,
-        history: HistoryConfig,
-        sink: Weak<dyn Sink>,
-        shutdown: CancellationToken,
-        tracker: &TaskTracker,
-    ) -> Result<Self, BrokerError> {
+    /// Checks `url` and sets up the publishing pool of `pool_size` connections.
+    pub fn prepare(url: &str, pool_size: usize, history: HistoryConfig) -> Result<Prepared, BrokerError> {
         let client = redis::Client::open(url)?;
         let mut cfg = deadpool_redis::Config::from_url(url);
         let mut pool_cfg = PoolConfig::new(pool_size);
@@ -60,16 +61,32 @@ impl RedisBroker {
         };
         cfg.pool = Some(pool_cfg);
         let pool = cfg.create_pool(Some(Runtime::Tokio1)).map_err(|e| BrokerError::Pool(e.to_string()))?;
+        Ok(Prepared { client, pool, history, url: mask_url(url) })
+    }
+}
+
+impl Prepared {
+    /// Starts the pub/sub task (under `tracker`, ending at `shutdown`), delivering to
+    /// `sink`. Redis need not be up yet: the task keeps reconnecting.
+    pub fn start(
+        self,
+        sink: Weak<dyn Sink>,
+        shutdown: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> RedisBroker {
+        let Self { client, pool, history, url } = self;
         let (cmds, rx) = mpsc::unbounded_channel();
         let (link_tx, link) = watch::channel(LinkState::Down);
         gauge!(m::BROKER_LINK_UP).set(0.0);
         let library: Arc<str> = script::library_source(&history).into();
         let task = PubSubTask::new(client, sink, rx, link_tx, library.clone());
-        info!(url = %mask_url(url), "redis broker starting");
+        info!(%url, "redis broker starting");
         tracker.spawn(task.run(shutdown));
-        Ok(Self { cmds, pool, link, library, history })
+        RedisBroker { cmds, pool, link, library, history }
     }
+}
 
+impl RedisBroker {
     /// Runs an FCALL, loading the function library first if Redis lost it (restart
     /// without persistence, or a fresh server).
     async fn fcall(&self, cmd: redis::Cmd) -> Result<redis::Value, BrokerError> {

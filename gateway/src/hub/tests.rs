@@ -1,24 +1,14 @@
 //! Unit tests of the hub: fan-out, the slow-consumer policy, lingering channels.
 
 use super::*;
-use crate::broker::memory::MemoryBroker;
 
 pub(super) fn hub(linger_ms: u64) -> Arc<Hub> {
-    Hub::new(
-        HubConfig {
-            linger: Duration::from_millis(linger_ms),
-            poll_buffer: 4,
-            poll_keepalive: Duration::from_millis(0),
-        },
-        |sink| {
-            let history = crate::config::HistoryConfig {
-                max_len: 100,
-                max_age: Duration::from_secs(3600),
-                idempotency_window: Duration::from_secs(60),
-            };
-            Arc::new(MemoryBroker::new(sink, history))
-        },
-    )
+    let config = HubConfig {
+        linger: Duration::from_millis(linger_ms),
+        poll_buffer: 4,
+        poll_keepalive: Duration::from_millis(0),
+    };
+    Hub::in_memory(config, crate::config::Config::default().history)
 }
 
 pub(super) fn inbox(cap: usize) -> (Arc<Inbox>, InboxRx) {

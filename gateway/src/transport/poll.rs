@@ -20,12 +20,12 @@ use serde::{Deserialize, Serialize};
 
 use shared::StreamPos;
 
-use super::{ConnGuard, Positions, Query, check_channels};
+use super::{ConnGuard, Positions, check_channels};
 use crate::{
     error::ApiError,
     hub::{Delivery, Inbox, Replay},
     metrics::ConnKind,
-    server::{ConnCtx, Opened, Takeover},
+    server::{ConnCtx, Opened, Query, Takeover},
     state::AppState,
 };
 

@@ -26,12 +26,12 @@ use futures_util::Stream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use super::{ConnGuard, DrainTurn, Positions, Query, check_channels, drain_turn, parse_resume};
+use super::{ConnGuard, DrainTurn, Positions, check_channels, drain_turn, parse_resume};
 use crate::{
     error::ApiError,
     hub::{Delivery, Inbox, InboxRx, Kick, Replay, Subscription},
     metrics::ConnKind,
-    server::{Chunk, ConnCtx, Opened, Takeover, signal::Quiet},
+    server::{Chunk, ConnCtx, Opened, Query, Takeover, signal::Quiet},
     state::AppState,
 };
 

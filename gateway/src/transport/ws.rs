@@ -21,10 +21,10 @@ use shared::protocol::error_code as code;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 pub use self::{reply::TOKEN_EXPIRED, session::Session};
-use super::{Query, check_channels};
+use super::check_channels;
 use crate::{
     error::ApiError,
-    server::{ConnCtx, Opened, Takeover, io::Io},
+    server::{ConnCtx, Opened, Query, Takeover, io::Io},
     state::AppState,
 };
 

@@ -367,18 +367,11 @@ mod tests {
     use bytes::Bytes;
 
     fn state() -> AppState {
-        let hub = crate::hub::Hub::new(
-            crate::hub::HubConfig { linger: Duration::ZERO, poll_buffer: 4, poll_keepalive: Duration::ZERO },
-            |sink| {
-                let history = crate::config::HistoryConfig {
-                    max_len: 100,
-                    max_age: Duration::from_secs(3600),
-                    idempotency_window: Duration::from_secs(60),
-                };
-                Arc::new(crate::broker::memory::MemoryBroker::new(sink, history))
-            },
-        );
         let config = crate::config::Config::default();
+        let hub = crate::hub::Hub::in_memory(
+            crate::hub::HubConfig { linger: Duration::ZERO, poll_buffer: 4, poll_keepalive: Duration::ZERO },
+            config.history.clone(),
+        );
         AppState {
             hub,
             publishing: Arc::new(crate::publish::Publishing::new(&config)),
