@@ -273,9 +273,7 @@ async fn jwks_keys_are_chosen_by_kid_and_pin_the_algorithm() {
     let ch = channel("jwks");
     let req = reqwest::Client::new().get(gw.url(&format!("/sse?channel={ch}"))).bearer_auth(&valid[0].1);
     let mut sse = SseClient::connect_with(req).await;
-    let r =
-        reqwest::Client::new().post(gw.url(&format!("/publish/{ch}"))).body("hello").send().await.unwrap();
-    assert!(r.status().is_success(), "{}", r.status());
+    publish(&gw, &ch, "hello").await;
     assert_eq!(sse.next().await.data, "hello");
 
     let (other, _) = rsa_jwk(dir.path(), "other");

@@ -76,7 +76,7 @@ async fn long_polls_share_a_keep_alive_connection_and_close_when_asked() {
         .unwrap();
     let publish = async {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        reqwest::Client::new().post(gw.url(&format!("/publish/{ch}"))).body("held").send().await.unwrap();
+        publish(&gw, &ch, "held").await;
     };
     let ((head, body), ()) = tokio::join!(response(&mut s, &mut buf), publish);
     assert!(head.contains("content-type: application/json"), "{head}");
@@ -105,7 +105,7 @@ async fn sse_after_a_publish_on_the_same_connection_streams_through_hyper() {
     s.write_all(get(&format!("/sse?channel={ch}"), "").as_bytes()).await.unwrap();
     read_until(&mut s, &mut buf, "the stream's opening comment", |b| contains(b, ": ok")).await;
     assert!(contains(&buf, "text/event-stream"), "{:?}", String::from_utf8_lossy(&buf));
-    reqwest::Client::new().post(gw.url(&format!("/publish/{ch}"))).body("streamed").send().await.unwrap();
+    publish(&gw, &ch, "streamed").await;
     read_until(&mut s, &mut buf, "the event", |b| contains(b, "data: streamed\n\n")).await;
 }
 
@@ -133,7 +133,7 @@ async fn websocket_upgrade_after_a_publish_on_the_same_connection() {
     )
     .await;
     assert!(matches!(ws_next_raw(&mut ws).await, shared::protocol::ServerFrame::Subscribed { .. }));
-    reqwest::Client::new().post(gw.url(&format!("/publish/{ch}"))).body("upgraded").send().await.unwrap();
+    publish(&gw, &ch, "upgraded").await;
     assert_eq!(without_id(ws_next_raw(&mut ws).await), message(&ch, "upgraded"));
 }
 
@@ -176,7 +176,7 @@ async fn lean_websocket_upgrade_head_and_a_refused_upgrade_on_a_keep_alive_conne
     )
     .await;
     assert!(matches!(ws_next_raw(&mut ws).await, shared::protocol::ServerFrame::Subscribed { .. }));
-    reqwest::Client::new().post(gw.url(&format!("/publish/{ch}"))).body("lean").send().await.unwrap();
+    publish(&gw, &ch, "lean").await;
     assert_eq!(without_id(ws_next_raw(&mut ws).await), message(&ch, "lean"));
 }
 

@@ -8,17 +8,9 @@ mod common;
 use common::*;
 use shared::protocol::{PublishResponse, PublishResult, ServerFrame};
 
-async fn publish(gw: &Gateway, ch: &str, data: &str) -> String {
-    let r: PublishResponse = reqwest::Client::new()
-        .post(gw.url("/api/publish"))
-        .json(&serde_json::json!({"channel": ch, "data": data}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    r.results[0].id.clone().expect("history publishes get an id")
+/// Publishes with history and returns the message's id.
+async fn publish_id(gw: &Gateway, ch: &str, data: &str) -> String {
+    publish(gw, ch, data).await.id.expect("history publishes get an id")
 }
 
 fn nums(range: std::ops::RangeInclusive<u32>) -> Vec<String> {
@@ -45,14 +37,14 @@ async fn sse_resumes_on_another_node_with_last_event_id() {
     let mut sse = SseClient::connect(&p.a.url(&format!("/sse?channel={ch}"))).await;
     let mut last = String::new();
     for i in 1..=20 {
-        let id = publish(&p.b, &ch, &format!("m{i}")).await;
+        let id = publish_id(&p.b, &ch, &format!("m{i}")).await;
         let ev = sse.next().await;
         assert_eq!((ev.data.as_str(), ev.id.as_deref()), (format!("m{i}").as_str(), Some(id.as_str())));
         last = id;
     }
     drop(sse);
     for i in 21..=50 {
-        publish(&p.a, &ch, &format!("m{i}")).await;
+        publish_id(&p.a, &ch, &format!("m{i}")).await;
     }
     let req =
         reqwest::Client::new().get(p.b.url(&format!("/sse?channel={ch}"))).header("Last-Event-ID", &last);
@@ -62,7 +54,7 @@ async fn sse_resumes_on_another_node_with_last_event_id() {
         got.push(sse.next().await.data);
     }
     assert_eq!(got, nums(21..=50));
-    publish(&p.a, &ch, "live").await;
+    publish_id(&p.a, &ch, "live").await;
     assert_eq!(sse.next().await.data, "live", "live delivery continues, nothing repeated before it");
 
     // The query parameter works too (EventSource polyfills, curl).
@@ -79,7 +71,7 @@ async fn websocket_resumes_on_another_node_with_since() {
     ws_subscribe(&mut ws, &[&ch]).await;
     let mut last = None;
     for i in 1..=20 {
-        publish(&p.b, &ch, &format!("m{i}")).await;
+        publish_id(&p.b, &ch, &format!("m{i}")).await;
         match ws_next(&mut ws).await {
             ServerFrame::Message { data, id, .. } => {
                 assert_eq!(data, format!("m{i}"));
@@ -90,7 +82,7 @@ async fn websocket_resumes_on_another_node_with_since() {
     }
     drop(ws);
     for i in 21..=50 {
-        publish(&p.a, &ch, &format!("m{i}")).await;
+        publish_id(&p.a, &ch, &format!("m{i}")).await;
     }
     let mut ws = ws_connect(&p.b.ws_url("/ws")).await;
     ws_send(&mut ws, serde_json::json!({"op": "subscribe", "channels": [ch], "since": {ch.clone(): last}}))
@@ -107,7 +99,7 @@ async fn websocket_resumes_on_another_node_with_since() {
         }
     }
     assert_eq!(got, nums(21..=50));
-    publish(&p.a, &ch, "live").await;
+    publish_id(&p.a, &ch, "live").await;
     assert!(matches!(ws_next(&mut ws).await, ServerFrame::Message { data, .. } if data == "live"));
 }
 
@@ -119,7 +111,7 @@ async fn long_poll_cursor_works_on_any_node() {
     let mut cursor = first.cursor;
     let mut got = Vec::new();
     for i in 1..=20 {
-        publish(&p.b, &ch, &format!("m{i}")).await;
+        publish_id(&p.b, &ch, &format!("m{i}")).await;
     }
     while got.len() < 20 {
         let r = poll(&p.a, &format!("channel={ch}&cursor={cursor}&timeout=5")).await;
@@ -129,7 +121,7 @@ async fn long_poll_cursor_works_on_any_node() {
     }
     assert_eq!(got, nums(1..=20));
     for i in 21..=50 {
-        publish(&p.a, &ch, &format!("m{i}")).await;
+        publish_id(&p.a, &ch, &format!("m{i}")).await;
     }
     // Next poll goes to the other node: no sticky sessions needed.
     let mut got = Vec::new();
@@ -146,7 +138,7 @@ async fn long_poll_cursor_works_on_any_node() {
         async move { reqwest::get(url).await.unwrap().json::<shared::protocol::PollResponse>().await.unwrap() }
     });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    publish(&p.b, &ch, "live").await;
+    publish_id(&p.b, &ch, "live").await;
     let r = waiting.await.unwrap();
     assert_eq!(r.messages.iter().map(|m| m.data.as_str()).collect::<Vec<_>>(), ["live"]);
 }
@@ -155,11 +147,11 @@ async fn long_poll_cursor_works_on_any_node() {
 async fn ids_older_than_history_get_a_reset_then_live_messages() {
     let p = pair(&["--history-size", "5"]);
     let ch = channel("trimmed");
-    let first = publish(&p.a, &ch, "m1").await;
+    let first = publish_id(&p.a, &ch, "m1").await;
     // Long-poll: a cursor from the other node, then more than history holds.
     let c = poll(&p.a, &format!("channel={ch}&timeout=0")).await.cursor;
     for i in 2..=300 {
-        publish(&p.a, &ch, &format!("m{i}")).await;
+        publish_id(&p.a, &ch, &format!("m{i}")).await;
     }
     let r = poll(&p.b, &format!("channel={ch}&cursor={c}&timeout=5")).await;
     assert!(r.reset && r.reset_channels == [ch.clone()], "{r:?}");
@@ -180,7 +172,7 @@ async fn ids_older_than_history_get_a_reset_then_live_messages() {
     );
     assert_eq!(ws_next(&mut ws).await, ServerFrame::Reset { channel: ch.clone() });
     // Then live messages, no flood of old ones.
-    publish(&p.a, &ch, "after").await;
+    publish_id(&p.a, &ch, "after").await;
     assert_eq!(sse.next().await.data, "after");
     assert!(matches!(ws_next(&mut ws).await, ServerFrame::Message { data, .. } if data == "after"));
     let r = poll(&p.b, &format!("channel={ch}&cursor={}&timeout=5", r.cursor)).await;
@@ -250,7 +242,7 @@ async fn idempotency_key_suppresses_repeats() {
             .await
             .unwrap();
         assert!(raw.duplicate, "the raw endpoint shares the key space via the Idempotency-Key header");
-        publish(gw, &ch, "next").await;
+        publish_id(gw, &ch, "next").await;
         assert_eq!(sse.next().await.data, "once");
         assert_eq!(sse.next().await.data, "next", "the repeat was not delivered");
     }

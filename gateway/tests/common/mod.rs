@@ -376,6 +376,22 @@ pub async fn poll(gw: &Gateway, query: &str) -> PollResponse {
     resp.json().await.unwrap()
 }
 
+/// Publishes `data` to `channel` with history through `gw`'s HTTP API (`POST
+/// /api/publish`); asserts it is accepted and returns the result (its `id`).
+pub async fn publish(gw: &Gateway, channel: &str, data: &str) -> shared::protocol::PublishResult {
+    let resp = reqwest::Client::new()
+        .post(gw.url("/api/publish"))
+        .json(&serde_json::json!({"channel": channel, "data": data}))
+        .send()
+        .await
+        .expect("publish request");
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    assert_eq!(status, 200, "publish to {channel} refused: {text}");
+    let mut r: shared::protocol::PublishResponse = serde_json::from_str(&text).expect("publish answer");
+    r.results.remove(0)
+}
+
 /// `message` frame helper.
 pub fn message(channel: &str, data: &str) -> ServerFrame {
     ServerFrame::Message { channel: channel.into(), id: None, event: None, data: data.into() }
