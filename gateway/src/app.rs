@@ -8,13 +8,15 @@
 //! routes (same checks, sessions and headers) for requests that reach it, e.g. after a
 //! publish on the same connection.
 
+pub mod assets;
 pub mod cors;
+pub mod demo;
 
 use axum::{
     Router,
     extract::{DefaultBodyLimit, Request, State},
     http::{StatusCode, request::Parts},
-    response::{Html, IntoResponse, Response},
+    response::{IntoResponse, Response},
     routing::{get, post},
 };
 use shared::protocol::error_code;
@@ -27,8 +29,6 @@ use crate::{
     state::AppState,
     transport,
 };
-
-const DEMO_PAGE: &str = include_str!("demo.html");
 
 /// The subscriber endpoints.
 #[derive(Debug, Clone, Copy)]
@@ -117,8 +117,16 @@ fn router(state: AppState, cors: Cors) -> Router {
     // JSON escaping can grow a payload up to six times (\uXXXX); the payload itself is
     // checked against the limit after parsing.
     let json_limit = max.saturating_mul(6).saturating_add(64 * 1024);
-    Router::new()
-        .route("/", get(|| async { Html(DEMO_PAGE) }))
+    let mut router = Router::new();
+    if state.config.demo_streams {
+        router = router.route("/demo/answer", post(demo::answer));
+    }
+    router
+        .route("/", get(assets::demo_page))
+        .route("/client.js", get(assets::client_js))
+        .route("/client.mjs", get(assets::client_mjs))
+        .route("/favicon.ico", get(assets::favicon))
+        .route("/api/info", get(assets::info))
         .route("/sse", get(|State(s): State<AppState>, req| routed(Subscriber::Sse, s, req)))
         .route("/ws", get(|State(s): State<AppState>, req| routed(Subscriber::Ws, s, req)))
         .route("/poll", get(|State(s): State<AppState>, req| routed(Subscriber::Poll, s, req)))

@@ -59,6 +59,8 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Whether WebSocket clients may publish.
     pub ws_publish: bool,
+    /// Whether `POST /demo/answer` streams demo answers (the demo page's answer panel).
+    pub demo_streams: bool,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -232,6 +234,7 @@ impl Config {
             },
             allowed_origins: s.allowed_origins.clone().unwrap_or_default(),
             ws_publish: s.ws_publish,
+            demo_streams: s.demo_streams,
             log_format: s.log_format,
             settings: s,
         })

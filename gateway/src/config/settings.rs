@@ -138,6 +138,10 @@ settings! {
     ws_ping_secs: u64 = "25", "GATEWAY_WS_PING_SECS", checks::positive;
     /// Allow the WebSocket `publish` op.
     ws_publish: bool = "false", "GATEWAY_WS_PUBLISH";
+    /// Serve the demo page's answer generator, `POST /demo/answer`: it publishes a
+    /// made-up answer token by token into a fresh channel. Off: 404.
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    demo_streams: bool = "false", "GATEWAY_DEMO_STREAMS";
     /// Long-poll hold time when the client asks for none, in seconds.
     poll_timeout_secs: u64 = "25", "GATEWAY_POLL_TIMEOUT_SECS";
     /// Longest long-poll hold time a client may ask for, in seconds.
