@@ -334,8 +334,7 @@ class Subscription {
     this.timer = null;
     const t = this.order[this.ti], url = this.urls[this.ui];
     this.setState('connecting', { url, transport: t, attempt: this.attempt });
-    const exp = this.token && this.o.getToken ? jwtExpiry(this.token) : null;
-    if (exp !== null && exp - this.env.now() < 5000) {
+    if (this.tokenStale()) {
       // An expired token would be refused, and a browser cannot see why a WebSocket
       // upgrade failed: fetch a fresh one first.
       if (!(await this.refresh())) return;
@@ -344,6 +343,12 @@ class Subscription {
     const conn = { closed: false, close() { this.closed = true; if (this.stop) this.stop(); } };
     this.conn = conn;
     (t === 'ws' ? openWs : t === 'sse' ? openSse : openPoll)(this, url, conn);
+  }
+
+  /** Whether the token (a JWT) expires within 5 s and getToken can replace it. */
+  tokenStale() {
+    const exp = this.token && this.o.getToken ? jwtExpiry(this.token) : null;
+    return exp !== null && exp - this.env.now() < 5000;
   }
 
   async refresh() {
@@ -544,6 +549,8 @@ function openPoll(sub, url, conn) {
   };
   (async () => {
     while (!conn.closed) {
+      // Polls are short: refresh the token before it expires instead of being refused.
+      if (sub.tokenStale()) return done('token');
       let q = channelQuery(sub) + '&timeout=' + (opened ? hold : 0);
       const since = encodeCompound(sub.resumeFrom());
       if (sub.cursor) q += '&cursor=' + encodeURIComponent(sub.cursor);

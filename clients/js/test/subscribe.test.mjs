@@ -324,3 +324,20 @@ test('publish: raw endpoint for one channel, JSON for several; errors carry the 
   assert.deepEqual(JSON.parse(seen[2][1].body), { channels: ['a', 'b'], data: '{"n":1}' });
   await assert.rejects(publish('http://up', 'bad', 'x', { fetch }), (e) => e.code === 'invalid_channel' && e.status === 400 && e.message === 'bad');
 });
+
+test('token: long-polls refresh a token about to expire instead of being refused', async () => {
+  const f = fakeEnv();
+  f.clock.t = 1_000_000_000;
+  let n = 0;
+  const sub = subscribe(A, ['a'], { env: f.env, transport: 'poll', token: jwt(1_000_030), getToken: () => (++n, jwt(1_000_600)) });
+  assert.equal(f.calls[0].init.headers.Authorization, 'Bearer ' + jwt(1_000_030));
+  f.calls[0].json(200, { messages: [], cursor: 'c' });
+  await flush();
+  f.clock.t += 26_000; // 4 s left
+  f.calls[1].json(200, { messages: [], cursor: 'c2' });
+  await flush();
+  assert.equal(n, 1);
+  assert.equal(f.calls[2].init.headers.Authorization, 'Bearer ' + jwt(1_000_600));
+  assert.equal(params(f.calls[2].url).get('cursor'), 'c2', 'same session: the cursor is kept');
+  sub.close();
+});
