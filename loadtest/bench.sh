@@ -9,9 +9,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-target/bench}
 mkdir -p "$OUT"
+# GW / LG name other binaries, e.g. an older build for an A/B pair:
+#   GW=/tmp/gateway-before loadtest/bench.sh cpu-ws
 cargo build --release -q -p gateway -p loadgen
-GW=./target/release/gateway
-LG=./target/release/loadgen
+GW=${GW:-./target/release/gateway}
+LG=${LG:-./target/release/loadgen}
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
