@@ -70,8 +70,17 @@ pub struct HistoryEntry {
 pub enum Recovery {
     /// History covers the gap: these are all the messages after it, oldest first.
     Covered(Vec<HistoryEntry>),
-    /// History no longer covers the gap (trimmed, expired or wiped): tell the client.
-    Gap,
+    /// History cannot cover the gap: messages after the position are lost (trimmed,
+    /// expired, or history was wiped and began again), or the position is after the
+    /// newest message (a forged id, or one from a wiped history).
+    Gap {
+        /// For position 0 ("from the start"), what history still holds, oldest first;
+        /// for other positions nothing (a resume never floods a client).
+        entries: Vec<HistoryEntry>,
+        /// History's newest position, if it holds any: a client ahead of it goes on
+        /// from here.
+        head: Option<StreamPos>,
+    },
 }
 
 /// Why a broker operation failed; shown to clients only as "broker unavailable".

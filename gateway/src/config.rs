@@ -323,7 +323,8 @@ mod tests {
         for (name, _, default) in Settings::table() {
             let Some(default) = default else { continue };
             let flag = format!("--{}", name.replace('_', "-"));
-            let start = help.find(&format!("{flag} <")).unwrap_or_else(|| panic!("{flag} in help"));
+            let start =
+                help.find(&format!("\n      {flag} ")).unwrap_or_else(|| panic!("{flag} in help")) + 7;
             let rest = &help[start + flag.len()..];
             let section = &rest[..rest.find("\n      --").unwrap_or(rest.len())];
             assert!(

@@ -352,7 +352,7 @@ impl Hub {
             waiting.push(payload);
             return;
         }
-        self.dispatch_locked(ch, &payload);
+        self.dispatch_locked(ch, &payload, false);
     }
 
     /// The next node-wide sequence number.
@@ -360,11 +360,12 @@ impl Hub {
         self.seq.fetch_add(1, Ordering::AcqRel) + 1
     }
 
-    /// Dispatches a payload as it came from the broker (maybe a gateway frame).
-    fn dispatch_locked(&self, ch: &mut Channel, payload: &Bytes) {
+    /// Dispatches a payload as it came from the broker (maybe a gateway frame);
+    /// `catch_up`: part of a recovery's burst (see [`Delivery::catch_up`]).
+    fn dispatch_locked(&self, ch: &mut Channel, payload: &Bytes, catch_up: bool) {
         let (header, data): (FrameHeader, _) = shared::envelope::decode_frame(payload);
         let data = payload.slice_ref(data);
-        let d = Delivery::new(
+        let mut d = Delivery::new(
             ch.name.clone(),
             header.id.map(Into::into),
             header.event.map(Into::into),
@@ -372,6 +373,7 @@ impl Hub {
             self.next_seq(),
             header.ts,
         );
+        d.catch_up = catch_up;
         self.deliver_locked(ch, d);
     }
 

@@ -86,6 +86,17 @@ impl Positions {
         }
     }
 
+    /// Places `channel` where a replay left it ([`Replay::position`]): at a position, or
+    /// nowhere (history holds nothing to de-duplicate against).
+    ///
+    /// [`Replay::position`]: crate::hub::Replay::position
+    pub fn place(&mut self, channel: &Arc<str>, pos: Option<StreamPos>) {
+        match pos {
+            Some(pos) => self.set(channel, pos),
+            None => self.0.retain(|(c, _)| c != channel),
+        }
+    }
+
     /// The position of `channel`, if known.
     pub fn get(&self, channel: &str) -> Option<StreamPos> {
         self.0.iter().find(|(c, _)| &**c == channel).map(|(_, p)| *p)

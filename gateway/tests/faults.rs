@@ -1,6 +1,7 @@
 //! Faults under a steady stream of history messages: Redis paused (SIGSTOP) and
 //! resumed, a node killed (SIGKILL) while its clients move to another node, Redis
-//! restarted with and without persistence. Clients must end with every message, in
+//! restarted with and without persistence, a node's link cut for longer than its
+//! clients' queues. Clients must end with every message, in
 //! order, exactly once — or, when history is gone, be told with `reset`.
 
 mod common;
@@ -21,11 +22,16 @@ const MESSAGES: usize = 1000;
 
 /// Publishes `m0..m{n-1}` through the HTTP API, spread over `urls`, each with an
 /// idempotency key and retried (on any node) until accepted, so a fault never loses or
-/// doubles a message. `pause` is called before message `at` (to inject a fault).
+/// doubles a message.
 async fn publish_stream(urls: Arc<Mutex<Vec<String>>>, ch: String, n: usize) {
+    publish_range(urls, ch, 0..n).await;
+}
+
+/// [`publish_stream`] for `m{start}..m{end-1}`.
+async fn publish_range(urls: Arc<Mutex<Vec<String>>>, ch: String, range: std::ops::Range<usize>) {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(8)).build().unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    for i in 0..n {
+    for i in range {
         let body =
             serde_json::json!({"channel": ch, "data": format!("m{i}"), "idempotency_key": format!("k{i}")});
         let mut attempt = 0usize;
@@ -55,12 +61,14 @@ fn expected() -> Vec<String> {
     (0..MESSAGES).map(|i| format!("m{i}")).collect()
 }
 
-/// What a client saw: payloads in order, the last id, and resets.
+/// What a client saw: payloads in order, the last id, resets, and why the server
+/// disconnected it (SSE `disconnect` event, WebSocket `error` frame), if it did.
 #[derive(Default, Debug)]
 struct Seen {
     data: Vec<String>,
     last_id: Option<String>,
     resets: usize,
+    disconnected: Option<String>,
 }
 
 /// Reads an SSE stream into `seen` until it ends.
@@ -77,6 +85,7 @@ async fn read_sse(url: String, last_id: Option<String>, seen: Arc<Mutex<Seen>>) 
             let mut s = seen.lock().unwrap();
             match ev.event.as_deref() {
                 Some("reset") => s.resets += 1,
+                Some("disconnect") => s.disconnected = Some(ev.data),
                 Some(_) => {}
                 None => {
                     s.data.push(ev.data);
@@ -104,6 +113,7 @@ async fn read_ws(url: String, ch: String, since: Option<String>, seen: Arc<Mutex
                 s.last_id = id;
             }
             ServerFrame::Reset { .. } => s.resets += 1,
+            ServerFrame::Error { code, .. } => s.disconnected = Some(code),
             _ => {}
         }
     }
@@ -134,18 +144,41 @@ async fn poll_loop(urls: Vec<String>, ch: String, mut cursor: String) -> Vec<Str
 }
 
 async fn wait_for_all(seen: &Arc<Mutex<Seen>>, what: &str) {
+    wait_for(seen, MESSAGES, what).await;
+}
+
+/// Waits until `seen` holds `n` messages (or the server disconnected it), then checks
+/// that they are exactly `m0..m{n-1}`.
+async fn wait_for(seen: &Arc<Mutex<Seen>>, n: usize, what: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while seen.lock().unwrap().data.len() < MESSAGES && tokio::time::Instant::now() < deadline {
+    loop {
+        {
+            let s = seen.lock().unwrap();
+            if s.data.len() >= n || s.disconnected.is_some() || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_exactly_all(seen, what);
+    assert_exactly(seen, n, what);
 }
 
 fn assert_exactly_all(seen: &Arc<Mutex<Seen>>, what: &str) {
+    assert_exactly(seen, MESSAGES, what);
+}
+
+fn assert_exactly(seen: &Arc<Mutex<Seen>>, n: usize, what: &str) {
     let s = seen.lock().unwrap();
+    assert_eq!(
+        s.disconnected,
+        None,
+        "{what}: the server disconnected the client after {} messages",
+        s.data.len()
+    );
     assert_eq!(s.resets, 0, "{what}: no reset expected");
-    if s.data != expected() {
-        let first_bad = s.data.iter().zip(expected()).position(|(a, b)| *a != b);
+    let expected: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    if s.data != expected {
+        let first_bad = s.data.iter().zip(&expected).position(|(a, b)| a != b);
         let around = first_bad.map(|i| &s.data[i.saturating_sub(2)..(i + 3).min(s.data.len())]);
         panic!("{what}: {} messages, first difference at {first_bad:?}: {around:?}", s.data.len());
     }
@@ -250,6 +283,49 @@ async fn redis_restart_with_persistence_loses_nothing() {
     wait_for_all(&ws, "WebSocket client got everything").await;
     assert_exactly_all(&sse, "SSE");
     assert_exactly_all(&ws, "WebSocket");
+    sse_task.abort();
+    ws_task.abort();
+}
+
+/// A node whose pub/sub link comes back after more messages than a client's queue holds
+/// replays them all to its clients at once: that burst is the node catching up, not a
+/// slow consumer, and must not get the clients disconnected. (Under load, a node that
+/// reconnects a few seconds after a restarted Redis is back replays more than the
+/// default queue of 512: `redis_restart_with_persistence_loses_nothing` failed so. Here
+/// node 1 is frozen while its link is cut and node 2 publishes, so the replay is ten
+/// queues long whatever the machine's speed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_longer_than_the_queue_is_not_a_slow_consumer() {
+    const QUEUE: usize = 16;
+    const BEFORE: usize = 5;
+    const TOTAL: usize = BEFORE + 10 * QUEUE;
+    let redis = Redis::start();
+    let n1 = Gateway::start(Some(&redis.url()), &["--queue-size", &QUEUE.to_string()]);
+    let n2 = Gateway::start(Some(&redis.url()), &[]);
+    let ch = channel("burst");
+    let sse = Arc::new(Mutex::new(Seen::default()));
+    let ws = Arc::new(Mutex::new(Seen::default()));
+    let sse_task = tokio::spawn(read_sse(n1.url(&format!("/sse?channel={ch}")), None, sse.clone()));
+    let ws_task = tokio::spawn(read_ws(n1.ws_url("/ws"), ch.clone(), None, ws.clone()));
+    eventually(WAIT, "both clients subscribed", || async {
+        (n1.metric("gateway_subscriptions").await == 2.0 && redis.numsub(&ch) == 1).then_some(())
+    })
+    .await;
+    let urls = Arc::new(Mutex::new(vec![n2.url("")]));
+    publish_stream(urls.clone(), ch.clone(), BEFORE).await;
+    wait_for(&sse, BEFORE, "SSE before the outage").await;
+    wait_for(&ws, BEFORE, "WebSocket before the outage").await;
+
+    n1.signal("STOP");
+    assert_eq!(redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]), "1", "node 1's link is cut");
+    publish_range(urls, ch.clone(), BEFORE..TOTAL).await;
+    n1.signal("CONT");
+
+    wait_for(&sse, TOTAL, "SSE client got the replay").await;
+    wait_for(&ws, TOTAL, "WebSocket client got the replay").await;
+    assert!(n1.metric("gateway_history_recoveries_total{result=\"replayed\"}").await >= 1.0);
+    assert_eq!(n1.metric("gateway_slow_consumer_disconnects_total{transport=\"sse\"}").await, 0.0);
+    assert_eq!(n1.metric("gateway_slow_consumer_disconnects_total{transport=\"ws\"}").await, 0.0);
     sse_task.abort();
     ws_task.abort();
 }

@@ -77,19 +77,21 @@ pub enum Resume {
 }
 
 impl Resume {
-    /// Parses `pos` or `chan~pos,chan~pos`.
+    /// Parses `pos` or `chan~pos,chan~pos`; a position `0` is [`StreamPos::ZERO`],
+    /// "from the start of retained history".
     pub fn parse(s: &str) -> Result<Self, BadPosition> {
         let s = s.trim();
+        let pos = |p: &str| if p == "0" { Ok(StreamPos::ZERO) } else { p.parse() };
         if !s.contains(COMPOUND_SEP) {
-            return s.parse().map(Resume::One);
+            return pos(s).map(Resume::One);
         }
         s.split(',')
             .map(|part| {
-                let (ch, pos) = part.rsplit_once(COMPOUND_SEP).ok_or(BadPosition)?;
+                let (ch, p) = part.rsplit_once(COMPOUND_SEP).ok_or(BadPosition)?;
                 if ch.is_empty() {
                     return Err(BadPosition);
                 }
-                Ok((ch.to_owned(), pos.parse()?))
+                Ok((ch.to_owned(), pos(p)?))
             })
             .collect::<Result<Vec<_>, _>>()
             .map(Resume::PerChannel)
@@ -132,5 +134,8 @@ mod tests {
         assert_eq!(Resume::parse("5-1").unwrap().for_channel("any"), Some(p1));
         assert!(Resume::parse("news~x").is_err());
         assert!(Resume::parse("~1-0").is_err(), "a compound part needs a channel");
+        assert_eq!(Resume::parse("0").unwrap(), Resume::One(StreamPos::ZERO), "position 0");
+        assert_eq!(Resume::parse("news~0,b~1-0").unwrap().for_channel("news"), Some(StreamPos::ZERO));
+        assert!(Resume::parse("00").is_err() && Resume::parse("0-").is_err());
     }
 }

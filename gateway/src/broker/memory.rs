@@ -137,23 +137,25 @@ impl Broker for MemoryBroker {
         channel: &'a str,
         from: StreamPos,
     ) -> BoxFuture<'a, Result<Recovery, BrokerError>> {
+        // The same rules as `fanout_since` in the Redis Function library.
         let st = self.state();
         let result = match st.streams.get(channel) {
             None if from == StreamPos::ZERO => Recovery::Covered(Vec::new()),
-            None => Recovery::Gap,
+            None => Recovery::Gap { entries: Vec::new(), head: None },
             Some(s) if from == s.last => Recovery::Covered(Vec::new()),
             Some(s) => {
+                let after: Vec<HistoryEntry> =
+                    s.entries.iter().filter(|(e, _)| e.pos > from).map(|(e, _)| e.clone()).collect();
                 let covered = if from == StreamPos::ZERO {
                     s.max_deleted == StreamPos::ZERO
                 } else {
                     s.entries.iter().any(|(e, _)| e.pos == from)
                 };
-                if covered {
-                    Recovery::Covered(
-                        s.entries.iter().filter(|(e, _)| e.pos > from).map(|(e, _)| e.clone()).collect(),
-                    )
-                } else {
-                    Recovery::Gap
+                match (covered, from == StreamPos::ZERO) {
+                    (true, _) => Recovery::Covered(after),
+                    // From the start: what is left after the trimmed part.
+                    (false, true) => Recovery::Gap { entries: after, head: Some(s.last) },
+                    (false, false) => Recovery::Gap { entries: Vec::new(), head: Some(s.last) },
                 }
             }
         };

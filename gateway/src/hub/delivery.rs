@@ -19,6 +19,10 @@ pub struct Delivery {
     pub pos: Option<StreamPos>,
     /// Not a message but a notice that history could not cover a gap on `channel`.
     pub reset: bool,
+    /// Part of the burst that ends an outage recovery (replayed from history, or held
+    /// back while the replay was read): the node's own catch-up, handed to every
+    /// subscriber at once, so it does not count against their queue limits.
+    pub catch_up: bool,
     /// Event name, when the publisher named one.
     pub event: Option<Box<str>>,
     /// The payload as text (invalid UTF-8 is replaced, since every wire format is text).
@@ -57,6 +61,7 @@ impl Delivery {
             id,
             pos,
             reset: false,
+            catch_up: false,
             event,
             data,
             seq,

@@ -22,7 +22,10 @@ pub enum Kick {
 
 /// A connection's inbox: the sending half of its bounded queue, and how to close it.
 /// The queue is bounded twice: in messages (`queue_size`) and in payload bytes
-/// (`queue_bytes`); a message always fits an empty queue, whatever its size.
+/// (`queue_bytes`); a message always fits an empty queue, whatever its size. The
+/// catch-up burst of an outage recovery ([`Delivery::catch_up`]) is queued beyond the
+/// bounds: it arrives all at once through no fault of the subscriber, and counting it
+/// would disconnect every subscriber of a busy channel after each broker outage.
 ///
 /// The queue is a `VecDeque` behind a mutex held for a push or a pop, not a tokio
 /// channel: an idle connection's inbox is one small allocation (a bounded tokio
@@ -42,7 +45,9 @@ pub struct Inbox {
 #[derive(Debug)]
 struct Queue {
     items: VecDeque<Arc<Delivery>>,
-    /// Payload bytes of `items`.
+    /// How many of `items` count against the limits (all but catch-up deliveries).
+    counted: usize,
+    /// Payload bytes of the counted `items`.
     bytes: usize,
     /// The receiver, when it waits for the next delivery.
     waker: Option<Waker>,
@@ -56,7 +61,10 @@ const KEEP_CAPACITY: usize = 8;
 impl Queue {
     fn pop(&mut self) -> Option<Arc<Delivery>> {
         let d = self.items.pop_front()?;
-        self.bytes -= d.data.len();
+        if !d.catch_up {
+            self.counted -= 1;
+            self.bytes -= d.data.len();
+        }
         if self.items.is_empty() && self.items.capacity() > KEEP_CAPACITY {
             self.items.shrink_to(KEEP_CAPACITY);
         }
@@ -103,6 +111,7 @@ impl Drop for InboxRx {
         q.open = false;
         q.waker = None;
         let items = std::mem::take(&mut q.items);
+        q.counted = 0;
         q.bytes = 0;
         drop(q); // the deliveries are released outside the lock
         drop(items);
@@ -114,7 +123,13 @@ impl Inbox {
     /// payload bytes; `close` is cancelled when the hub kicks it.
     pub fn new(kind: ConnKind, limits: &Limits, close: CancellationToken) -> (Arc<Self>, InboxRx) {
         let inbox = Arc::new(Self {
-            queue: Mutex::new(Queue { items: VecDeque::new(), bytes: 0, waker: None, open: true }),
+            queue: Mutex::new(Queue {
+                items: VecDeque::new(),
+                counted: 0,
+                bytes: 0,
+                waker: None,
+                open: true,
+            }),
             close,
             kick: OnceLock::new(),
             kind,
@@ -129,7 +144,7 @@ impl Inbox {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Payload bytes queued now.
+    /// Payload bytes queued now (those that count against the limit).
     pub fn queued_bytes(&self) -> usize {
         self.lock().bytes
     }
@@ -141,13 +156,16 @@ impl Inbox {
         if !q.open {
             return Err(Offer::Closed);
         }
-        if q.items.len() >= self.capacity {
-            return Err(Offer::Full("queue_messages"));
+        if !d.catch_up {
+            if q.counted >= self.capacity {
+                return Err(Offer::Full("queue_messages"));
+            }
+            if q.bytes > 0 && q.bytes + len > self.max_bytes {
+                return Err(Offer::Full("queue_bytes"));
+            }
+            q.counted += 1;
+            q.bytes += len;
         }
-        if q.bytes > 0 && q.bytes + len > self.max_bytes {
-            return Err(Offer::Full("queue_bytes"));
-        }
-        q.bytes += len;
         q.items.push_back(d.clone());
         let waker = q.waker.take();
         drop(q);

@@ -2,7 +2,8 @@
 //! resumes from its last id ([`Hub::replay`]) or this node's broker link was down
 //! (`begin_recovery` / `finish_recovery`). Both read the channel's history after a
 //! position, count the outcome in `gateway_history_recoveries_total{result}`, and turn
-//! a gap history cannot cover into a `reset` notice.
+//! a gap history cannot cover into a `reset` notice followed by what history still
+//! holds.
 
 use std::sync::Arc;
 
@@ -17,42 +18,61 @@ use crate::{
 
 /// What a resuming subscriber gets before live messages.
 #[derive(Debug)]
-pub enum Replay {
-    /// The missed messages, oldest first (maybe none).
-    Messages(Vec<Arc<Delivery>>),
-    /// History cannot cover the gap: send this reset notice, then go live.
-    Reset(Arc<Delivery>),
+pub struct Replay {
+    /// Sent first when history cannot cover the gap: a `reset` notice for the channel.
+    pub reset: Option<Arc<Delivery>>,
+    /// The messages history holds after the position, oldest first (maybe none).
+    pub messages: Vec<Arc<Delivery>>,
+    /// Where the client stands after the replay, for de-duplication: its own position,
+    /// or history's newest when it was ahead of it (`None`: history holds nothing).
+    pub position: Option<StreamPos>,
+}
+
+impl Replay {
+    /// Whether history covered the whole gap.
+    pub fn recovered(&self) -> bool {
+        self.reset.is_none()
+    }
+
+    /// The notice (if any), then the messages.
+    pub fn into_deliveries(self) -> impl Iterator<Item = Arc<Delivery>> {
+        self.reset.into_iter().chain(self.messages)
+    }
 }
 
 impl Hub {
-    /// What `channel` published after `from`, from history: the missed messages, or a
-    /// reset when history cannot cover them. Call it once the live subscription is
-    /// ready, so nothing falls between history and live delivery.
+    /// What `channel` published after `from` ([`StreamPos::ZERO`]: from the start of
+    /// retained history): the missed messages, after a reset notice when history cannot
+    /// cover them. Call it once the live subscription is ready, so nothing falls
+    /// between history and live delivery.
     pub async fn replay(&self, channel: &Arc<str>, from: StreamPos) -> Replay {
-        match self.history_after(channel, from).await {
-            Some(entries) => Replay::Messages(
-                entries.into_iter().map(|e| Arc::new(from_history(channel.clone(), e, 0))).collect(),
-            ),
-            None => Replay::Reset(Arc::new(Delivery::reset(channel.clone(), 0))),
+        let (entries, covered, position) = self.history_after(channel, from).await;
+        Replay {
+            reset: (!covered).then(|| Arc::new(Delivery::reset(channel.clone(), 0))),
+            messages: entries.into_iter().map(|e| Arc::new(from_history(channel.clone(), e, 0))).collect(),
+            position,
         }
     }
 
-    /// The entries of `channel`'s history after `from`, or `None` when history cannot
-    /// cover the gap (or cannot be read); counted by result either way.
-    async fn history_after(&self, channel: &str, from: StreamPos) -> Option<Vec<HistoryEntry>> {
-        let (result, entries) = match self.broker.since(channel, from).await {
-            Ok(Recovery::Covered(entries)) => ("replayed", Some(entries)),
-            Ok(Recovery::Gap) => ("reset", None),
+    /// The entries of `channel`'s history after `from`, whether they cover everything
+    /// after it, and where a client at `from` stands afterwards; counted by result
+    /// (history that cannot be read counts as not covering).
+    async fn history_after(
+        &self,
+        channel: &str,
+        from: StreamPos,
+    ) -> (Vec<HistoryEntry>, bool, Option<StreamPos>) {
+        let (result, entries, covered, position) = match self.broker.since(channel, from).await {
+            Ok(Recovery::Covered(entries)) => ("replayed", entries, true, Some(from)),
+            Ok(Recovery::Gap { entries, head }) => ("reset", entries, false, head.map(|h| h.min(from))),
             Err(err) => {
                 tracing::warn!(%err, channel = %crate::error::quote(channel), "history unavailable; sending reset");
-                ("error", None)
+                ("error", Vec::new(), false, Some(from))
             }
         };
         counter!(m::RECOVERIES_TOTAL, "result" => result).increment(1);
-        if let Some(entries) = &entries {
-            counter!(m::REPLAYED_TOTAL).increment(entries.len() as u64);
-        }
-        entries
+        counter!(m::REPLAYED_TOTAL).increment(entries.len() as u64);
+        (entries, covered, position)
     }
 
     /// Starts recovery after a broker outage: every channel that has seen history
@@ -74,28 +94,32 @@ impl Hub {
     }
 
     /// Replays, per channel, what was published during the outage (then the live
-    /// messages that waited), or tells subscribers about the gap when history cannot
-    /// cover it.
+    /// messages that waited), after telling subscribers about the gap when history
+    /// cannot cover it. The replay and the waiting messages go to every subscriber at
+    /// once, as catch-up deliveries outside the queue limits: a long outage on a busy
+    /// channel replays more than a queue holds, and that must not count as a slow
+    /// consumer.
     pub(super) async fn finish_recovery(self: Arc<Self>, todo: Vec<(Arc<str>, StreamPos)>) {
         for (name, from) in todo {
-            let entries = self.history_after(&name, from).await;
+            let (entries, covered, position) = self.history_after(&name, from).await;
             let mut shard = self.shard(&name);
             let Some(ch) = shard.channels.get_mut(&*name) else { continue };
-            match entries {
-                Some(entries) => {
-                    for e in entries {
-                        let d = from_history(ch.name.clone(), e, self.next_seq());
-                        self.deliver_locked(ch, d);
-                    }
-                }
-                None => {
-                    tracing::warn!(
-                        channel = %crate::error::quote(&name),
-                        %from,
-                        "history cannot cover the outage; clients get a reset"
-                    );
-                    self.fan_out(ch, &Arc::new(Delivery::reset(ch.name.clone(), self.next_seq())));
-                }
+            if !covered {
+                tracing::warn!(
+                    channel = %crate::error::quote(&name),
+                    %from,
+                    "history cannot cover the outage; clients get a reset"
+                );
+                let mut reset = Delivery::reset(ch.name.clone(), self.next_seq());
+                reset.catch_up = true;
+                self.fan_out(ch, &Arc::new(reset));
+                // Positions ahead of what history holds would hide every new message.
+                ch.last_pos = position;
+            }
+            for e in entries {
+                let mut d = from_history(ch.name.clone(), e, self.next_seq());
+                d.catch_up = true;
+                self.deliver_locked(ch, d);
             }
             self.release_held(ch);
         }
@@ -104,7 +128,7 @@ impl Hub {
     /// Dispatches the live messages that waited for a channel's replay.
     fn release_held(&self, ch: &mut Channel) {
         for payload in ch.recovering.take().unwrap_or_default() {
-            self.dispatch_locked(ch, &payload);
+            self.dispatch_locked(ch, &payload, true);
         }
     }
 }

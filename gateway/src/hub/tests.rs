@@ -40,6 +40,27 @@ fn byte_budget_kicks_a_backlogged_inbox_and_counts_what_is_taken() {
 }
 
 #[test]
+fn a_recovery_burst_is_queued_beyond_the_limits_and_uses_none_of_them() {
+    let (inbox, mut rx) = inbox_bytes(2, 10);
+    let delivery = |data: &'static str, catch_up: bool| {
+        let mut d = Delivery::new("c".into(), None, None, Bytes::from_static(data.as_bytes()), 0, None);
+        d.catch_up = catch_up;
+        Arc::new(d)
+    };
+    for _ in 0..5 {
+        assert!(inbox.offer(&delivery("0123456789ab", true)).is_ok(), "catch-up is never refused");
+    }
+    assert_eq!(inbox.queued_bytes(), 0, "catch-up bytes are not counted");
+    assert!(inbox.offer(&delivery("x", false)).is_ok());
+    assert!(inbox.offer(&delivery("y", false)).is_ok());
+    assert!(matches!(inbox.offer(&delivery("z", false)), Err(Offer::Full("queue_messages"))));
+    let got: Vec<_> = std::iter::from_fn(|| rx.try_recv()).collect();
+    assert_eq!(got.len(), 7, "in order: the burst, then the live messages");
+    assert_eq!(&got[6].data[..], b"y");
+    assert!(inbox.offer(&delivery("z", false)).is_ok(), "taking them freed the live places");
+}
+
+#[test]
 fn dispatch_shares_one_delivery_between_subscribers() {
     let hub = hub(0);
     let (a, mut ra) = inbox(8);

@@ -1,4 +1,5 @@
-//! Long-poll: `GET /poll?channel=a&cursor=...&timeout=25`.
+//! Long-poll: `GET /poll?channel=a&cursor=...&timeout=25`, or `since=<id>` instead of a
+//! cursor (the syntax of SSE's `last_event_id`; `0` is the start of retained history).
 //!
 //! Answers at once when messages after the cursor are buffered, else holds the request
 //! until one arrives or the timeout passes. The body is
@@ -23,7 +24,7 @@ use shared::StreamPos;
 use super::{ConnGuard, Positions, check_channels};
 use crate::{
     error::ApiError,
-    hub::{Delivery, Inbox, Replay},
+    hub::{Delivery, Inbox},
     metrics::ConnKind,
     server::{ConnCtx, Opened, Query, Takeover},
     state::AppState,
@@ -95,6 +96,12 @@ fn prepare(
             ApiError::bad_request("invalid cursor: pass back the \"cursor\" of the previous answer unchanged")
         })?),
     };
+    // Where to start without a cursor (a new page, or another transport before): the
+    // syntax of SSE's `last_event_id`, `0` for the start of history. A cursor wins.
+    let since = match query.get("since").filter(|s| !s.trim().is_empty()) {
+        Some(s) if cursor.is_none() => Some(super::parse_resume(s)?),
+        _ => None,
+    };
     let channels = check_channels(std::mem::take(&mut query.channels), &state.config.limits, true)?;
     let claims = state.authorize(headers, query.get("token"), &channels)?;
     // Never hold a poll past the token's expiry.
@@ -112,7 +119,7 @@ fn prepare(
                     "invalid cursor: pass back the \"cursor\" of the previous answer unchanged",
                 )
             })?),
-            None => None,
+            None => since.as_ref().and_then(|r| r.for_channel(ch)),
         });
     }
     Ok(hold(state, channels, history, cursor, timeout, close))
@@ -146,7 +153,10 @@ async fn hold(
         if let Some(pos) = history_pos {
             positions.set(join.subscription.channel(), pos);
         }
-        if after.is_some() && !join.gap {
+        // A history position this node never handed out (ahead of the newest it
+        // delivered) is not its own: history decides where such a client stands.
+        let ours = history_pos.is_none_or(|p| join.last_pos.is_some_and(|last| p <= last));
+        if after.is_some() && !join.gap && ours {
             // This node's buffer covers the gap (the usual case: same node, next poll).
             messages.extend(join.backlog.iter().cloned());
         } else if let Some(pos) = history_pos {
@@ -162,10 +172,12 @@ async fn hold(
     Box::pin(hub.wait_ready(joins.iter().map(|j| &j.subscription))).await;
     // Positions are valid on every node: read what the buffer could not give from history.
     for (ch, from) in from_history {
-        match Box::pin(hub.replay(&ch, from)).await {
-            Replay::Messages(ms) => messages.extend(ms),
-            Replay::Reset(_) => reset_channels.push(ch.to_string()),
+        let replay = Box::pin(hub.replay(&ch, from)).await;
+        if !replay.recovered() {
+            reset_channels.push(ch.to_string());
         }
+        positions.place(&ch, replay.position);
+        messages.extend(replay.messages);
     }
     messages.retain(|d| positions.accept(d));
     if messages.is_empty() && reset_channels.is_empty() {

@@ -29,7 +29,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use super::{ConnGuard, DrainTurn, Positions, check_channels, drain_turn, parse_resume};
 use crate::{
     error::ApiError,
-    hub::{Delivery, Inbox, InboxRx, Kick, Replay, Subscription},
+    hub::{Delivery, Inbox, InboxRx, Kick, Subscription},
     metrics::ConnKind,
     server::{Chunk, ConnCtx, Opened, Query, Takeover, signal::Quiet},
     state::AppState,
@@ -86,14 +86,12 @@ pub async fn open(state: &AppState, req: &Parts, ctx: &ConnCtx) -> Result<Opened
     if let Some(resume) = &resume {
         for sub in &subs {
             let Some(from) = resume.for_channel(sub.channel()) else { continue };
-            positions.set(sub.channel(), from);
-            match hub.replay(sub.channel(), from).await {
-                Replay::Messages(ms) => pending.extend(ms),
-                Replay::Reset(r) => {
-                    metrics::counter!(crate::metrics::RESETS_TOTAL, "transport" => "sse").increment(1);
-                    pending.push_back(r);
-                }
+            let replay = hub.replay(sub.channel(), from).await;
+            if !replay.recovered() {
+                metrics::counter!(crate::metrics::RESETS_TOTAL, "transport" => "sse").increment(1);
             }
+            positions.place(sub.channel(), replay.position);
+            pending.extend(replay.into_deliveries());
         }
     }
     tracing::debug!(channels = channels.len(), resumed = resume.is_some(), "sse stream opened");

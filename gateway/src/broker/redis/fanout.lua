@@ -4,8 +4,9 @@
 -- appends to the bounded stream fanout:history:{<channel>} and PUBLISHes a gateway
 -- frame carrying the new id, so every node delivers it with its position.
 --   FCALL_RO fanout_since 1 <channel> <id> <count>
--- returns {status, entries, last}: status 'ok' when history covers everything after
--- <id> (entries = XRANGE after it), 'reset' when it cannot (trimmed, expired, wiped).
+-- returns {status, entries, last}: 'ok' when history covers everything after <id>
+-- (entries = XRANGE after it), 'reset' when it cannot; <id> 0-0 is the start of
+-- retained history, 'trimmed' when its oldest messages are gone (see `since` below).
 --   FCALL_RO fanout_head 1 <channel>
 -- returns the id of the channel's newest message, or nil.
 -- The gateway fills in the limits below when it loads this library.
@@ -16,6 +17,22 @@ local IDEM_MS = __IDEM_MS__
 local MAGIC = '\0fo1\n'
 
 local function stream_key(ch) return 'fanout:history:{' .. ch .. '}' end
+
+-- Whether decimal number a < b, for digit strings without leading zeros (any length:
+-- Lua's numbers cannot hold every 64-bit value).
+local function num_less(a, b)
+  if #a ~= #b then return #a < #b end
+  return a < b
+end
+
+-- Whether stream id a < b (ids as Redis and the gateway write them: <ms>-<seq>).
+local function id_less(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  if ams == nil or bms == nil then return false end
+  if ams ~= bms then return num_less(ams, bms) end
+  return num_less(aseq, bseq)
+end
 
 local function publish(keys, args)
   local ch = keys[1]
@@ -51,6 +68,14 @@ local function publish(keys, args)
   return {id, n}
 end
 
+-- What history holds after <from>: {status, entries, last}, where last is the newest id
+-- ('0-0' if none). Trimming only ever removes the oldest entries, so every entry after
+-- an id that is still in the stream is still there too.
+--   ok      history covers everything after <from>: entries are all of it.
+--   trimmed <from> is 0-0 ("from the start of retained history") and the oldest
+--           messages are gone: entries are all that is left.
+--   reset   history cannot cover the gap (the id was trimmed or expired, the stream
+--           was wiped, or the id is after the newest one): no entries.
 local function since(keys, args)
   local key = stream_key(keys[1])
   local from = args[1] or '0-0'
@@ -60,15 +85,21 @@ local function since(keys, args)
     return {'reset', {}, '0-0'}
   end
   local info = redis.call('XINFO', 'STREAM', key)
-  local last, maxdel = '0-0', '0-0'
+  local last, length, added = '0-0', 0, 0
   for i = 1, #info, 2 do
     if info[i] == 'last-generated-id' then last = info[i + 1] end
-    if info[i] == 'max-deleted-entry-id' then maxdel = info[i + 1] end
+    if info[i] == 'length' then length = info[i + 1] end
+    if info[i] == 'entries-added' then added = info[i + 1] end
   end
   if from == last then return {'ok', {}, last} end
   if from == '0-0' then
-    if maxdel ~= '0-0' then return {'reset', {}, last} end
-  elseif #redis.call('XRANGE', key, from, from) == 0 then
+    -- Trimming leaves max-deleted-entry-id alone; fewer entries than were ever added
+    -- means the oldest are gone.
+    local entries = redis.call('XRANGE', key, '-', '+', 'COUNT', count)
+    if added == length then return {'ok', entries, last} end
+    return {'trimmed', entries, last}
+  end
+  if id_less(last, from) or #redis.call('XRANGE', key, from, from) == 0 then
     return {'reset', {}, last}
   end
   return {'ok', redis.call('XRANGE', key, '(' .. from, '+', 'COUNT', count), last}

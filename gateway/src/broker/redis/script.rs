@@ -96,12 +96,7 @@ fn text(v: &redis::Value) -> Option<&str> {
 pub fn parse_since(v: redis::Value) -> Result<Recovery, BrokerError> {
     let bad = |what: &str| BrokerError::Protocol(format!("fanout_since: {what}"));
     let redis::Value::Array(parts) = v else { return Err(bad("not an array")) };
-    let [status, entries, _last] = &parts[..] else { return Err(bad("wrong length")) };
-    match text(status) {
-        Some("reset") => return Ok(Recovery::Gap),
-        Some("ok") => {}
-        _ => return Err(bad("unknown status")),
-    }
+    let [status, entries, last] = &parts[..] else { return Err(bad("wrong length")) };
     let redis::Value::Array(entries) = entries else { return Err(bad("entries not an array")) };
     let mut out = Vec::with_capacity(entries.len());
     for e in entries {
@@ -119,5 +114,11 @@ pub fn parse_since(v: redis::Value) -> Result<Recovery, BrokerError> {
         }
         out.push(HistoryEntry { pos, event, data });
     }
-    Ok(Recovery::Covered(out))
+    let last: StreamPos = text(last).and_then(|s| s.parse().ok()).ok_or_else(|| bad("last id"))?;
+    let head = (last != StreamPos::ZERO).then_some(last);
+    match text(status) {
+        Some("ok") => Ok(Recovery::Covered(out)),
+        Some("trimmed" | "reset") => Ok(Recovery::Gap { entries: out, head }),
+        _ => Err(bad("unknown status")),
+    }
 }

@@ -79,20 +79,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             else {
                 continue;
             };
-            self.positions.set(&name, from);
-            replays.push(hub.replay(&name, from).await);
+            let replay = hub.replay(&name, from).await;
+            self.positions.place(&name, replay.position);
+            replays.push(replay);
         }
-        let recovered = !replays.is_empty() && replays.iter().all(|r| matches!(r, Replay::Messages(_)));
+        let recovered = !replays.is_empty() && replays.iter().all(Replay::recovered);
         self.send(&ServerFrame::Subscribed { channels, recovered }).await?;
         let mut out = Vec::new();
         for r in replays {
-            match r {
-                Replay::Messages(ms) => out.extend(ms.into_iter().filter(|d| self.positions.accept(d))),
-                Replay::Reset(d) => {
-                    metrics::counter!(crate::metrics::RESETS_TOTAL, "transport" => "ws").increment(1);
-                    out.push(d);
-                }
+            if !r.recovered() {
+                metrics::counter!(crate::metrics::RESETS_TOTAL, "transport" => "ws").increment(1);
             }
+            out.extend(r.into_deliveries().filter(|d| self.positions.accept(d)));
         }
         let mut bufs: Vec<&[u8]> = out.iter().map(|d| &d.ws_frame()[..]).collect();
         self.write(&mut bufs).await
