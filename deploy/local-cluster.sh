@@ -72,7 +72,7 @@ die() {
 # --------------------------------------------------------------------------
 
 # deploy/nginx/nginx.conf with:
-#   NGINX_UPSTREAMS  space-separated node addresses, one per `server gateway-N:8080`
+#   NGINX_UPSTREAMS  space-separated node addresses: the Nth for `server gateway-N:8080`
 #   NGINX_LISTEN     replaces `listen 8080;` (the `[::]` listener is dropped)
 #   NGINX_DIR        pid file, error log and temp paths (Debian's defaults are
 #                    under /var and /run, root's)
@@ -93,8 +93,11 @@ render_nginx() {
       -v timeout="${NGINX_READ_TIMEOUT:-}" '
       BEGIN { n = split(upstreams, up, " ") }
       /^[[:space:]]*server[[:space:]]+gateway-[0-9]+:8080[[:space:];]/ {
-        servers++
-        if (servers <= n) sub(/gateway-[0-9]+:8080/, up[servers])
+        match($0, /gateway-[0-9]+:8080/)
+        node = substr($0, RSTART + 8, RLENGTH - 13) + 0
+        if (node < 1 || node > n) { print "render-nginx: gateway-" node " has no address" > "/dev/stderr"; exit 1 }
+        seen[node]++
+        sub(/gateway-[0-9]+:8080/, up[node])
       }
       /^[[:space:]]*listen[[:space:]]+8080;/ { sub(/listen[[:space:]]+8080;/, "listen " listen ";"); v4++ }
       /^[[:space:]]*listen[[:space:]]+\[::\]:8080;/ {
@@ -115,7 +118,7 @@ render_nginx() {
       }
       END {
         bad = ""
-        if (servers != n) bad = bad " upstream servers: " servers " in the file, " n " addresses given;"
+        for (i = 1; i <= n; i++) if (!seen[i]) bad = bad " gateway-" i " is not an upstream server;"
         if (v4 != 1) bad = bad " `listen 8080;` lines: " v4 + 0 ";"
         if (v6 != 1) bad = bad " `listen [::]:8080;` lines: " v6 + 0 ";"
         if (http != 1) bad = bad " `http {` lines: " http + 0 ";"
