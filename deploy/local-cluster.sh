@@ -29,6 +29,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# Debian puts nginx in /usr/sbin, which is not on a non-root user's PATH.
+PATH="$PATH:/usr/sbin:/usr/local/sbin"
 NGINX_CONF="deploy/nginx/nginx.conf"
 PROMETHEUS_CONF="deploy/prometheus/prometheus.yml"
 STATE="${LOCAL_CLUSTER_DIR:-$ROOT/.local-cluster}"
