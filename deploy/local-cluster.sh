@@ -178,14 +178,20 @@ port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
 # HTTP status of a URL, 000 when nothing answers.
 http_status() { curl -s -o /dev/null -m 2 -w '%{http_code}' "$1" || true; }
 
-# Waits up to $2 seconds for `$3...` to succeed; $1 names what is awaited.
+# Waits up to $2 seconds for `$3...` to succeed, while service $1 runs.
 wait_for() {
-  local what="$1" secs="$2"
+  local name="$1" secs="$2"
   shift 2
   local deadline=$((SECONDS + secs))
   until "$@"; do
+    # (nginx writes its pid file itself, a moment after it daemonizes.)
+    if [ -s "$(pidfile "$name")" ] && [ -z "$(running_pid "$name")" ]; then
+      echo "local-cluster: $name exited; the end of $STATE/$name.log:" >&2
+      tail -n 15 "$STATE/$name.log" >&2 || true
+      return 1
+    fi
     if [ "$SECONDS" -ge "$deadline" ]; then
-      echo "local-cluster: timed out after ${secs}s waiting for $what" >&2
+      echo "local-cluster: $name not ready after ${secs}s (log: $STATE/$name.log)" >&2
       return 1
     fi
     sleep 0.2
@@ -196,6 +202,7 @@ wait_for() {
 spawn() {
   local name="$1"
   shift
+  echo "--- $(date -u +%FT%TZ) local-cluster.sh starts: $*" >>"$STATE/$name.log"
   setsid "$@" </dev/null >>"$STATE/$name.log" 2>&1 &
   echo $! >"$(pidfile "$name")"
 }
@@ -307,7 +314,7 @@ up() {
 
   echo "redis      $HOST:$REDIS_PORT (AOF in $STATE/redis)"
   spawn redis redis-server --port "$REDIS_PORT" --bind "$HOST" --dir "$STATE/redis" "${REDIS_ARGS[@]}"
-  wait_for "redis on :$REDIS_PORT" 15 eval '[ "$(redis-cli -h $HOST -p $REDIS_PORT PING 2>/dev/null)" = PONG ]'
+  wait_for redis 15 eval '[ "$(redis-cli -h $HOST -p $REDIS_PORT PING 2>/dev/null)" = PONG ]'
 
   local hard
   hard="$(ulimit -Hn)"
@@ -320,35 +327,36 @@ up() {
       GATEWAY_ADMIN_LISTEN="$(node_admin "$i")" "$bin"
   done
   for i in 1 2 3; do
-    wait_for "gateway-$i /readyz" 30 eval "[ \"\$(http_status http://$(node_admin "$i")/readyz)\" = 200 ]"
+    wait_for "gateway-$i" 30 eval "[ \"\$(http_status http://$(node_admin "$i")/readyz)\" = 200 ]"
   done
 
   echo "lb (nginx) $HOST:$LB_PORT -> gateway-1..3"
   nginx -p "$STATE/nginx" -c "$STATE/nginx/nginx.conf" -e "$STATE/nginx/nginx-error.log"
   # nginx daemonizes and writes its master's pid itself.
   ln -sf nginx/nginx.pid "$(pidfile lb)"
-  wait_for "nginx on :$LB_PORT" 15 eval "[ \"\$(http_status http://$HOST:$LB_PORT/)\" = 200 ]"
+  ln -sf nginx/nginx-error.log "$STATE/lb.log"
+  wait_for lb 15 eval "[ \"\$(http_status http://$HOST:$LB_PORT/)\" = 200 ]"
 
   echo "prometheus $HOST:$PROMETHEUS_PORT"
   spawn prometheus prometheus --config.file="$STATE/prometheus/prometheus.yml" \
     --storage.tsdb.path="$STATE/prometheus/data" --web.listen-address="$HOST:$PROMETHEUS_PORT" \
     "${PROMETHEUS_ARGS[@]}"
-  wait_for "prometheus on :$PROMETHEUS_PORT" 30 \
+  wait_for prometheus 30 \
     eval "[ \"\$(http_status http://$HOST:$PROMETHEUS_PORT/-/ready)\" = 200 ]"
   trap - ERR
 
-  cat <<EOF
-
-Up (state, logs and data in $STATE). Grafana is not started: no Debian package.
-
-  redis-cli PUBLISH news hello                            # raw publish, reaches every node
-  curl -N 'http://$HOST:$LB_PORT/sse?channel=news'          # watch, through the balancer
-  curl -X POST --data hi http://$HOST:$LB_PORT/publish/news # publish with history
-  xdg-open http://$HOST:$LB_PORT/                            # the demo page
-  http://$HOST:$PROMETHEUS_PORT/targets                     # Prometheus, scraping the nodes
-
-Stop with: deploy/local-cluster.sh down   (or make cluster-down)
-EOF
+  local lb="http://$HOST:$LB_PORT"
+  echo
+  echo "Up (state, logs and data in $STATE). Grafana is not started: no Debian package."
+  echo
+  printf '  %-58s # %s\n' \
+    "curl -N '$lb/sse?channel=news'" "watch, through the balancer" \
+    "redis-cli PUBLISH news hello" "raw publish, reaches every node" \
+    "curl -X POST --data hi $lb/publish/news" "publish with history" \
+    "xdg-open $lb/" "the demo page" \
+    "xdg-open http://$HOST:$PROMETHEUS_PORT/targets" "Prometheus, scraping the nodes"
+  echo
+  echo "Stop with: make cluster-down (deploy/local-cluster.sh down)"
 }
 
 # Stops everything; the balancer first (it holds the clients), the nodes before Redis.
