@@ -131,20 +131,24 @@ render_nginx() {
 }
 
 # deploy/prometheus/prometheus.yml with:
-#   PROMETHEUS_TARGETS  space-separated admin addresses, one per `gateway-N:9091`
+#   PROMETHEUS_TARGETS  space-separated admin addresses: the Nth for `gateway-N:9091`
 render_prometheus() {
   : "${PROMETHEUS_TARGETS:?}"
   echo "# Rendered by deploy/local-cluster.sh from $PROMETHEUS_CONF; edit that file."
   awk -v targets="$PROMETHEUS_TARGETS" '
     BEGIN { n = split(targets, t, " ") }
     /^[[:space:]]*#/ { print; next }
-    /gateway-[0-9]+:9091/ { found++; if (found <= n) sub(/gateway-[0-9]+:9091/, t[found]) }
+    /gateway-[0-9]+:9091/ {
+      match($0, /gateway-[0-9]+:9091/)
+      node = substr($0, RSTART + 8, RLENGTH - 13) + 0
+      if (node < 1 || node > n) { print "render-prometheus: gateway-" node " has no address" > "/dev/stderr"; exit 1 }
+      seen[node]++
+      sub(/gateway-[0-9]+:9091/, t[node])
+    }
     { print }
     END {
-      if (found != n) {
-        print "render-prometheus: " found + 0 " gateway targets in the file, " n " addresses given" > "/dev/stderr"
-        exit 1
-      }
+      for (i = 1; i <= n; i++) if (!seen[i]) bad = bad " gateway-" i ":9091 is not scraped;"
+      if (bad != "") { print "render-prometheus: the config no longer fits:" bad > "/dev/stderr"; exit 1 }
     }' "$ROOT/$PROMETHEUS_CONF"
 }
 
@@ -319,8 +323,13 @@ up() {
   local hard
   hard="$(ulimit -Hn)"
   if [ "$hard" = unlimited ] || [ "$hard" -ge "$NOFILE" ]; then ulimit -n "$NOFILE"; else ulimit -n "$hard"; fi
-  local envs=()
-  mapfile -t envs < <(node_env)
+  # Like a compose container, a node sees only the settings above, none that
+  # happen to be exported in this shell.
+  local envs=() var
+  for var in $(compgen -e); do
+    case "$var" in GATEWAY_* | RUST_LOG) envs+=(-u "$var") ;; esac
+  done
+  mapfile -t -O "${#envs[@]}" envs < <(node_env)
   for i in 1 2 3; do
     echo "gateway-$i  $(node_public "$i") (admin $(node_admin "$i"))"
     spawn "gateway-$i" env "${envs[@]}" GATEWAY_LISTEN="$(node_public "$i")" \
