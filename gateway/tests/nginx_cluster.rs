@@ -800,6 +800,44 @@ async fn a_held_long_poll_is_not_replayed_on_another_node() {
     cluster.nodes[holder].start();
 }
 
+/// A node whose connections hang instead of being refused (in compose: a stopped or
+/// crashed container, whose address no longer answers; anywhere: a full accept queue)
+/// is passed over within a second and counted as failed — not waited on for the whole
+/// connect timeout, request after request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_connects_hang_is_passed_over_at_once() {
+    let Some(cluster) = Cluster::start("a_node_whose_connects_hang_is_passed_over_at_once", &[], None) else {
+        return;
+    };
+    let mut cluster = cluster;
+    let addr = cluster.nodes[0].public;
+    cluster.nodes[0].signal("KILL");
+    cluster.nodes[0].wait_exit(WAIT).expect("node killed");
+    // In its place, a listener that never accepts, its queue full: connection
+    // attempts get no answer at all.
+    let hole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    hole.set_reuse_address(true).unwrap();
+    hole.bind(&addr.into()).unwrap();
+    hole.listen(1).unwrap();
+    let mut queued = Vec::new();
+    while let Ok(Ok(s)) =
+        tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await
+    {
+        queued.push(s);
+        assert!(queued.len() < 16, "the listener's queue never filled");
+    }
+
+    let ch = channel("lb-hang");
+    for i in 0..8 {
+        let asked = Instant::now();
+        let (status, body) = lb_poll(&cluster, &format!("channel={ch}&timeout=0")).await;
+        let took = asked.elapsed();
+        assert_eq!(status, 200, "request {i} after {took:?}: {body}");
+        assert!(took < Duration::from_millis(1500), "request {i} waited {took:?} on the silent node");
+    }
+    drop((hole, queued));
+}
+
 /// The admin listener (metrics, health, readiness) is not behind the balancer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoints_are_not_reachable_through_the_balancer() {
