@@ -753,10 +753,10 @@ async fn long_poll_through_nginx_is_held_and_answered() {
 /// that fails to connect still goes to a live node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_long_poll_is_not_replayed_on_another_node() {
-    let Some(cluster) = Cluster::start("a_held_long_poll_is_not_replayed_on_another_node", &[], None) else {
+    let Some(mut cluster) = Cluster::start("a_held_long_poll_is_not_replayed_on_another_node", &[], None)
+    else {
         return;
     };
-    let mut cluster = cluster;
     let ch = channel("lb-replay");
     let url = cluster.url(&format!("/poll?channel={ch}&timeout=30"));
     let held = tokio::spawn(async move {
@@ -806,10 +806,10 @@ async fn a_held_long_poll_is_not_replayed_on_another_node() {
 /// connect timeout, request after request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_connects_hang_is_passed_over_at_once() {
-    let Some(cluster) = Cluster::start("a_node_whose_connects_hang_is_passed_over_at_once", &[], None) else {
+    let Some(mut cluster) = Cluster::start("a_node_whose_connects_hang_is_passed_over_at_once", &[], None)
+    else {
         return;
     };
-    let mut cluster = cluster;
     let addr = cluster.nodes[0].public;
     cluster.nodes[0].signal("KILL");
     cluster.nodes[0].wait_exit(WAIT).expect("node killed");
@@ -1043,11 +1043,11 @@ fn assert_all_once_in_order(got: &Got, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_behind_nginx_loses_and_doubles_nothing() {
     let args = ["--drain-window-secs", "1", "--shutdown-grace-secs", "10"];
-    let Some(cluster) = Cluster::start("rolling_restart_behind_nginx_loses_and_doubles_nothing", &args, None)
+    let Some(mut cluster) =
+        Cluster::start("rolling_restart_behind_nginx_loses_and_doubles_nothing", &args, None)
     else {
         return;
     };
-    let mut cluster = cluster;
     let ch = channel("lb-rolling");
     let base = cluster.url("");
 
