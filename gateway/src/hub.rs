@@ -20,6 +20,7 @@ mod recovery;
 
 use std::{
     collections::{HashMap, VecDeque},
+    future::Future,
     hash::{BuildHasher, RandomState},
     sync::{
         Arc, Mutex, MutexGuard, Weak,
@@ -197,9 +198,13 @@ impl Hub {
         self.broker.link()
     }
 
-    /// Publishes `msg` to every node through the broker.
-    pub async fn publish(&self, msg: Publish) -> Result<PublishOutcome, BrokerError> {
-        self.broker.publish(msg).await
+    /// Publishes `msg` to every node through the broker. Queued when called (see
+    /// [`Broker::publish`]): publishes called one after another keep that order.
+    pub fn publish(
+        &self,
+        msg: Publish,
+    ) -> impl Future<Output = Result<PublishOutcome, BrokerError>> + Send + '_ {
+        self.broker.publish(msg)
     }
 
     fn shard(&self, channel: &str) -> MutexGuard<'_, Shard> {
