@@ -121,6 +121,8 @@ pub struct Hub {
     config: HubConfig,
     /// Node-wide message sequence (long-poll cursors); increases by one per message.
     seq: AtomicU64,
+    /// Channels held now (the `gateway_channels` gauge, readable).
+    channel_count: std::sync::atomic::AtomicUsize,
     epoch: u64,
     metrics: HubMetrics,
 }
@@ -172,6 +174,7 @@ impl Hub {
                 broker: make_broker(sink),
                 config,
                 seq: AtomicU64::new(0),
+                channel_count: Default::default(),
                 epoch: rand::random::<u64>() >> 12,
                 metrics,
             }
@@ -219,6 +222,7 @@ impl Hub {
             let ready = Ready::new();
             self.broker.subscribe(name.clone(), ready.clone());
             self.metrics.channels.increment(1.0);
+            self.channel_count.fetch_add(1, Ordering::Relaxed);
             self.fetch_head(name.clone(), ready.clone());
             shard.channels.insert(
                 name.clone(),
@@ -327,6 +331,16 @@ impl Hub {
         }
     }
 
+    /// Channels this node holds now (subscribed, or lingering, or kept for polls).
+    pub fn channel_count(&self) -> usize {
+        self.channel_count.load(Ordering::Relaxed)
+    }
+
+    /// Whether this node holds `channel` now.
+    pub fn has_channel(&self, channel: &str) -> bool {
+        self.shard(channel).channels.contains_key(channel)
+    }
+
     /// Number of local subscribers of `channel`.
     pub fn subscriber_count(&self, channel: &str) -> usize {
         self.shard(channel).channels.get(channel).map_or(0, |c| c.subs.len())
@@ -355,6 +369,7 @@ impl Hub {
                 shard.channels.remove(&name);
                 self.broker.unsubscribe(name);
                 self.metrics.channels.decrement(1.0);
+                self.channel_count.fetch_sub(1, Ordering::Relaxed);
                 removed += 1;
             }
         }

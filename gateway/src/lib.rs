@@ -46,7 +46,6 @@ use crate::{
     broker::{Broker, redis::RedisBroker},
     config::{Config, ConfigError},
     hub::{Hub, HubConfig},
-    publish::Publishing,
     state::AppState,
 };
 
@@ -129,17 +128,10 @@ pub async fn run(
     }
     info!(public = %public_addr, admin = %admin_addr, broker = hub.broker_kind(), "gateway listening");
 
-    let auth = auth.map(Arc::new);
     if let Some(a) = &auth {
         info!(?a, "subscriber authentication on");
     }
-    let state = AppState {
-        auth,
-        publishing: Arc::new(Publishing::new(&config)),
-        hub: hub.clone(),
-        config: Arc::new(config),
-        shutdown: shutdown.clone(),
-    };
+    let state = AppState::new(config, hub.clone(), auth, shutdown.clone());
     background.spawn(hub.clone().run_reaper(background_stop.clone()));
     let upkeep = metrics.clone();
     let upkeep_stop = background_stop.clone();

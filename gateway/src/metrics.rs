@@ -51,10 +51,10 @@ pub const AUTH_FAILURES_TOTAL: &str = "gateway_auth_failures_total";
 pub const REJECTED_TOTAL: &str = "gateway_rejected_requests_total";
 /// Connections or requests refused, or clients cut off, by a configured limit (counter),
 /// by `limit`: `max_connections`, `connect_rate`, `publish_rate`, `queue_messages`,
-/// `queue_bytes`, `demo_streams`, `body_bytes`.
+/// `queue_bytes`, `demo_streams`, `body_bytes`, `poll_channels`.
 pub const LIMIT_REJECTIONS_TOTAL: &str = "gateway_limit_rejections_total";
 /// The values of `limit` on [`LIMIT_REJECTIONS_TOTAL`].
-pub const LIMITS: [&str; 7] = [
+pub const LIMITS: [&str; 8] = [
     "max_connections",
     "connect_rate",
     "publish_rate",
@@ -62,6 +62,7 @@ pub const LIMITS: [&str; 7] = [
     "queue_bytes",
     "demo_streams",
     "body_bytes",
+    "poll_channels",
 ];
 
 /// The kind of a client connection: the value of the `transport` label.

@@ -34,9 +34,12 @@ impl Cli {
         Ok(match (cli.command, sub) {
             (None, _) | (Some(_), None) => Command::Serve(cli.serve),
             (Some(Command::Serve(own)), Some(m)) => Command::Serve(own.with_earlier(m, cli.serve, &matches)),
-            (Some(Command::Config(own)), Some(m)) => Command::Config(own.with_earlier(m, cli.serve, &matches)),
+            (Some(Command::Config(own)), Some(m)) => {
+                Command::Config(own.with_earlier(m, cli.serve, &matches))
+            }
             (Some(Command::Publish(mut publish)), Some(_)) => {
-                let early: Vec<_> = ServeArgs::given(&matches).into_iter().filter(|o| *o != "redis_url").collect();
+                let early: Vec<_> =
+                    ServeArgs::given(&matches).into_iter().filter(|o| *o != "redis_url").collect();
                 if let Some(first) = early.first() {
                     return Err(Self::command().error(
                         clap::error::ErrorKind::ArgumentConflict,

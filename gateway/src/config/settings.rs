@@ -227,6 +227,13 @@ settings! {
     poll_buffer: usize = "128", "GATEWAY_POLL_BUFFER", checks::positive;
     /// Seconds a channel stays subscribed after a long-poll answer.
     poll_keepalive_secs: u64 = "30", "GATEWAY_POLL_KEEPALIVE_SECS";
+    /// Channels one client address may newly hold for its long-polls per
+    /// `--poll-keepalive-secs` (each stays subscribed that long after a poll); beyond
+    /// it, polls naming new channels get 429. 0 = no limit.
+    poll_channels_per_ip: u32 = "1024", "GATEWAY_POLL_CHANNELS_PER_IP";
+    /// Channels a node holds at most before long-polls may not add new ones (503
+    /// `over_capacity`); subscriptions of SSE and WebSocket clients are not refused.
+    poll_max_channels: usize = "100000", "GATEWAY_POLL_MAX_CHANNELS", checks::positive;
     /// Milliseconds before unsubscribing a channel whose last local subscriber left.
     linger_ms: u64 = "2000", "GATEWAY_LINGER_MS";
     /// Seconds over which SIGTERM spreads telling clients to reconnect (random per

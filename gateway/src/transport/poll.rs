@@ -62,7 +62,7 @@ static ANSWER_HEADERS: [(header::HeaderName, HeaderValue); 2] = [
 /// `GET /poll`: checks the request and returns at once; the wait for the answer is a
 /// [`Takeover::Later`] the connection runs, so a held poll keeps only its own state.
 pub async fn open(state: &AppState, req: &Parts, ctx: &ConnCtx) -> Result<Opened, ApiError> {
-    let answer = prepare(state.clone(), &req.headers, req.uri.query(), ctx.close.clone())?;
+    let answer = prepare(state.clone(), &req.headers, req.uri.query(), ctx)?;
     Ok(Opened {
         status: StatusCode::OK,
         headers: &ANSWER_HEADERS,
@@ -77,7 +77,7 @@ fn prepare(
     state: AppState,
     headers: &HeaderMap,
     query: Option<&str>,
-    close: tokio_util::sync::CancellationToken,
+    ctx: &ConnCtx,
 ) -> Result<impl std::future::Future<Output = Bytes> + Send + 'static, ApiError> {
     let mut query = Query::parse(query);
     let timers = &state.config.timers;
@@ -110,6 +110,7 @@ fn prepare(
     if state.shutdown.is_cancelled() {
         return Err(ApiError::shutting_down());
     }
+    hold_new_channels(&state, &channels, ctx.peer.ip())?;
     // History positions in the cursor are checked here, so the answer can only be 200.
     let mut history = Vec::with_capacity(channels.len());
     for ch in &channels {
@@ -122,7 +123,38 @@ fn prepare(
             None => since.as_ref().and_then(|r| r.for_channel(ch)),
         });
     }
-    Ok(hold(state, channels, history, cursor, timeout, close))
+    Ok(hold(state, channels, history, cursor, timeout, ctx.close.clone()))
+}
+
+/// Each channel a poll joins stays subscribed for `--poll-keepalive-secs` after it,
+/// with or without a client: bounded per client address (new channels per keep-alive
+/// period, 429) and per node (503), so polls naming ever new channels cannot pile them
+/// up. Channels the node holds already cost nothing.
+fn hold_new_channels(state: &AppState, channels: &[String], peer: std::net::IpAddr) -> Result<(), ApiError> {
+    let hub = &state.hub;
+    let new = channels.iter().filter(|c| !hub.has_channel(c)).count();
+    if new == 0 {
+        return Ok(());
+    }
+    let limits = &state.config.limits;
+    if hub.channel_count() + new > limits.poll_max_channels {
+        metrics::counter!(crate::metrics::LIMIT_REJECTIONS_TOTAL, "limit" => "poll_channels").increment(1);
+        return Err(ApiError::over_capacity(format!(
+            "this node holds its maximum of {} channels; retry shortly or use another node",
+            limits.poll_max_channels
+        )));
+    }
+    if !state.poll_holds.take(peer, u32::try_from(new).unwrap_or(u32::MAX)) {
+        return Err(ApiError::rate_limited(
+            "poll_channels",
+            format!(
+                "this address polled more than {} new channels within {} s; reuse channels or retry later",
+                limits.poll_channels_per_ip,
+                state.config.timers.poll_keepalive.as_secs()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Joins the channels, waits for messages (or the timeout) and builds the answer.

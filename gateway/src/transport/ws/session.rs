@@ -372,13 +372,7 @@ mod tests {
             crate::hub::HubConfig { linger: Duration::ZERO, poll_buffer: 4, poll_keepalive: Duration::ZERO },
             config.history.clone(),
         );
-        AppState {
-            hub,
-            publishing: Arc::new(crate::publish::Publishing::new(&config)),
-            config: Arc::new(config),
-            shutdown: CancellationToken::new(),
-            auth: None,
-        }
+        AppState::new(config, hub, None, CancellationToken::new())
     }
 
     /// A masked client frame.
