@@ -55,6 +55,8 @@ pub(super) enum End {
     Expired,
     TooBig,
     Protocol,
+    /// A text message or close reason that is not UTF-8 (1007).
+    InvalidData,
     Internal,
 }
 
@@ -292,6 +294,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     async fn finish(mut self, end: End) {
         let (reason, close): (&'static str, Option<(u16, &'static str)>) = match end {
+            // The decoder passes only codes a client may send (never 1005, 1006 or
+            // 1015), so echoing one is valid on the wire.
             End::ClientClosed(code) => ("client_closed", code.map(|c| (c, ""))),
             End::ClientGone => ("client_closed", None),
             End::Slow => ("slow_consumer", Some((1008, "slow consumer"))),
@@ -300,6 +304,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             End::Expired => ("token_expired", Some((TOKEN_EXPIRED, "token expired"))),
             End::TooBig => ("protocol_error", Some((1009, "message too big"))),
             End::Protocol => ("protocol_error", Some((1002, "protocol error"))),
+            End::InvalidData => ("protocol_error", Some((1007, "invalid UTF-8"))),
             End::Internal => ("server_closed", Some((1011, "internal error"))),
         };
         self.guard.set_reason(reason);
@@ -346,6 +351,10 @@ fn poll_client<S: AsyncRead + Unpin>(
             Err(DecodeError::Protocol(why)) => {
                 debug!(why, "websocket protocol error");
                 return Poll::Ready(Err(End::Protocol));
+            }
+            Err(DecodeError::InvalidData(why)) => {
+                debug!(why, "websocket protocol error");
+                return Poll::Ready(Err(End::InvalidData));
             }
         }
         // The read buffer lives on the stack, only for this call.
