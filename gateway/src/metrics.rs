@@ -152,6 +152,7 @@ fn register_known_series() {
         "malformed",
         "algorithm",
         "expired",
+        "not_yet_valid",
         "invalid_signature",
         "wrong_audience",
         "wrong_issuer",

@@ -136,7 +136,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return Box::pin(self.finish(end)).await;
             }
             let ping_every = self.state.config.timers.ws_ping;
-            let expires = self.claims.as_ref().map(|c| Instant::now() + c.remaining());
+            let expires = self.claims.as_ref().map(|c| c.expires_at(Instant::now()));
             let mut next_ping = Instant::now() + ping_every;
             let mut last_seen = Instant::now();
             // One timer for pings and the token's expiry.
