@@ -249,6 +249,41 @@ async fn bearer_scheme_is_case_insensitive_for_tokens_and_api_keys() {
     }
 }
 
+/// The WebSocket `publish` op is limited to the channels the token's `channels` claim
+/// allows, like subscribing: `"pub": true` alone does not open every channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_publish_is_limited_to_the_tokens_channels() {
+    let gw = gateway(&["--ws-publish", "true"]);
+    let admin_reader = hs256(claims(&["admin"], 60));
+    let mut admin = ws_connect(&gw.ws_url(&format!("/ws?token={admin_reader}"))).await;
+    ws_subscribe(&mut admin, &["admin"]).await;
+    let writer =
+        hs256(serde_json::json!({"exp": now() + 60, "channels": ["news.*"], "aud": "fanout", "pub": true}));
+    let mut w = ws_connect(&gw.ws_url(&format!("/ws?token={writer}"))).await;
+    for channel in ["admin", "news", "newsroom", "other.news.a"] {
+        ws_send(&mut w, serde_json::json!({"op": "publish", "channel": channel, "data": "forged"})).await;
+        match ws_next(&mut w).await {
+            ServerFrame::Error { code, message } => {
+                assert_eq!(code, "forbidden", "{channel}: {message}");
+                assert!(message.contains(channel), "{channel}: {message}");
+            }
+            other => panic!("publish to {channel:?} with a news.* token: {other:?}"),
+        }
+    }
+    ws_send(&mut w, serde_json::json!({"op": "publish", "channel": "news.a", "data": "fine"})).await;
+    assert!(matches!(ws_next(&mut w).await, ServerFrame::Published { .. }), "news.a is allowed");
+    // Nothing forged reached the admin channel: its next message is this one.
+    publish_raw(&gw, "admin", "real").await;
+    assert_eq!(without_id(ws_next(&mut admin).await), message("admin", "real"));
+    assert!(gw.metric("gateway_auth_failures_total{reason=\"channel_not_allowed\"}").await >= 4.0);
+}
+
+/// Publishes through the HTTP API (no API keys on these nodes).
+async fn publish_raw(gw: &Gateway, channel: &str, data: &str) {
+    let r = reqwest::Client::new().post(gw.url(&format!("/publish/{channel}"))).body(data.to_owned());
+    assert_eq!(r.send().await.unwrap().status(), 200);
+}
+
 /// Runs `openssl args...` and returns its stdout.
 fn openssl(args: &[&str]) -> Vec<u8> {
     let out = Command::new("openssl").args(args).output().expect("openssl is installed");
