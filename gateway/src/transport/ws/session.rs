@@ -340,6 +340,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             _ => {}
         }
         let io = &mut self.io;
+        if end == End::Stalled {
+            // The client reads nothing: the goodbye goes out only if the socket takes it
+            // now, and the connection is dropped without waiting for a handshake.
+            let _ = write_now(io, &mut [&out]).await;
+            return;
+        }
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             io.write_all(&out).await?;
             io.shutdown().await?;
