@@ -389,6 +389,23 @@ fn cases() -> Vec<Case> {
         vec![],
         fail(1007),
     ));
+    let euro = op_with_raw_id("€".as_bytes());
+    let at = euro.iter().position(|b| *b == 0xe2).unwrap();
+    t.push(case(
+        "utf-8",
+        "code point split over three fragments",
+        [frame(0x01, &euro[..at + 1]), frame(0x00, &euro[at + 1..at + 2]), frame(0x80, &euro[at + 2..])]
+            .concat(),
+        vec![op("€")],
+        Usable,
+    ));
+    t.push(case(
+        "utf-8",
+        "invalid first fragment fails before the message ends",
+        frame(0x01, b"{\"op\":\"ping\",\"id\":\"\xff"),
+        vec![],
+        fail(1007),
+    ));
     t.push(case(
         "utf-8",
         "invalid bytes in a continuation",

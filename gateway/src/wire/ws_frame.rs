@@ -88,8 +88,10 @@ pub fn valid_close_code(code: u16) -> bool {
 pub struct Decoder {
     /// Bytes not yet decoded (the start of an incomplete frame), usually empty.
     buf: Vec<u8>,
-    /// A fragmented message in progress: its opcode and the payload so far.
-    message: Option<(u8, Vec<u8>)>,
+    /// A fragmented message in progress: its opcode, the payload so far, and (text) how
+    /// much of it is checked UTF-8, so a bad byte fails the connection at once and
+    /// nothing is checked twice.
+    message: Option<(u8, Vec<u8>, usize)>,
     max_message: usize,
 }
 
@@ -117,22 +119,23 @@ impl Decoder {
             if op >= opcode::CLOSE {
                 return control(op, payload).map(Some);
             }
-            let (op, payload) = match (op, self.message.take()) {
-                (opcode::CONTINUATION, Some((first, mut so_far))) => {
+            let (op, payload, checked) = match (op, self.message.take()) {
+                (opcode::CONTINUATION, Some((first, mut so_far, checked))) => {
                     if so_far.len() + payload.len() > self.max_message {
                         return Err(DecodeError::TooBig);
                     }
                     so_far.extend_from_slice(&payload);
-                    (first, so_far)
+                    (first, so_far, checked)
                 }
                 (opcode::CONTINUATION, None) => {
                     return Err(DecodeError::Protocol("continuation without a message"));
                 }
                 (_, Some(_)) => return Err(DecodeError::Protocol("new message inside a fragmented one")),
-                (op, None) => (op, payload),
+                (op, None) => (op, payload, 0),
             };
             if !fin {
-                self.message = Some((op, payload));
+                let checked = if op == opcode::TEXT { utf8_prefix(&payload, checked)? } else { 0 };
+                self.message = Some((op, payload, checked));
                 continue;
             }
             return match op {
@@ -190,6 +193,17 @@ impl Decoder {
         let Some(payload) = b.get(at..at + len) else { return Ok(None) };
         let payload = payload.iter().enumerate().map(|(i, x)| x ^ mask[i & 3]).collect();
         Ok(Some((fin, op, payload, at + len)))
+    }
+}
+
+/// How much of a text message in progress is valid UTF-8, checking from `from` on: all
+/// of it but a code point cut at the end by the fragment boundary. Any other invalid
+/// byte fails at once (RFC 6455 §8.1), not when the message is complete.
+fn utf8_prefix(text: &[u8], from: usize) -> Result<usize, DecodeError> {
+    match std::str::from_utf8(&text[from..]) {
+        Ok(_) => Ok(text.len()),
+        Err(e) if e.error_len().is_none() => Ok(from + e.valid_up_to()),
+        Err(_) => Err(DecodeError::InvalidData("text message is not valid UTF-8")),
     }
 }
 
@@ -262,6 +276,8 @@ mod tests {
         bytes.extend(client(0x80, b"mented"));
         bytes.extend(client(0x81, big.as_bytes()));
         bytes.extend(client(0x82, &[0, 1]));
+        // "€" (E2 82 AC) cut across three fragments.
+        bytes.extend([client(0x01, &[0xe2]), client(0x00, &[0x82]), client(0x80, &[0xac])].concat());
         bytes.extend(client(0x8a, b""));
         bytes.extend(client(0x88, &[0x03, 0xe8, b'o', b'k']));
         // Byte by byte: every partial state is visited.
@@ -278,6 +294,7 @@ mod tests {
                 Ok(Incoming::Text("fragmented".into())),
                 Ok(Incoming::Text(big)),
                 Ok(Incoming::Binary(vec![0, 1])),
+                Ok(Incoming::Text("€".into())),
                 Ok(Incoming::Pong),
                 Ok(Incoming::Close(Some(1000))),
             ]
@@ -300,6 +317,12 @@ mod tests {
             (client(0x81, &[0xff, 0xfe]), DecodeError::InvalidData("text message is not valid UTF-8")),
             (
                 [client(0x01, &[b'a', 0xce]), client(0x80, b"a")].concat(),
+                DecodeError::InvalidData("text message is not valid UTF-8"),
+            ),
+            // Fails on the first fragment, without waiting for the rest.
+            (client(0x01, &[b'a', 0xff]), DecodeError::InvalidData("text message is not valid UTF-8")),
+            (
+                [client(0x01, &[0xce]), client(0x00, &[0xba, 0xe2]), client(0x00, &[0x82, b'x'])].concat(),
                 DecodeError::InvalidData("text message is not valid UTF-8"),
             ),
             (client(0x88, &[3]), DecodeError::Protocol("close frame with a one-byte payload")),
