@@ -167,6 +167,9 @@ pub async fn run(
         tracker.clone(),
         header_timeout,
         state.config.timers.drain_window,
+        // A stream's writes are at most a heartbeat apart: one that takes nothing for a
+        // heartbeat interval has a client that stopped reading.
+        state.config.timers.sse_heartbeat,
         state.config.limits.connect_rate_per_ip,
     )
     .await;

@@ -18,7 +18,8 @@ pub const BROKER_MESSAGES_TOTAL: &str = "gateway_broker_messages_received_total"
 pub const DELIVERIES_TOTAL: &str = "gateway_deliveries_total";
 /// Messages not delivered (counter), by `reason`.
 pub const DROPPED_TOTAL: &str = "gateway_dropped_messages_total";
-/// Clients disconnected because their queue overflowed (counter), by `transport`.
+/// Clients disconnected because they fell behind (counter), by `transport`: their queue
+/// overflowed, or a write to them made no progress for an interval (`write_stall`).
 pub const SLOW_CONSUMER_TOTAL: &str = "gateway_slow_consumer_disconnects_total";
 /// Channels with local interest (gauge).
 pub const CHANNELS: &str = "gateway_channels";
@@ -51,10 +52,11 @@ pub const AUTH_FAILURES_TOTAL: &str = "gateway_auth_failures_total";
 pub const REJECTED_TOTAL: &str = "gateway_rejected_requests_total";
 /// Connections or requests refused, or clients cut off, by a configured limit (counter),
 /// by `limit`: `max_connections`, `connect_rate`, `publish_rate`, `queue_messages`,
-/// `queue_bytes`, `demo_streams`, `body_bytes`, `poll_channels`.
+/// `queue_bytes`, `demo_streams`, `body_bytes`, `poll_channels`, `write_stall` (a write
+/// that took no byte for an interval: the client stopped reading).
 pub const LIMIT_REJECTIONS_TOTAL: &str = "gateway_limit_rejections_total";
 /// The values of `limit` on [`LIMIT_REJECTIONS_TOTAL`].
-pub const LIMITS: [&str; 8] = [
+pub const LIMITS: [&str; 9] = [
     "max_connections",
     "connect_rate",
     "publish_rate",
@@ -63,6 +65,7 @@ pub const LIMITS: [&str; 8] = [
     "demo_streams",
     "body_bytes",
     "poll_channels",
+    "write_stall",
 ];
 
 /// The kind of a client connection: the value of the `transport` label.
@@ -153,6 +156,7 @@ fn register_known_series() {
         "malformed",
         "algorithm",
         "expired",
+        "not_yet_valid",
         "invalid_signature",
         "wrong_audience",
         "wrong_issuer",
@@ -176,7 +180,10 @@ fn describe() {
     describe_counter!(BROKER_MESSAGES_TOTAL, "Messages received from the broker.");
     describe_counter!(DELIVERIES_TOTAL, "Messages handed to client queues by transport.");
     describe_counter!(DROPPED_TOTAL, "Messages not delivered, by reason.");
-    describe_counter!(SLOW_CONSUMER_TOTAL, "Clients disconnected because their queue overflowed.");
+    describe_counter!(
+        SLOW_CONSUMER_TOTAL,
+        "Clients disconnected because they fell behind: queue overflow or a stalled write."
+    );
     describe_gauge!(CHANNELS, "Channels with local subscribers (or lingering).");
     describe_gauge!(SUBSCRIPTIONS, "Channel subscriptions held by local clients.");
     describe_gauge!(BROKER_LINK_UP, "1 while the broker link is up, 0 while down.");

@@ -9,7 +9,7 @@ pub mod stream;
 
 use std::{future::Future, net::IpAddr};
 
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use metrics::counter;
 use shared::protocol::{PublishResult, error_code};
@@ -118,12 +118,7 @@ impl Publishing {
         let given = headers
             .get("x-api-key")
             .and_then(|v| v.to_str().ok())
-            .or_else(|| {
-                headers
-                    .get(header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            })
+            .or_else(|| crate::auth::bearer(headers))
             .map(str::trim);
         let unauthorized = |msg: &str| ApiError::new(StatusCode::UNAUTHORIZED, error_code::UNAUTHORIZED, msg);
         let Some(given) = given else {

@@ -348,9 +348,16 @@ impl SseStream {
 impl Drop for SseStream {
     fn drop(&mut self) {
         // A client that stopped reading is cut off before the stream is polled again:
-        // record why here, where it is known for sure.
-        if self.inbox.kicked() == Some(Kick::SlowConsumer) {
-            self.guard.set_reason("slow_consumer");
+        // record why here, where it is known for sure. Either the hub kicked it (its
+        // queue overflowed), or the connection gave up on a stalled write and cancelled
+        // the close token itself (the hub never cancels it without a kick).
+        match self.inbox.kicked() {
+            Some(Kick::SlowConsumer) => self.guard.set_reason("slow_consumer"),
+            None if !self.done && self.inbox.closed().is_cancelled() => {
+                self.guard.set_reason("slow_consumer");
+                metrics::counter!(crate::metrics::SLOW_CONSUMER_TOTAL, "transport" => "sse").increment(1);
+            }
+            None => {}
         }
     }
 }

@@ -98,13 +98,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Publishes for the client through the one publish path: the `published` frame
-    /// with the id, or the error frame refusing it.
+    /// with the id, or the error frame refusing it. With auth on, the token must allow
+    /// publishing (`"pub": true`) and the channel (its `channels` claim, as for reading).
     async fn publish(&mut self, channel: String, data: String, event: Option<String>) -> ServerFrame {
         if !self.state.config.ws_publish {
             return error(code::FORBIDDEN, "publishing over WebSocket is disabled on this server");
         }
         if self.claims.as_ref().is_some_and(|c| !c.publish) {
             return error(code::FORBIDDEN, "the token does not allow publishing (claim \"pub\": true)");
+        }
+        if let Err(e) = crate::auth::check_channels(self.claims.as_deref(), std::slice::from_ref(&channel)) {
+            return error(e.code, &e.message);
         }
         let publishing = &self.state.publishing;
         if let Err(e) = publishing.check(&channel, event.as_deref(), data.as_bytes(), None) {

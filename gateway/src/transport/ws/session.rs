@@ -25,7 +25,7 @@ use crate::{
     hub::{Delivery, Inbox, InboxRx, Subscription},
     metrics::ConnKind,
     server::{
-        io::{write_all_bufs, write_now},
+        io::{is_stall, write_all_bufs_within, write_now},
         signal::Quiet,
     },
     state::AppState,
@@ -49,12 +49,17 @@ pub(super) enum End {
     /// The client sent a close frame (with this code).
     ClientClosed(Option<u16>),
     ClientGone,
+    /// The hub closed it: its queue overflowed.
     Slow,
+    /// A write took no byte for a ping interval: the client stopped reading.
+    Stalled,
     Shutdown,
     Timeout,
     Expired,
     TooBig,
     Protocol,
+    /// A text message or close reason that is not UTF-8 (1007).
+    InvalidData,
     Internal,
 }
 
@@ -134,7 +139,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return Box::pin(self.finish(end)).await;
             }
             let ping_every = self.state.config.timers.ws_ping;
-            let expires = self.claims.as_ref().map(|c| Instant::now() + c.remaining());
+            let expires = self.claims.as_ref().map(|c| c.expires_at(Instant::now()));
             let mut next_ping = Instant::now() + ping_every;
             let mut last_seen = Instant::now();
             // One timer for pings and the token's expiry.
@@ -242,7 +247,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Writes `bufs`. A client that stops reading blocks the write; its inbox then
-    /// overflows and the hub closes it, which ends the wait (as does the drain).
+    /// overflows and the hub closes it, or the write stalls for a ping interval, either
+    /// of which ends the wait (as does the drain).
     pub(super) async fn write(&mut self, bufs: &mut [&[u8]]) -> Result<(), End> {
         if !self.unsent.is_empty() {
             let first = std::mem::take(&mut self.unsent);
@@ -261,12 +267,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
-    /// The rest of a write that has to wait: until done, a kick or the drain.
+    /// The rest of a write that has to wait: until done, a kick, the drain, or a stall
+    /// (no byte taken for a ping interval: the client stopped reading, and while this
+    /// waits no ping timeout is checked).
     async fn write_slow(&mut self, bufs: &mut [&[u8]]) -> Result<(), End> {
+        let stall = self.state.config.timers.ws_ping;
         let Self { io, inbox, shutdown, unsent, .. } = self;
         let end = tokio::select! {
             biased;
-            r = write_all_bufs(io, bufs) => return r.map_err(|_| End::ClientGone),
+            r = write_all_bufs_within(io, bufs, stall) => match r {
+                Ok(()) => return Ok(()),
+                Err(e) if is_stall(&e) => End::Stalled,
+                Err(_) => return Err(End::ClientGone),
+            },
             _ = inbox.closed().cancelled() => End::Slow,
             _ = std::future::poll_fn(|cx| shutdown.poll(cx)) => End::Shutdown,
         };
@@ -292,14 +305,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     async fn finish(mut self, end: End) {
         let (reason, close): (&'static str, Option<(u16, &'static str)>) = match end {
+            // The decoder passes only codes a client may send (never 1005, 1006 or
+            // 1015), so echoing one is valid on the wire.
             End::ClientClosed(code) => ("client_closed", code.map(|c| (c, ""))),
             End::ClientGone => ("client_closed", None),
-            End::Slow => ("slow_consumer", Some((1008, "slow consumer"))),
+            End::Slow | End::Stalled => ("slow_consumer", Some((1008, "slow consumer"))),
             End::Shutdown => ("shutdown", Some((1012, "server restarting, reconnect"))),
             End::Timeout => ("timeout", Some((1001, "ping timeout"))),
             End::Expired => ("token_expired", Some((TOKEN_EXPIRED, "token expired"))),
             End::TooBig => ("protocol_error", Some((1009, "message too big"))),
             End::Protocol => ("protocol_error", Some((1002, "protocol error"))),
+            End::InvalidData => ("protocol_error", Some((1007, "invalid UTF-8"))),
             End::Internal => ("server_closed", Some((1011, "internal error"))),
         };
         self.guard.set_reason(reason);
@@ -308,7 +324,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return;
         }
         let mut out = std::mem::take(&mut self.unsent);
-        if end == End::Slow {
+        if end == End::Stalled {
+            // Counted here: the hub counts the slow consumers it closes itself.
+            metrics::counter!(crate::metrics::SLOW_CONSUMER_TOTAL, "transport" => "ws").increment(1);
+            metrics::counter!(crate::metrics::LIMIT_REJECTIONS_TOTAL, "limit" => "write_stall").increment(1);
+        }
+        if matches!(end, End::Slow | End::Stalled) {
             let f = error(code::SLOW_CONSUMER, "the connection fell too far behind and is closed; reconnect");
             out.extend(ws_frame::encode(opcode::TEXT, &serde_json::to_vec(&f).expect("frames serialize")));
         }
@@ -319,6 +340,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             _ => {}
         }
         let io = &mut self.io;
+        if end == End::Stalled {
+            // The client reads nothing: the goodbye goes out only if the socket takes it
+            // now, and the connection is dropped without waiting for a handshake.
+            let _ = write_now(io, &mut [&out]).await;
+            return;
+        }
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             io.write_all(&out).await?;
             io.shutdown().await?;
@@ -346,6 +373,10 @@ fn poll_client<S: AsyncRead + Unpin>(
             Err(DecodeError::Protocol(why)) => {
                 debug!(why, "websocket protocol error");
                 return Poll::Ready(Err(End::Protocol));
+            }
+            Err(DecodeError::InvalidData(why)) => {
+                debug!(why, "websocket protocol error");
+                return Poll::Ready(Err(End::InvalidData));
             }
         }
         // The read buffer lives on the stack, only for this call.
