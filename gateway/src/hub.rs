@@ -47,7 +47,7 @@ pub use self::{
 /// types, reached through the hub.
 pub use crate::broker::{BrokerError, LinkState, Publish, PublishOutcome};
 use crate::{
-    broker::{Broker, Ready, Sink, memory::MemoryBroker},
+    broker::{Broker, Page, Ready, Sink, memory::MemoryBroker},
     config::HistoryConfig,
     metrics::{self as m, ConnKind},
 };
@@ -100,6 +100,20 @@ pub struct HubConfig {
     pub poll_buffer: usize,
     /// How long a long-poll answer keeps its channels subscribed.
     pub poll_keepalive: Duration,
+    /// How much history one read returns (a replay reads page after page).
+    pub replay_page: Page,
+}
+
+impl HubConfig {
+    /// The hub's settings in `config`: a replay page is what a connection's queue holds.
+    pub fn new(config: &crate::config::Config) -> Self {
+        Self {
+            linger: config.timers.linger,
+            poll_buffer: config.limits.poll_buffer,
+            poll_keepalive: config.timers.poll_keepalive,
+            replay_page: Page { max_count: config.limits.queue_size, max_bytes: config.limits.queue_bytes },
+        }
+    }
 }
 
 struct HubMetrics {

@@ -105,11 +105,7 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let background = TaskTracker::new();
     let background_stop = CancellationToken::new();
-    let hub_config = HubConfig {
-        linger: config.timers.linger,
-        poll_buffer: config.limits.poll_buffer,
-        poll_keepalive: config.timers.poll_keepalive,
-    };
+    let hub_config = HubConfig::new(&config);
     let hub = match &config.redis_url {
         None => Hub::in_memory(hub_config, config.history.clone()),
         Some(url) => {

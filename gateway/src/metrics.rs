@@ -53,10 +53,10 @@ pub const REJECTED_TOTAL: &str = "gateway_rejected_requests_total";
 /// Connections or requests refused, or clients cut off, by a configured limit (counter),
 /// by `limit`: `max_connections`, `connect_rate`, `publish_rate`, `queue_messages`,
 /// `queue_bytes`, `demo_streams`, `body_bytes`, `poll_channels`, `write_stall` (a write
-/// that took no byte for an interval: the client stopped reading).
+/// that took no byte for an interval: the client stopped reading), `resumes`.
 pub const LIMIT_REJECTIONS_TOTAL: &str = "gateway_limit_rejections_total";
 /// The values of `limit` on [`LIMIT_REJECTIONS_TOTAL`].
-pub const LIMITS: [&str; 9] = [
+pub const LIMITS: [&str; 10] = [
     "max_connections",
     "connect_rate",
     "publish_rate",
@@ -66,6 +66,7 @@ pub const LIMITS: [&str; 9] = [
     "body_bytes",
     "poll_channels",
     "write_stall",
+    "resumes",
 ];
 
 /// The kind of a client connection: the value of the `transport` label.

@@ -22,7 +22,7 @@ use shared::StreamPos;
 
 pub use self::publisher::PublishQueue;
 use self::pubsub::{Cmd, PubSubTask};
-use super::{Broker, BrokerError, LinkState, Publish, PublishOutcome, Ready, Recovery, Sink};
+use super::{Broker, BrokerError, LinkState, Page, Publish, PublishOutcome, Ready, Recovery, Sink};
 use crate::{
     config::{HistoryConfig, mask_url},
     metrics as m,
@@ -38,7 +38,6 @@ pub struct RedisBroker {
     publisher: PublishQueue,
     link: watch::Receiver<LinkState>,
     library: Arc<str>,
-    history: HistoryConfig,
 }
 
 /// The Redis Function library source with this node's history limits filled in.
@@ -86,7 +85,7 @@ impl Prepared {
         let task = PubSubTask::new(client, sink, rx, link_tx, library.clone());
         info!(%url, "redis broker starting");
         tracker.spawn(task.run(shutdown));
-        RedisBroker { cmds, pool, publisher, link, library, history }
+        RedisBroker { cmds, pool, publisher, link, library }
     }
 }
 
@@ -143,12 +142,11 @@ impl Broker for RedisBroker {
         &'a self,
         channel: &'a str,
         from: StreamPos,
+        page: Page,
     ) -> BoxFuture<'a, Result<Recovery, BrokerError>> {
-        Box::pin(async move {
-            // Trimming is approximate (`MAXLEN ~`): read a little more than the limit.
-            let count = self.history.max_len + self.history.max_len / 2 + 100;
-            script::parse_since(self.fcall(script::since_cmd(channel, from, count)).await?)
-        })
+        Box::pin(
+            async move { script::parse_since(self.fcall(script::since_cmd(channel, from, page)).await?) },
+        )
     }
 
     fn head<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Option<StreamPos>, BrokerError>> {

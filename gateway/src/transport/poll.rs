@@ -203,12 +203,19 @@ async fn hold(
     // Boxed: these waits are short, and the held future stays small without them.
     Box::pin(hub.wait_ready(joins.iter().map(|j| &j.subscription))).await;
     // Positions are valid on every node: read what the buffer could not give from history.
+    // Their first pages share one page: an answer holds no more; the cursor goes on
+    // from its last message.
+    let shares = from_history.len();
+    let mut unfinished = Vec::new();
     for (ch, from) in from_history {
-        let replay = Box::pin(hub.replay(&ch, from)).await;
+        let replay = Box::pin(hub.replay(&ch, from, shares)).await;
         if !replay.recovered() {
             reset_channels.push(ch.to_string());
         }
         positions.place(&ch, replay.position);
+        if replay.more {
+            unfinished.push(ch.clone());
+        }
         messages.extend(replay.messages);
     }
     // A channel this client holds no position on yet: where history stands now, so the
@@ -252,6 +259,14 @@ async fn hold(
 
     let mut next = Cursor { e: hub.epoch(), p: BTreeMap::new(), h: BTreeMap::new() };
     for ((ch, join), now) in channels.iter().zip(&joins).zip(now) {
+        // A replay cut at a page goes on from its last message, from history (the
+        // node's buffer does not hold what came before this poll).
+        if unfinished.iter().any(|u| **u == **ch) {
+            if let Some(pos) = positions.get(ch) {
+                next.h.insert(ch.clone(), pos.to_string());
+            }
+            continue;
+        }
         next.p.insert(ch.clone(), join.position);
         let pos = positions.get(ch).into_iter().chain(now).max();
         if let Some(pos) = pos {
@@ -259,7 +274,7 @@ async fn hold(
         }
     }
     for d in &messages {
-        if d.seq > 0 {
+        if d.seq > 0 && !unfinished.iter().any(|u| *u == d.channel) {
             let pos = next.p.entry(d.channel.to_string()).or_default();
             *pos = (*pos).max(d.seq);
         }

@@ -16,7 +16,6 @@ use super::{
 };
 use crate::{
     error::{ApiError, quote},
-    hub::Replay,
     publish::message,
     transport::{check_channels, parse_resume},
 };
@@ -54,6 +53,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Ok(r) => r,
             Err(e) => return self.send(&error(e.code, &e.message)).await,
         };
+        // Twice a connection's channels a minute: enough to resume after any hiccup.
+        let max_resumes = limits.max_channels_per_connection * 2;
+        if !resume.is_empty() && !self.resumes.take(resume.len(), max_resumes) {
+            metrics::counter!(crate::metrics::LIMIT_REJECTIONS_TOTAL, "limit" => "resumes").increment(1);
+            let message = format!(
+                "more than {max_resumes} resumes (\"since\") on this connection within {} s; reconnect to resume",
+                super::session::ResumeBudget::WINDOW.as_secs()
+            );
+            return self.send(&error(code::RATE_LIMITED, &message)).await;
+        }
         let new: Vec<&String> =
             channels.iter().filter(|c| !self.subs.iter().any(|s| **s.channel() == ***c)).collect();
         let total = self.subs.len() + new.len();
@@ -74,27 +83,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         hub.wait_ready(&self.subs[first_new..]).await;
         // Replay after the live subscription is ready, so nothing falls in between;
         // live messages that overlap the replay are dropped by `positions`.
+        // The first pages share one page's budget; the rest follow a page at a time, so
+        // a replay holds no more than a queue's worth whatever the gap.
         let mut replays = Vec::with_capacity(resume.len());
+        let shares = resume.len();
         for (ch, from) in resume {
             let Some(name) = self.subs.iter().find(|s| **s.channel() == *ch).map(|s| s.channel().clone())
             else {
                 continue;
             };
-            let replay = hub.replay(&name, from).await;
+            let replay = hub.replay(&name, from, shares).await;
             self.positions.place(&name, replay.position);
-            replays.push(replay);
+            replays.push((name, replay));
         }
-        let recovered = !replays.is_empty() && replays.iter().all(Replay::recovered);
+        let recovered = !replays.is_empty() && replays.iter().all(|(_, r)| r.recovered());
         self.send(&ServerFrame::Subscribed { channels, recovered }).await?;
-        let mut out = Vec::new();
-        for r in replays {
-            if !r.recovered() {
-                metrics::counter!(crate::metrics::RESETS_TOTAL, "transport" => "ws").increment(1);
+        for (name, mut replay) in replays {
+            loop {
+                if !replay.recovered() {
+                    metrics::counter!(crate::metrics::RESETS_TOTAL, "transport" => "ws").increment(1);
+                }
+                let next = replay.more.then(|| replay.messages.last().and_then(|d| d.pos)).flatten();
+                let page: Vec<_> = replay.into_deliveries().filter(|d| self.positions.accept(d)).collect();
+                let mut bufs: Vec<&[u8]> = page.iter().map(|d| &d.ws_frame()[..]).collect();
+                self.write(&mut bufs).await?;
+                let Some(from) = next else { break };
+                replay = hub.replay_more(&name, from).await;
+                self.positions.place(&name, replay.position);
             }
-            out.extend(r.into_deliveries().filter(|d| self.positions.accept(d)));
         }
-        let mut bufs: Vec<&[u8]> = out.iter().map(|d| &d.ws_frame()[..]).collect();
-        self.write(&mut bufs).await
+        Ok(())
     }
 
     /// Publishes for the client through the one publish path: the `published` frame

@@ -90,6 +90,40 @@ pub struct Session<S> {
     /// (one write for both), or the rest of frames whose write was cut short (kick or
     /// drain), so the client still sees whole frames before the closing ones.
     pub(super) unsent: Vec<u8>,
+    /// Channel resumes (`since`) this connection made in the current minute.
+    pub(super) resumes: ResumeBudget,
+}
+
+/// How many channel resumes one connection may make per minute: each one replays
+/// history, so a client resubscribing with an old position again and again would make
+/// the node send far more than it receives.
+#[derive(Debug)]
+pub(super) struct ResumeBudget {
+    window: Instant,
+    used: u32,
+}
+
+impl ResumeBudget {
+    /// The window a budget counts over.
+    pub(super) const WINDOW: Duration = Duration::from_secs(60);
+
+    fn new() -> Self {
+        Self { window: Instant::now(), used: 0 }
+    }
+
+    /// Takes `n` resumes out of `max` for the current window; false when over.
+    pub(super) fn take(&mut self, n: usize, max: usize) -> bool {
+        let now = Instant::now();
+        if now.duration_since(self.window) >= Self::WINDOW {
+            (self.window, self.used) = (now, 0);
+        }
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        if self.used.saturating_add(n) as usize > max {
+            return false;
+        }
+        self.used += n;
+        true
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -120,6 +154,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             claims: claims.map(Box::new),
             shutdown,
             unsent: head,
+            resumes: ResumeBudget::new(),
             state,
         }
     }
@@ -400,7 +435,7 @@ mod tests {
     fn state() -> AppState {
         let config = crate::config::Config::default();
         let hub = crate::hub::Hub::in_memory(
-            crate::hub::HubConfig { linger: Duration::ZERO, poll_buffer: 4, poll_keepalive: Duration::ZERO },
+            crate::hub::HubConfig { linger: Duration::ZERO, ..crate::hub::HubConfig::new(&config) },
             config.history.clone(),
         );
         AppState::new(config, hub, None, CancellationToken::new())
