@@ -257,43 +257,6 @@ impl Hub {
         shard.channels.get_mut(channel).expect("inserted above")
     }
 
-    /// Learns where `channel`'s history stands once its subscription is live, so an
-    /// outage before its first history message can still be replayed.
-    fn fetch_head(&self, name: Arc<str>, ready: Arc<Ready>) {
-        let (Ok(rt), Some(hub)) = (tokio::runtime::Handle::try_current(), self.me.upgrade()) else { return };
-        rt.spawn(async move {
-            if tokio::time::timeout(READY_WAIT, ready.wait()).await.is_err() {
-                return;
-            }
-            let Ok(head) = hub.broker.head(&name).await else { return };
-            hub.record_head(&name, head);
-        });
-    }
-
-    /// Keeps what history's newest position was when this node subscribed `channel`.
-    fn record_head(&self, channel: &str, head: Option<StreamPos>) {
-        if let Some(ch) = self.shard(channel).channels.get_mut(channel) {
-            ch.head = ch.head.or(head);
-            ch.head_read = true;
-        }
-    }
-
-    /// Where `channel`'s history stands as this node has delivered it: the newest
-    /// history position dispatched here, else history's newest when this node
-    /// subscribed (read now if it has not been yet); `None` for a channel without
-    /// history (or when history cannot be read).
-    pub async fn history_position(&self, channel: &str) -> Option<StreamPos> {
-        if let Some(ch) = self.shard(channel).channels.get(channel)
-            && (ch.last_pos.is_some() || ch.head_read)
-        {
-            return ch.last_pos.or(ch.head);
-        }
-        let head = self.broker.head(channel).await.ok()?;
-        self.record_head(channel, head);
-        let shard = self.shard(channel);
-        shard.channels.get(channel).map_or(head, |ch| ch.last_pos.or(ch.head))
-    }
-
     /// Adds `inbox` as a subscriber of `channel` (already validated).
     pub fn subscribe(self: &Arc<Self>, channel: &str, inbox: &Arc<Inbox>) -> Subscription {
         let mut shard = self.shard(channel);

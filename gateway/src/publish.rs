@@ -5,6 +5,7 @@
 //! too, so each entry point only says where its message comes from; [`stream`] cuts a
 //! streaming body (lines or SSE) into messages.
 
+pub mod bodies;
 pub mod stream;
 
 use std::{future::Future, net::IpAddr};
@@ -15,8 +16,8 @@ use metrics::counter;
 use shared::protocol::{PublishResult, error_code};
 use subtle::ConstantTimeEq;
 
+use self::bodies::BodyBudget;
 use crate::{
-    api::body::BodyBudget,
     config::{Config, Limits, Secret},
     error::{ApiError, quote},
     hub::{Hub, Publish},

@@ -59,7 +59,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             metrics::counter!(crate::metrics::LIMIT_REJECTIONS_TOTAL, "limit" => "resumes").increment(1);
             let message = format!(
                 "more than {max_resumes} resumes (\"since\") on this connection within {} s; reconnect to resume",
-                super::session::ResumeBudget::WINDOW.as_secs()
+                crate::transport::ResumeBudget::WINDOW.as_secs()
             );
             return self.send(&error(code::RATE_LIMITED, &message)).await;
         }

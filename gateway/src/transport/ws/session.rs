@@ -91,39 +91,7 @@ pub struct Session<S> {
     /// drain), so the client still sees whole frames before the closing ones.
     pub(super) unsent: Vec<u8>,
     /// Channel resumes (`since`) this connection made in the current minute.
-    pub(super) resumes: ResumeBudget,
-}
-
-/// How many channel resumes one connection may make per minute: each one replays
-/// history, so a client resubscribing with an old position again and again would make
-/// the node send far more than it receives.
-#[derive(Debug)]
-pub(super) struct ResumeBudget {
-    window: Instant,
-    used: u32,
-}
-
-impl ResumeBudget {
-    /// The window a budget counts over.
-    pub(super) const WINDOW: Duration = Duration::from_secs(60);
-
-    fn new() -> Self {
-        Self { window: Instant::now(), used: 0 }
-    }
-
-    /// Takes `n` resumes out of `max` for the current window; false when over.
-    pub(super) fn take(&mut self, n: usize, max: usize) -> bool {
-        let now = Instant::now();
-        if now.duration_since(self.window) >= Self::WINDOW {
-            (self.window, self.used) = (now, 0);
-        }
-        let n = u32::try_from(n).unwrap_or(u32::MAX);
-        if self.used.saturating_add(n) as usize > max {
-            return false;
-        }
-        self.used += n;
-        true
-    }
+    pub(super) resumes: crate::transport::ResumeBudget,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -154,7 +122,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             claims: claims.map(Box::new),
             shutdown,
             unsent: head,
-            resumes: ResumeBudget::new(),
+            resumes: crate::transport::ResumeBudget::new(),
             state,
         }
     }
