@@ -192,8 +192,9 @@ pub trait Broker: Send + Sync + 'static {
     fn unsubscribe(&self, channel: Arc<str>);
     /// Publishes a message to every node. The message is queued when this is called,
     /// not when the future is first polled: history publishes called one after another
-    /// are published in that order.
-    fn publish(&self, msg: Publish) -> BoxFuture<'_, Result<PublishOutcome, BrokerError>>;
+    /// are published in that order. The future borrows nothing: a caller may keep
+    /// several in flight.
+    fn publish(&self, msg: Publish) -> BoxFuture<'static, Result<PublishOutcome, BrokerError>>;
     /// The messages of `channel` after `from` (at most a `page` of them), and whether
     /// history still covers them.
     fn since<'a>(

@@ -220,7 +220,7 @@ impl Hub {
     pub fn publish(
         &self,
         msg: Publish,
-    ) -> impl Future<Output = Result<PublishOutcome, BrokerError>> + Send + '_ {
+    ) -> impl Future<Output = Result<PublishOutcome, BrokerError>> + Send + 'static {
         self.broker.publish(msg)
     }
 

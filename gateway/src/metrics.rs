@@ -46,6 +46,11 @@ pub const DISPATCH_LATENCY: &str = "gateway_publish_to_dispatch_seconds";
 /// Buckets of [`DISPATCH_LATENCY`], in seconds.
 pub const DISPATCH_LATENCY_BUCKETS: [f64; 13] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+/// History publishes sent to Redis in one pipeline (histogram, explicit buckets): how
+/// much the publish queue batches under load.
+pub const PUBLISH_BATCH: &str = "gateway_publish_batch_messages";
+/// Buckets of [`PUBLISH_BATCH`], in messages.
+pub const PUBLISH_BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 /// Subscriber authentication failures (counter), by `reason`.
 pub const AUTH_FAILURES_TOTAL: &str = "gateway_auth_failures_total";
 /// Requests refused for bad input (counter), by `reason`.
@@ -101,6 +106,8 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(DISPATCH_LATENCY.to_owned()), &DISPATCH_LATENCY_BUCKETS)
+                .expect("buckets are not empty")
+                .set_buckets_for_metric(Matcher::Full(PUBLISH_BATCH.to_owned()), &PUBLISH_BATCH_BUCKETS)
                 .expect("buckets are not empty")
                 .build_recorder();
             let handle = recorder.handle();
@@ -198,6 +205,11 @@ fn describe() {
         DISPATCH_LATENCY,
         metrics::Unit::Seconds,
         "Publish (Redis clock) to dispatch on this node, history messages."
+    );
+    metrics::describe_histogram!(
+        PUBLISH_BATCH,
+        metrics::Unit::Count,
+        "History publishes sent to Redis in one pipeline."
     );
     describe_counter!(AUTH_FAILURES_TOTAL, "Subscriber authentication failures by reason.");
     describe_counter!(REJECTED_TOTAL, "Requests refused for bad input, by reason.");

@@ -167,12 +167,13 @@ impl Publishing {
     }
 
     /// Publishes a checked message with history through the hub. It is queued when
-    /// this is called: publishes called one after another keep that order.
-    pub fn publish<'a>(
+    /// this is called: publishes called one after another keep that order. The future
+    /// borrows nothing, so a caller may keep several in flight.
+    pub fn publish(
         &self,
-        hub: &'a Hub,
+        hub: &Hub,
         msg: Publish,
-    ) -> impl Future<Output = Result<PublishResult, ApiError>> + Send + 'a {
+    ) -> impl Future<Output = Result<PublishResult, ApiError>> + Send + 'static {
         let channel = msg.channel.clone();
         let outcome = hub.publish(Publish { history: true, ..msg });
         async move {

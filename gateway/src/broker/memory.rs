@@ -116,7 +116,7 @@ impl Broker for MemoryBroker {
         self.channels().remove(&channel);
     }
 
-    fn publish(&self, msg: Publish) -> BoxFuture<'_, Result<PublishOutcome, BrokerError>> {
+    fn publish(&self, msg: Publish) -> BoxFuture<'static, Result<PublishOutcome, BrokerError>> {
         let now = now_ms();
         let mut st = self.state();
         let subscribed = self.channels().contains(msg.channel.as_str());

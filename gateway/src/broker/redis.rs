@@ -118,15 +118,16 @@ impl Broker for RedisBroker {
         let _ = self.cmds.send(Cmd::Unsub(channel));
     }
 
-    fn publish(&self, msg: Publish) -> BoxFuture<'_, Result<PublishOutcome, BrokerError>> {
+    fn publish(&self, msg: Publish) -> BoxFuture<'static, Result<PublishOutcome, BrokerError>> {
         if msg.history {
             // Queued now, pipelined with every other history publish, in call order.
             return Box::pin(self.publisher.publish(msg));
         }
+        let pool = self.pool.clone();
         Box::pin(async move {
             let payload = super::frame(&msg);
             let fut = async {
-                let mut conn = self.pool.get().await.map_err(|e| BrokerError::Pool(e.to_string()))?;
+                let mut conn = pool.get().await.map_err(|e| BrokerError::Pool(e.to_string()))?;
                 let receivers: i64 =
                     redis::cmd("PUBLISH").arg(&msg.channel).arg(&payload[..]).query_async(&mut conn).await?;
                 Ok::<_, BrokerError>(receivers)

@@ -214,6 +214,7 @@ settings! {
     /// Seconds between WebSocket pings; a client silent for two intervals is dropped.
     ws_ping_secs: u64 = "25", "GATEWAY_WS_PING_SECS", checks::positive;
     /// Allow the WebSocket `publish` op.
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
     ws_publish: bool = "false", "GATEWAY_WS_PUBLISH";
     /// Serve the demo page's answer generator, `POST /demo/answer`: it publishes a
     /// made-up answer token by token into a fresh channel. Off: 404.

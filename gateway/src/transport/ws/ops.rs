@@ -1,9 +1,20 @@
 //! The client's ops on a WebSocket session: `subscribe` (with `since` to resume),
 //! `unsubscribe`, `publish` (where allowed, through the one publish path) and `ping`,
-//! each answered with a frame; a refused op gets an `error` frame and never closes the
-//! connection.
+//! each answered with a frame, in the order the ops came; a refused op gets an `error`
+//! frame and never closes the connection.
+//!
+//! Publishes are pipelined: the session reads on while up to [`MAX_PUBLISHES_IN_FLIGHT`]
+//! wait for the broker (queued in op order, so they are published in that order), and
+//! their answers go out as they complete, in order. Any other op waits for the
+//! publishes before it to be answered first.
+
+use std::{
+    collections::VecDeque,
+    task::{Context, Poll},
+};
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use shared::{
     Resume, StreamPos,
     protocol::{CLIENT_OPS, ClientOp, ServerFrame, Since, error_code as code},
@@ -24,18 +35,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(super) async fn handle_op(&mut self, text: &str) -> Result<(), End> {
         let op = match serde_json::from_str::<ClientOp>(text) {
             Ok(op) => op,
-            Err(err) => return self.send(&op_error(text, &err)).await,
+            Err(err) => {
+                self.answer_publishes().await?;
+                return self.send(&op_error(text, &err)).await;
+            }
         };
+        if let ClientOp::Publish { channel, data, event } = op {
+            let answer = self.publish(channel, data, event);
+            self.publishes.get_or_insert_default().0.push_back(answer);
+            return Ok(());
+        }
+        self.answer_publishes().await?;
         match op {
             ClientOp::Subscribe { channels, since } => self.subscribe(channels, since).await,
             ClientOp::Unsubscribe { channels } => {
                 self.subs.retain(|s| !channels.iter().any(|c| **c == **s.channel()));
                 self.send(&ServerFrame::Unsubscribed { channels }).await
             }
-            ClientOp::Publish { channel, data, event } => {
-                let frame = self.publish(channel, data, event).await;
-                self.send(&frame).await
-            }
+            ClientOp::Publish { .. } => unreachable!("queued above"),
             ClientOp::Ping { id } => self.send(&ServerFrame::Pong { id }).await,
         }
     }
@@ -118,24 +135,84 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Publishes for the client through the one publish path: the `published` frame
     /// with the id, or the error frame refusing it. With auth on, the token must allow
     /// publishing (`"pub": true`) and the channel (its `channels` claim, as for reading).
-    async fn publish(&mut self, channel: String, data: String, event: Option<String>) -> ServerFrame {
+    /// The message is queued now; the answer comes when the broker has taken it.
+    fn publish(
+        &mut self,
+        channel: String,
+        data: String,
+        event: Option<String>,
+    ) -> BoxFuture<'static, ServerFrame> {
+        let refused =
+            |frame: ServerFrame| -> BoxFuture<'static, ServerFrame> { Box::pin(std::future::ready(frame)) };
         if !self.state.config.ws_publish {
-            return error(code::FORBIDDEN, "publishing over WebSocket is disabled on this server");
+            return refused(error(code::FORBIDDEN, "publishing over WebSocket is disabled on this server"));
         }
         if self.claims.as_ref().is_some_and(|c| !c.publish) {
-            return error(code::FORBIDDEN, "the token does not allow publishing (claim \"pub\": true)");
+            return refused(error(
+                code::FORBIDDEN,
+                "the token does not allow publishing (claim \"pub\": true)",
+            ));
         }
         if let Err(e) = crate::auth::check_channels(self.claims.as_deref(), std::slice::from_ref(&channel)) {
-            return error(e.code, &e.message);
+            return refused(error(e.code, &e.message));
         }
         let publishing = &self.state.publishing;
         if let Err(e) = publishing.check(&channel, event.as_deref(), data.as_bytes(), None) {
-            return error(e.code, &e.message);
+            return refused(error(e.code, &e.message));
         }
-        match publishing.publish(&self.state.hub, message(channel, Bytes::from(data), event, None)).await {
-            Ok(r) => ServerFrame::Published { channel: r.channel, id: r.id },
-            Err(e) => error(e.code, &e.message),
+        let outcome = publishing.publish(&self.state.hub, message(channel, Bytes::from(data), event, None));
+        Box::pin(async move {
+            match outcome.await {
+                Ok(r) => ServerFrame::Published { channel: r.channel, id: r.id },
+                Err(e) => error(e.code, &e.message),
+            }
+        })
+    }
+
+    /// Waits for every publish in flight and writes its answer.
+    pub(super) async fn answer_publishes(&mut self) -> Result<(), End> {
+        while let Some(p) = self.publishes.as_deref_mut()
+            && !p.is_empty()
+        {
+            let frames = std::future::poll_fn(|cx| p.poll_answered(cx)).await;
+            self.send_all(&frames).await?;
         }
+        Ok(())
+    }
+}
+
+/// Most publish ops of one connection waiting for the broker; the session stops
+/// reading the client while this many are.
+pub(super) const MAX_PUBLISHES_IN_FLIGHT: usize = 256;
+
+/// A connection's publish ops waiting for the broker, in the order they came.
+#[derive(Default)]
+pub(super) struct Publishes(VecDeque<BoxFuture<'static, ServerFrame>>);
+
+impl Publishes {
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether the session may read another op.
+    pub(super) fn has_room(&self) -> bool {
+        self.0.len() < MAX_PUBLISHES_IN_FLIGHT
+    }
+
+    /// The answers of the publishes done at the front of the queue, in order; pending
+    /// while the first is not done (or none is in flight).
+    pub(super) fn poll_answered(&mut self, cx: &mut Context<'_>) -> Poll<Vec<ServerFrame>> {
+        let mut frames = Vec::new();
+        while let Some(front) = self.0.front_mut() {
+            match front.as_mut().poll(cx) {
+                Poll::Ready(frame) => {
+                    frames.push(frame);
+                    self.0.pop_front();
+                }
+                Poll::Pending => break,
+            }
+        }
+        if frames.is_empty() { Poll::Pending } else { Poll::Ready(frames) }
     }
 }
 

@@ -19,7 +19,10 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::reply::{TOKEN_EXPIRED, error};
+use super::{
+    ops::Publishes,
+    reply::{TOKEN_EXPIRED, error},
+};
 use crate::{
     auth::Claims,
     hub::{Delivery, Inbox, InboxRx, Subscription},
@@ -66,6 +69,8 @@ pub(super) enum End {
 /// What woke the session.
 enum Event {
     Delivery(Option<Arc<Delivery>>),
+    /// Publish ops answered by the broker, in order.
+    Published(Vec<ServerFrame>),
     Client(Result<Incoming, End>),
     Timer,
     Shutdown,
@@ -92,6 +97,8 @@ pub struct Session<S> {
     pub(super) unsent: Vec<u8>,
     /// Channel resumes (`since`) this connection made in the current minute.
     pub(super) resumes: crate::transport::ResumeBudget,
+    /// Publish ops waiting for the broker (boxed: most connections never publish).
+    pub(super) publishes: Option<Box<Publishes>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -123,6 +130,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             shutdown,
             unsent: head,
             resumes: crate::transport::ResumeBudget::new(),
+            publishes: None,
             state,
         }
     }
@@ -156,8 +164,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 turns = turns.wrapping_add(1);
                 let signals_first = turns.is_multiple_of(SIGNALS_EVERY);
-                let (rx, io, decoder, shutdown) =
-                    (&mut self.rx, &mut self.io, &mut self.decoder, &mut self.shutdown);
+                let (rx, io, decoder, shutdown, publishes) =
+                    (&mut self.rx, &mut self.io, &mut self.decoder, &mut self.shutdown, &mut self.publishes);
                 let event = std::future::poll_fn(|cx| {
                     if signals_first && shutdown.poll(cx).is_ready() {
                         return Poll::Ready(Event::Shutdown);
@@ -168,7 +176,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     if !signals_first && shutdown.poll(cx).is_ready() {
                         return Poll::Ready(Event::Shutdown);
                     }
-                    if let Poll::Ready(r) = poll_client(io, decoder, cx) {
+                    if let Some(p) = publishes.as_deref_mut()
+                        && let Poll::Ready(frames) = p.poll_answered(cx)
+                    {
+                        return Poll::Ready(Event::Published(frames));
+                    }
+                    // With too many publishes in flight the client waits: its socket
+                    // is not read until answers go out.
+                    if publishes.as_deref().is_none_or(Publishes::has_room)
+                        && let Poll::Ready(r) = poll_client(io, decoder, cx)
+                    {
                         return Poll::Ready(Event::Client(r));
                     }
                     if timer.as_mut().poll(cx).is_ready() {
@@ -181,6 +198,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Event::Shutdown => Err(End::Shutdown),
                     Event::Delivery(None) => Err(End::Internal),
                     Event::Delivery(Some(d)) => self.write_batch(d).await,
+                    Event::Published(frames) => Box::pin(self.send_all(&frames)).await,
                     Event::Client(Err(end)) => Err(end),
                     Event::Client(Ok(msg)) => {
                         last_seen = Instant::now();
@@ -191,7 +209,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                                     code::BAD_REQUEST,
                                     "binary frames are not supported; send JSON text frames",
                                 );
-                                Box::pin(self.send(&f)).await
+                                Box::pin(async {
+                                    self.answer_publishes().await?;
+                                    self.send(&f).await
+                                })
+                                .await
                             }
                             Incoming::Ping(payload) => {
                                 Box::pin(self.write_frame(opcode::PONG, &payload)).await
@@ -304,6 +326,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(super) async fn send(&mut self, frame: &ServerFrame) -> Result<(), End> {
         let text = serde_json::to_vec(frame).expect("frames serialize");
         self.write_frame(opcode::TEXT, &text).await
+    }
+
+    /// Sends JSON frames in one write.
+    pub(super) async fn send_all(&mut self, frames: &[ServerFrame]) -> Result<(), End> {
+        let mut out = Vec::new();
+        for frame in frames {
+            out.extend(ws_frame::encode(opcode::TEXT, &serde_json::to_vec(frame).expect("frames serialize")));
+        }
+        self.write(&mut [&out]).await
     }
 
     async fn finish(mut self, end: End) {
