@@ -75,18 +75,31 @@ impl Hub {
         (entries, covered, position)
     }
 
-    /// Starts recovery after a broker outage: every channel that has seen history
-    /// messages holds its live messages from now on (this runs before the broker reads
-    /// anything from the new link, so no live message can overtake the replay). Returns
-    /// the channels and the positions to replay from.
-    pub(super) fn begin_recovery(&self) -> Vec<(Arc<str>, StreamPos)> {
+    /// Starts recovery after a broker outage (of every channel, or of `only` these):
+    /// each channel that has seen history messages holds its live messages from now on
+    /// (this runs before the broker reads anything from the new link, so no live
+    /// message can overtake the replay). Returns the channels and the positions to
+    /// replay from.
+    pub(super) fn begin_recovery(&self, only: Option<&[Arc<str>]>) -> Vec<(Arc<str>, StreamPos)> {
         let mut todo = Vec::new();
-        for shard in self.shards.iter() {
-            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            for ch in shard.channels.values_mut() {
-                if let Some(pos) = ch.last_pos.or(ch.head) {
-                    ch.recovering.get_or_insert_with(Vec::new);
-                    todo.push((ch.name.clone(), pos));
+        let mut begin = |ch: &mut Channel| {
+            if let Some(pos) = ch.last_pos.or(ch.head) {
+                ch.recovering.get_or_insert_with(Vec::new);
+                todo.push((ch.name.clone(), pos));
+            }
+        };
+        match only {
+            Some(names) => {
+                for name in names {
+                    if let Some(ch) = self.shard(name).channels.get_mut(&**name) {
+                        begin(ch);
+                    }
+                }
+            }
+            None => {
+                for shard in self.shards.iter() {
+                    let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+                    shard.channels.values_mut().for_each(&mut begin);
                 }
             }
         }
@@ -101,7 +114,19 @@ impl Hub {
     /// consumer.
     pub(super) async fn finish_recovery(self: Arc<Self>, todo: Vec<(Arc<str>, StreamPos)>) {
         for (name, from) in todo {
-            let (entries, covered, position) = self.history_after(&name, from).await;
+            let (entries, mut covered, mut position) = self.history_after(&name, from).await;
+            if !covered && entries.is_empty() && position.is_some_and(|head| head < from) {
+                // History ends before what this node delivered: it lost its newest
+                // messages (a Redis Cluster master failed before its replica had them,
+                // or Redis restarted from an older snapshot), which were delivered live
+                // here, so nothing was missed. Go on from history's newest, so the
+                // messages published after it are not taken for repeats.
+                covered = true;
+                position = position.map(|head| head.min(from));
+                if let Some(ch) = self.shard(&name).channels.get_mut(&*name) {
+                    ch.last_pos = position;
+                }
+            }
             let mut shard = self.shard(&name);
             let Some(ch) = shard.channels.get_mut(&*name) else { continue };
             if !covered {
@@ -116,10 +141,11 @@ impl Hub {
                 // Positions ahead of what history holds would hide every new message.
                 ch.last_pos = position;
             }
-            for e in entries {
+            for mut e in entries {
+                let key = e.key.take();
                 let mut d = from_history(ch.name.clone(), e, self.next_seq());
                 d.catch_up = true;
-                self.deliver_locked(ch, d);
+                self.deliver_locked(ch, d, key.as_deref());
             }
             self.release_held(ch);
         }

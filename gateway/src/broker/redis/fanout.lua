@@ -1,8 +1,11 @@
 #!lua name=fanout
 -- Publishing with history, callable by any Redis client:
 --   FCALL fanout_publish 1 <channel> <data> [<event> [<idempotency-key> [<stream> <seq>]]]
--- appends to the bounded stream fanout:history:{<channel>} and PUBLISHes a gateway
--- frame carrying the new id, so every node delivers it with its position. It answers
+-- appends to the bounded stream fanout:history:{<channel>} and PUBLISHes (SPUBLISH on
+-- a Redis Cluster) a gateway frame carrying the new id, so every node delivers it with
+-- its position. The key may also be the history key itself, fanout:history:{<channel>}
+-- (the gateway passes that one: on a cluster, a key that exists keeps the call on the
+-- node holding the history while the slot migrates); every function takes either. It answers
 -- {id, receivers}; receivers is -1 for a repeat (an idempotency key seen within its
 -- window: id is the first publish's). A message of a publishing stream (<stream>, a
 -- name unique to one streaming request, and <seq> = 1, 2, 3...) is published only in
@@ -23,6 +26,12 @@ local MAGIC = '\0fo1\n'
 
 local function stream_key(ch) return 'fanout:history:{' .. ch .. '}' end
 
+-- The channel a function was called for: its key is the channel or its history key.
+local function channel_of(key)
+  if key == nil then return nil end
+  return string.match(key, '^fanout:history:{(.*)}$') or key
+end
+
 -- Whether decimal number a < b, for digit strings without leading zeros (any length:
 -- Lua's numbers cannot hold every 64-bit value).
 local function num_less(a, b)
@@ -40,7 +49,7 @@ local function id_less(a, b)
 end
 
 local function publish(keys, args)
-  local ch = keys[1]
+  local ch = channel_of(keys[1])
   local data = args[1]
   if ch == nil or data == nil then
     return redis.error_reply(
@@ -74,15 +83,18 @@ local function publish(keys, args)
       return redis.error_reply('stream out of order: expected seq ' .. (last + 1) .. ', got ' .. seq)
     end
   end
+  -- What makes a retry the same message, carried in the frame and the entry, so a node
+  -- can drop a repeat that a failover let through under a new id.
+  local dedupe = ''
+  if idem ~= '' then dedupe = 'i' .. idem elseif sid ~= '' then dedupe = 's' .. sid .. ':' .. seq end
   local t = redis.call('TIME')
   local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local key = stream_key(ch)
   local id
-  if event ~= '' then
-    id = redis.call('XADD', key, 'MAXLEN', '~', MAXLEN, '*', 'd', data, 'e', event)
-  else
-    id = redis.call('XADD', key, 'MAXLEN', '~', MAXLEN, '*', 'd', data)
-  end
+  local fields = {'d', data}
+  if event ~= '' then fields[#fields + 1] = 'e'; fields[#fields + 1] = event end
+  if dedupe ~= '' then fields[#fields + 1] = 'k'; fields[#fields + 1] = dedupe end
+  id = redis.call('XADD', key, 'MAXLEN', '~', MAXLEN, '*', unpack(fields))
   if MAXAGE_MS > 0 then
     redis.call('XTRIM', key, 'MINID', '~', (now_ms - MAXAGE_MS) .. '-0')
   end
@@ -94,7 +106,8 @@ local function publish(keys, args)
   end
   local header = '{"id":"' .. id .. '","ts":' .. now_ms
   if event ~= '' then header = header .. ',"event":' .. cjson.encode(event) end
-  local n = redis.call('PUBLISH', ch, MAGIC .. header .. '}\n' .. data)
+  if dedupe ~= '' then header = header .. ',"key":' .. cjson.encode(dedupe) end
+  local n = redis.call('__PUBLISH__', ch, MAGIC .. header .. '}\n' .. data)
   return {id, n}
 end
 
@@ -106,8 +119,12 @@ end
 --           messages are gone: entries are all that is left.
 --   reset   history cannot cover the gap (the id was trimmed or expired, the stream
 --           was wiped, or the id is after the newest one): no entries.
+-- An id inside the stream's range that it never held comes from a fork: a Redis Cluster
+-- master failed before its replica had its newest messages, which subscribers had
+-- already seen. What came after it is all here ('ok'); a republished message among it
+-- carries its key ('k'), so nodes drop the repeat.
 local function since(keys, args)
-  local key = stream_key(keys[1])
+  local key = stream_key(channel_of(keys[1]))
   local from = args[1] or '0-0'
   local count = tonumber(args[2] or '1000')
   if redis.call('EXISTS', key) == 0 then
@@ -115,11 +132,12 @@ local function since(keys, args)
     return {'reset', {}, '0-0'}
   end
   local info = redis.call('XINFO', 'STREAM', key)
-  local last, length, added = '0-0', 0, 0
+  local last, length, added, first = '0-0', 0, 0, nil
   for i = 1, #info, 2 do
     if info[i] == 'last-generated-id' then last = info[i + 1] end
     if info[i] == 'length' then length = info[i + 1] end
     if info[i] == 'entries-added' then added = info[i + 1] end
+    if info[i] == 'first-entry' and type(info[i + 1]) == 'table' then first = info[i + 1][1] end
   end
   if from == last then return {'ok', {}, last} end
   if from == '0-0' then
@@ -129,14 +147,15 @@ local function since(keys, args)
     if added == length then return {'ok', entries, last} end
     return {'trimmed', entries, last}
   end
-  if id_less(last, from) or #redis.call('XRANGE', key, from, from) == 0 then
-    return {'reset', {}, last}
+  if id_less(last, from) then return {'reset', {}, last} end
+  if #redis.call('XRANGE', key, from, from) == 0 then
+    if first == nil or not id_less(first, from) then return {'reset', {}, last} end
   end
   return {'ok', redis.call('XRANGE', key, '(' .. from, '+', 'COUNT', count), last}
 end
 
 local function head(keys, args)
-  local key = stream_key(keys[1])
+  local key = stream_key(channel_of(keys[1]))
   if redis.call('EXISTS', key) == 0 then return false end
   local info = redis.call('XINFO', 'STREAM', key)
   for i = 1, #info, 2 do
