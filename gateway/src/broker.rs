@@ -107,6 +107,19 @@ pub enum Recovery {
     },
 }
 
+/// How long a node's reported subscriber count stays valid: a node that stops
+/// reporting (it died) drops out of the sums by itself after this.
+pub const OCCUPANCY_TTL: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// A channel's subscribers over the nodes that reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Occupancy {
+    /// Subscribers, summed.
+    pub subscribers: u64,
+    /// Nodes with at least one subscriber.
+    pub nodes: u64,
+}
+
 /// Why a broker operation failed; shown to clients only as "broker unavailable".
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -180,6 +193,25 @@ pub trait Broker: Send + Sync + 'static {
     fn head<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Option<StreamPos>, BrokerError>>;
     /// The link state, watched by readiness and metrics.
     fn link(&self) -> watch::Receiver<LinkState>;
+    /// Records node `node`'s local subscriber counts of `counts`' channels where every
+    /// node can read them, for [`OCCUPANCY_TTL`] (0 removes the entry). Nothing to do
+    /// for a broker that spans one node.
+    fn report_occupancy(
+        &self,
+        _node: u64,
+        _counts: Vec<(Arc<str>, usize)>,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async { Ok(()) })
+    }
+    /// The subscribers of `channel` reported by every live node but `node` (this one,
+    /// which knows its own count better), or `None` for a broker that spans one node.
+    fn occupancy<'a>(
+        &'a self,
+        _channel: &'a str,
+        _node: u64,
+    ) -> BoxFuture<'a, Result<Option<Occupancy>, BrokerError>> {
+        Box::pin(async { Ok(None) })
+    }
     /// Short name for logs: `memory` or `redis`.
     fn kind(&self) -> &'static str;
 }

@@ -15,6 +15,7 @@
 
 mod delivery;
 mod inbox;
+mod occupancy;
 mod poll;
 mod recovery;
 mod repeats;
@@ -46,7 +47,7 @@ pub use self::{
 };
 /// What the layers above hand to [`Hub::publish`] and get back: the broker's own
 /// types, reached through the hub.
-pub use crate::broker::{BrokerError, LinkState, Publish, PublishOutcome};
+pub use crate::broker::{BrokerError, LinkState, Occupancy, Publish, PublishOutcome};
 use crate::{
     broker::{Broker, Ready, Sink, memory::MemoryBroker},
     config::HistoryConfig,

@@ -156,6 +156,9 @@ pub async fn run(
         shutdown: shutdown.clone(),
     };
     background.spawn(hub.clone().run_reaper(background_stop.clone()));
+    if hub.broker_kind() != "memory" {
+        background.spawn(hub.clone().run_occupancy_reports(background_stop.clone()));
+    }
     let upkeep = metrics.clone();
     let upkeep_stop = background_stop.clone();
     let heartbeat = admin::Heartbeat::new();

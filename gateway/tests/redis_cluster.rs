@@ -469,8 +469,14 @@ async fn stream_through(fault: Fault) {
             out.lines().filter(|l| l.starts_with('m') && l[1..].parse::<u32>().is_ok()).collect();
         assert_eq!(data, expected, "{fault:?}: history of {c}");
     }
-    assert_eq!(a.ready_status().await, 200);
-    assert_eq!(b.ready_status().await, 200);
+    for gw in [&a, &b] {
+        assert_eq!(gw.ready_status().await, 200);
+        // The channels of the moved slot were subscribed again where it lives now and
+        // their gap replayed from history (the path under test, not luck).
+        let replayed = gw.metric("gateway_history_recoveries_total{result=\"replayed\"}").await;
+        assert!(replayed >= 1.0, "{fault:?}: {} replayed the resubscribed channels' gap", gw.public);
+        assert!(gw.logs().contains("sharded subscriptions restored"), "{fault:?}: resubscribed");
+    }
     for (_, (_, task)) in subscribers {
         task.abort();
     }
@@ -489,4 +495,77 @@ async fn a_manual_failover_loses_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_moved_while_publishing_loses_and_doubles_nothing() {
     stream_through(Fault::MoveSlot).await;
+}
+
+/// `GET /api/channels/{channel}` on `url`, with `key` as the API key if given.
+async fn occupancy(url: String, key: Option<&str>) -> (u16, serde_json::Value) {
+    let mut req = reqwest::Client::new().get(url);
+    if let Some(k) = key {
+        req = req.header("x-api-key", k);
+    }
+    let resp = req.send().await.unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap_or_default())
+}
+
+/// Subscribers summed over live nodes, on one Redis and on a cluster: three SSE
+/// clients on one node and two WebSockets on another count as five on two nodes,
+/// whichever node is asked, on the admin listener or (with the API key) the public
+/// one; clients that leave stop counting, and a killed node drops out by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn occupancy_sums_the_live_nodes() {
+    let _serial = SERIAL.lock().await;
+    let single = Redis::start();
+    let cluster = RedisCluster::start();
+    for url in [single.url(), cluster.url()] {
+        let keys = ["--api-keys", "k1"];
+        let a = Gateway::start(Some(&url), &keys);
+        let mut b = Gateway::start(Some(&url), &keys);
+        wait_ready(&a).await;
+        wait_ready(&b).await;
+        let ch = channel("occ");
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(sse(a.url(&format!("/sse?channel={ch}&format=json"))).await);
+        }
+        let mut sockets = Vec::new();
+        for _ in 0..2 {
+            sockets.push(ws(b.ws_url("/ws"), std::slice::from_ref(&ch), None).await);
+        }
+        let want = |subscribers: u64, nodes: u64| serde_json::json!({"channel": ch, "subscribers": subscribers, "nodes": nodes});
+        for gw in [&a, &b] {
+            let target = want(5, 2);
+            eventually(WAIT, "both nodes' counts summed", || async {
+                (occupancy(gw.admin_url(&format!("/api/channels/{ch}")), None).await == (200, target.clone()))
+                    .then_some(())
+            })
+            .await;
+        }
+        assert_eq!(
+            occupancy(a.url(&format!("/api/channels/{ch}")), None).await.0,
+            401,
+            "the public listener needs the key"
+        );
+        assert_eq!(occupancy(a.url(&format!("/api/channels/{ch}")), Some("k1")).await, (200, want(5, 2)));
+        assert_eq!(occupancy(a.admin_url("/api/channels/__bad"), None).await.0, 400);
+        // Clients that leave stop counting at once on their node, soon everywhere.
+        for (_, task) in clients.drain(..2) {
+            task.abort();
+        }
+        let target = want(3, 2);
+        eventually(WAIT, "two SSE clients left", || async {
+            (occupancy(b.admin_url(&format!("/api/channels/{ch}")), None).await == (200, target.clone()))
+                .then_some(())
+        })
+        .await;
+        // A killed node reports nothing more: its entry expires.
+        b.signal("KILL");
+        b.wait_exit(WAIT).expect("node b died");
+        let target = want(1, 1);
+        eventually(Duration::from_secs(25), "the killed node dropped out", || async {
+            (occupancy(a.admin_url(&format!("/api/channels/{ch}")), None).await == (200, target.clone()))
+                .then_some(())
+        })
+        .await;
+        drop((clients, sockets));
+    }
 }

@@ -249,4 +249,47 @@ impl Broker for ClusterBroker {
     fn kind(&self) -> &'static str {
         "redis-cluster"
     }
+
+    fn report_occupancy(
+        &self,
+        node: u64,
+        counts: Vec<(Arc<str>, usize)>,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            // One pipeline per slot (a cluster pipeline must stay in one slot); the
+            // writes repeat harmlessly, so the reading client's retries are fine.
+            let mut by_slot: std::collections::HashMap<u16, redis::Pipeline> = Default::default();
+            for (channel, count) in &counts {
+                let pipe = by_slot.entry(slots::slot(channel.as_bytes())).or_insert_with(redis::pipe);
+                pipe.add_command(script::occupancy_report_cmd(channel, node, *count)).ignore();
+            }
+            let conn = self.reads.get().await?;
+            let sent = by_slot.into_values().map(|pipe| {
+                let mut conn = conn.clone();
+                async move { pipe.query_async::<()>(&mut conn).await }
+            });
+            let results = futures_util::future::join_all(sent).await;
+            match results.into_iter().find_map(Result::err) {
+                Some(e) if script::is_missing_function(&e) => {
+                    let _ = load_everywhere(&mut conn.clone(), &self.library).await;
+                    Err(e.into())
+                }
+                Some(e) => {
+                    self.reads.reset().await;
+                    Err(e.into())
+                }
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn occupancy<'a>(
+        &'a self,
+        channel: &'a str,
+        node: u64,
+    ) -> BoxFuture<'a, Result<Option<super::Occupancy>, BrokerError>> {
+        Box::pin(async move {
+            script::parse_occupancy(&self.read(script::occupancy_cmd(channel, node)).await?).map(Some)
+        })
+    }
 }

@@ -26,10 +26,11 @@ local MAGIC = '\0fo1\n'
 
 local function stream_key(ch) return 'fanout:history:{' .. ch .. '}' end
 
--- The channel a function was called for: its key is the channel or its history key.
+-- The channel a function was called for: its key is the channel or one of its keys
+-- (fanout:history:{<channel>}, fanout:occupancy:{<channel>}).
 local function channel_of(key)
   if key == nil then return nil end
-  return string.match(key, '^fanout:history:{(.*)}$') or key
+  return string.match(key, '^fanout:%a+:{(.*)}$') or key
 end
 
 -- Whether decimal number a < b, for digit strings without leading zeros (any length:
@@ -167,3 +168,53 @@ end
 redis.register_function('fanout_publish', publish)
 redis.register_function{function_name = 'fanout_head', callback = head, flags = {'no-writes'}}
 redis.register_function{function_name = 'fanout_since', callback = since, flags = {'no-writes'}}
+
+-- Subscriber counts per node, for the cluster-wide occupancy of a channel: a hash
+-- fanout:occupancy:{<channel>} of <node> -> '<count> <expires-ms>', by Redis's clock.
+--   FCALL fanout_occupancy_report 1 <channel> <node> <count> <ttl-ms>
+-- records a node's count (0 removes it) and drops entries that expired.
+--   FCALL_RO fanout_occupancy 1 <channel> <node-to-skip>
+-- returns {subscribers, nodes} over the entries that have not expired.
+local function occupancy_key(ch) return 'fanout:occupancy:{' .. ch .. '}' end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function occupancy_report(keys, args)
+  local key = occupancy_key(channel_of(keys[1]))
+  local node, count, ttl = args[1], tonumber(args[2] or '0'), tonumber(args[3] or '15000')
+  local now = now_ms()
+  local all = redis.call('HGETALL', key)
+  for i = 1, #all, 2 do
+    local expires = tonumber(string.match(all[i + 1], ' (%d+)$') or '0')
+    if expires <= now then redis.call('HDEL', key, all[i]) end
+  end
+  if count > 0 then
+    redis.call('HSET', key, node, count .. ' ' .. (now + ttl))
+    redis.call('PEXPIRE', key, ttl * 2)
+  else
+    redis.call('HDEL', key, node)
+  end
+  return 1
+end
+
+local function occupancy(keys, args)
+  local key = occupancy_key(channel_of(keys[1]))
+  local skip = args[1] or ''
+  local now = now_ms()
+  local all = redis.call('HGETALL', key)
+  local subscribers, nodes = 0, 0
+  for i = 1, #all, 2 do
+    local count, expires = string.match(all[i + 1], '^(%d+) (%d+)$')
+    if all[i] ~= skip and count and tonumber(expires) > now and tonumber(count) > 0 then
+      subscribers = subscribers + tonumber(count)
+      nodes = nodes + 1
+    end
+  end
+  return {subscribers, nodes}
+end
+
+redis.register_function('fanout_occupancy_report', occupancy_report)
+redis.register_function{function_name = 'fanout_occupancy', callback = occupancy, flags = {'no-writes'}}

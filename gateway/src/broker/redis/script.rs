@@ -116,6 +116,37 @@ pub fn head_cmd(channel: &str) -> redis::Cmd {
     cmd
 }
 
+/// `FCALL fanout_occupancy_report 1 fanout:occupancy:{<channel>} <node> <count> <ttl-ms>`.
+pub fn occupancy_report_cmd(channel: &str, node: u64, count: usize) -> redis::Cmd {
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg("fanout_occupancy_report").arg(1).arg(format!("fanout:occupancy:{{{channel}}}"));
+    cmd.arg(format!("{node:x}")).arg(count).arg(crate::broker::OCCUPANCY_TTL.as_millis() as u64);
+    cmd
+}
+
+/// `FCALL_RO fanout_occupancy 1 fanout:occupancy:{<channel>} <node-to-skip>`.
+pub fn occupancy_cmd(channel: &str, skip_node: u64) -> redis::Cmd {
+    let mut cmd = redis::cmd("FCALL_RO");
+    cmd.arg("fanout_occupancy")
+        .arg(1)
+        .arg(format!("fanout:occupancy:{{{channel}}}"))
+        .arg(format!("{skip_node:x}"));
+    cmd
+}
+
+/// Parses `fanout_occupancy`'s reply `{subscribers, nodes}`.
+pub fn parse_occupancy(reply: &redis::Value) -> Result<crate::broker::Occupancy, BrokerError> {
+    match reply {
+        redis::Value::Array(v) => match &v[..] {
+            [redis::Value::Int(s), redis::Value::Int(n)] => {
+                Ok(crate::broker::Occupancy { subscribers: (*s).max(0) as u64, nodes: (*n).max(0) as u64 })
+            }
+            _ => Err(BrokerError::Protocol("fanout_occupancy: wrong shape".into())),
+        },
+        _ => Err(BrokerError::Protocol("fanout_occupancy: not an array".into())),
+    }
+}
+
 /// Parses `fanout_head`'s reply: the newest position, if any.
 pub fn parse_head(reply: &redis::Value) -> Option<StreamPos> {
     text(reply).and_then(|s| s.parse().ok())
