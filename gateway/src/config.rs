@@ -266,6 +266,12 @@ impl Config {
     }
 }
 
+/// Checks a Redis URL as `--redis-url` is checked, for `gateway publish`.
+pub fn check_redis_url(url: &str) -> Result<(), ConfigError> {
+    let url: SecretUrl = url.parse().unwrap_or_else(|never| match never {});
+    checks::redis_url("redis_url", Some(url)).map(|_| ())
+}
+
 /// Reads and parses the `--config` TOML file.
 fn load_file(path: &std::path::Path) -> Result<FileSettings, ConfigError> {
     let text = std::fs::read_to_string(path)
