@@ -140,6 +140,9 @@ impl Hub {
                 self.fan_out(ch, &Arc::new(reset));
                 // Positions ahead of what history holds would hide every new message.
                 ch.last_pos = position;
+                // History began again: keys from before it no longer mark repeats (the
+                // idempotency keys went with it, so a publisher may reuse one).
+                ch.repeats = Default::default();
             }
             for mut e in entries {
                 let key = e.key.take();
