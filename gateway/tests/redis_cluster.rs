@@ -626,3 +626,59 @@ fn bad_cluster_urls_exit_2_with_one_line() {
         }
     }
 }
+
+/// A failover that loses the newest messages of a master (delivered live, never
+/// replicated) and a publisher that retries one with its idempotency key: the new
+/// master holds the retry under a new id. Simulated on one master: the node's link is
+/// cut and kept out (a password set meanwhile) while the history loses the entry and
+/// its idempotency key and the retry is published. On the way back the node replays
+/// from the id the master no longer has (history forked: the function answers what
+/// came after it) and must drop the retry by its key: the client gets each message
+/// once, and no reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_republished_under_a_new_id_reaches_clients_once() {
+    let _serial = SERIAL.lock().await;
+    let cluster = RedisCluster::start();
+    let a = Gateway::start(Some(&cluster.url()), &[]);
+    wait_ready(&a).await;
+    let ch = channel("fork");
+    let (seen, task) = sse(a.url(&format!("/sse?channel={ch}&format=json"))).await;
+    eventually(WAIT, "subscribed", || async { (shard_subscribers(&cluster, &ch) == 1).then_some(()) }).await;
+    let m = cluster.master_of(slot(&ch));
+    let fcall = |auth: &[&str], data: &str, key: &str| {
+        let mut args = auth.to_vec();
+        args.extend(["FCALL", "fanout_publish", "1", &ch, data, "", key]);
+        cluster.cli(m, &args)
+    };
+    fcall(&[], "m0", "k0");
+    let first = fcall(&[], "m1", "k1");
+    let lost_id = first.lines().next().unwrap().to_owned();
+    wait_count(&seen, 2, WAIT).await;
+
+    // Cut the node off the master and keep it out while the "failover" happens.
+    cluster.cli(m, &["CONFIG", "SET", "requirepass", "fork-pw"]);
+    let pw = ["-a", "fork-pw", "--no-auth-warning"];
+    let killed = cluster.cli(m, &[&pw[..], &["CLIENT", "KILL", "TYPE", "pubsub"]].concat());
+    assert_ne!(killed, "0", "the node's link was cut");
+    eventually(WAIT, "the node noticed", || async { (a.ready_status().await == 503).then_some(()) }).await;
+    let key = format!("fanout:history:{{{ch}}}");
+    cluster.cli(m, &[&pw[..], &["XDEL", &key, &lost_id]].concat());
+    cluster.cli(m, &[&pw[..], &["DEL", &format!("fanout:idem:{{{ch}}}:k1")]].concat());
+    let retry = fcall(&pw, "m1", "k1");
+    assert_ne!(retry.lines().next().unwrap(), lost_id, "the retry got a new id: {retry}");
+    fcall(&pw, "m2", "k2");
+    // What the node will ask on its way back: what came after the lost id.
+    let since = cluster.cli(m, &[&pw[..], &["FCALL_RO", "fanout_since", "1", &ch, &lost_id, "10"]].concat());
+    assert!(since.starts_with("ok") && since.contains("ik1") && since.contains("m2"), "{since}");
+
+    cluster.cli(m, &[&pw[..], &["CONFIG", "SET", "requirepass", ""]].concat());
+    wait_ready(&a).await;
+    wait_count(&seen, 3, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = seen.lock().unwrap();
+    assert_eq!(s.data(&ch), ["m0", "m1", "m2"], "each message once, in order");
+    assert_eq!(s.resets, 0, "history covered the gap");
+    drop(s);
+    assert!(a.logs().contains("dropped a republished repeat"), "dropped by its key");
+    task.abort();
+}

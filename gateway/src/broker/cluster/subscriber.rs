@@ -418,7 +418,6 @@ impl Subscriber {
     }
 }
 
-
 /// `d` scaled by a random factor in [0.5, 1.5), so nodes don't reconnect in lockstep.
 fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.5 + rand::random::<f64>())

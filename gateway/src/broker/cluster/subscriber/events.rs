@@ -8,8 +8,8 @@ use futures_util::FutureExt;
 use tracing::{debug, warn};
 
 use super::{
-    COMMAND_TIMEOUT, Event, HEALTH_EVERY, HEALTH_TIMEOUT, LinkId, REFRESH_EVERY, REFRESH_GAP, RETRY_AFTER, State,
-    SubReply, Subscriber, link,
+    COMMAND_TIMEOUT, Event, HEALTH_EVERY, HEALTH_TIMEOUT, LinkId, REFRESH_EVERY, REFRESH_GAP, RETRY_AFTER,
+    State, SubReply, Subscriber, link,
     slots::{self, SlotMap},
 };
 
