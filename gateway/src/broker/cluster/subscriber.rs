@@ -237,6 +237,23 @@ impl Subscriber {
     fn on_push(&mut self, (id, push): Tagged) -> bool {
         let Some(link) = self.links.get_mut(&id) else { return false }; // a replaced link's
         link.last_heard = Instant::now();
+        if push.kind == PushKind::SMessage {
+            // The payload is moved out, not copied: the hub shares it from here on.
+            let mut data = push.data.into_iter();
+            let (Some(redis::Value::BulkString(name)), Some(redis::Value::BulkString(payload))) =
+                (data.next(), data.next())
+            else {
+                return false;
+            };
+            let Ok(name) = std::str::from_utf8(&name) else { return false };
+            if self.wants.contains_key(name) {
+                self.flush_restored();
+                if let Some(hub) = self.sink.upgrade() {
+                    hub.deliver(name, Bytes::from(payload));
+                }
+            }
+            return false;
+        }
         let Some(name) = link::push_channel(&push.data) else {
             if push.kind == PushKind::Disconnection {
                 self.drop_link(id, "connection closed");
@@ -246,16 +263,6 @@ impl Subscriber {
         };
         let Ok(name) = std::str::from_utf8(name) else { return false };
         match push.kind {
-            PushKind::SMessage => {
-                let Some(redis::Value::BulkString(payload)) = push.data.get(1) else { return false };
-                if self.wants.contains_key(name) {
-                    self.flush_restored();
-                    if let Some(hub) = self.sink.upgrade() {
-                        hub.deliver(name, Bytes::copy_from_slice(payload));
-                    }
-                }
-                false
-            }
             PushKind::SSubscribe => {
                 match self.wants.get_mut(name) {
                     Some(want) if want.state == State::Pending(id) => {
