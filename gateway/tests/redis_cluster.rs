@@ -377,6 +377,47 @@ async fn every_transport_on_every_master_and_resume_on_the_other_node() {
         );
     }
     eprintln!("replica ack cost per publish: p50 {:?}", pct(&lat[1], 50).saturating_sub(pct(&lat[0], 50)));
+    // The same cost without HTTP and gateway in the way: one history publish as the
+    // gateway pipelines it, alone and followed by `WAIT 1`, interleaved.
+    let client = redis::cluster::ClusterClientBuilder::new(vec![format!(
+        "redis://127.0.0.1:{}",
+        cluster.nodes[0].port
+    )])
+    .retries(0)
+    .build()
+    .unwrap();
+    let mut conn = client.get_async_connection().await.unwrap();
+    let mut raw: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    for i in 0..2000 {
+        for (k, l) in raw.iter_mut().enumerate() {
+            let mut pipe = redis::pipe();
+            pipe.cmd("FCALL")
+                .arg("fanout_publish")
+                .arg(1)
+                .arg(format!("fanout:history:{{{probe}}}"))
+                .arg(format!("w{i}"));
+            if k == 1 {
+                pipe.cmd("WAIT").arg(1).arg(2000);
+            }
+            let t = Instant::now();
+            let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await.unwrap();
+            l.push(t.elapsed());
+            if k == 1 {
+                assert_eq!(replies.last(), Some(&redis::Value::Int(1)), "one replica acknowledged");
+            }
+        }
+    }
+    for l in &mut raw {
+        l.sort();
+    }
+    for (k, l) in raw.iter().enumerate() {
+        eprintln!(
+            "FCALL pipeline{}: p50 {:?}, p99 {:?}",
+            if k == 1 { " + WAIT 1" } else { "" },
+            pct(l, 50),
+            pct(l, 99)
+        );
+    }
     for (_, (_, task)) in subscribers {
         task.abort();
     }
