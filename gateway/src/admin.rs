@@ -72,6 +72,12 @@ pub fn router(app: AppState, metrics: PrometheusHandle, heartbeat: Arc<Heartbeat
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(health))
         .route("/readyz", get(ready))
+        .route(
+            "/api/channels/{channel}",
+            get(|State(a): State<Admin>, channel| async move {
+                crate::api::channels::answer(&a.app, channel).await
+            }),
+        )
         .with_state(Admin { app, metrics, process: Arc::new(process_collector()), heartbeat })
 }
 

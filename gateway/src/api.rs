@@ -5,6 +5,7 @@
 //! ([`crate::publish`]).
 
 pub mod body;
+pub mod channels;
 mod stream;
 
 use axum::{

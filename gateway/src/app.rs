@@ -128,6 +128,7 @@ fn router(state: AppState, cors: Cors) -> Router {
         .route("/poll", get(|State(s): State<AppState>, req| routed(Subscriber::Poll, s, req)))
         .route("/publish/{channel}", post(api::publish_raw))
         .route("/api/publish", post(api::publish_json))
+        .route("/api/channels/{channel}", get(api::channels::occupancy))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(cors, cors::middleware))

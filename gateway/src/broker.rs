@@ -1,10 +1,12 @@
 //! The broker: how a node hears about messages published anywhere in the cluster.
 //!
-//! Two implementations: [`memory`] (one process, no Redis) and [`redis`] (one dedicated
-//! pub/sub connection per node plus a pool for publishing). The hub tells the broker
+//! Three implementations: [`memory`] (one process, no Redis), [`redis`] (one dedicated
+//! pub/sub connection per node plus a pool for publishing) and [`cluster`] (Redis
+//! Cluster: sharded pub/sub, one subscriber link per master). The hub tells the broker
 //! which channels have local subscribers; the broker hands every message for those
 //! channels to the hub through [`Sink`]. Brokers know nothing of wire formats.
 
+pub mod cluster;
 pub mod memory;
 pub mod redis;
 
@@ -25,6 +27,13 @@ pub trait Sink: Send + Sync + 'static {
     /// The link to the broker came back after an outage (messages may have been missed).
     /// Called before any message from the new link is delivered.
     fn link_restored(&self) {}
+    /// The subscription of `channels` alone came back (a Redis Cluster master's link was
+    /// rebuilt, or their slot moved and they were subscribed where it lives now): the
+    /// same as [`Sink::link_restored`] for these channels only. Called before any of
+    /// their messages from the new subscription is delivered.
+    fn channels_restored(&self, _channels: &[Arc<str>]) {
+        self.link_restored();
+    }
 }
 
 /// A message to publish.
@@ -75,6 +84,9 @@ pub struct HistoryEntry {
     pub event: Option<String>,
     /// Payload.
     pub data: Bytes,
+    /// The publish's idempotency key or stream sequence, when it had one (see
+    /// `FrameHeader::key`).
+    pub key: Option<String>,
 }
 
 /// What history can say about the messages after a position.
@@ -126,6 +138,19 @@ impl Page {
         }
         out
     }
+}
+
+/// How long a node's reported subscriber count stays valid: a node that stops
+/// reporting (it died) drops out of the sums by itself after this.
+pub const OCCUPANCY_TTL: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// A channel's subscribers over the nodes that reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Occupancy {
+    /// Subscribers, summed.
+    pub subscribers: u64,
+    /// Nodes with at least one subscriber.
+    pub nodes: u64,
 }
 
 /// Why a broker operation failed; shown to clients only as "broker unavailable".
@@ -207,6 +232,25 @@ pub trait Broker: Send + Sync + 'static {
     fn head<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Option<StreamPos>, BrokerError>>;
     /// The link state, watched by readiness and metrics.
     fn link(&self) -> watch::Receiver<LinkState>;
+    /// Records node `node`'s local subscriber counts of `counts`' channels where every
+    /// node can read them, for [`OCCUPANCY_TTL`] (0 removes the entry). Nothing to do
+    /// for a broker that spans one node.
+    fn report_occupancy(
+        &self,
+        _node: u64,
+        _counts: Vec<(Arc<str>, usize)>,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async { Ok(()) })
+    }
+    /// The subscribers of `channel` reported by every live node but `node` (this one,
+    /// which knows its own count better), or `None` for a broker that spans one node.
+    fn occupancy<'a>(
+        &'a self,
+        _channel: &'a str,
+        _node: u64,
+    ) -> BoxFuture<'a, Result<Option<Occupancy>, BrokerError>> {
+        Box::pin(async { Ok(None) })
+    }
     /// Short name for logs: `memory` or `redis`.
     fn kind(&self) -> &'static str;
 }
@@ -218,6 +262,6 @@ pub fn frame(msg: &Publish) -> Bytes {
     if msg.event.is_none() && !msg.data.starts_with(shared::envelope::FRAME_MAGIC) {
         return msg.data.clone();
     }
-    let header = shared::envelope::FrameHeader { id: None, event: msg.event.clone(), ts: None };
+    let header = shared::envelope::FrameHeader { id: None, event: msg.event.clone(), ts: None, key: None };
     Bytes::from(shared::envelope::encode_frame(&header, &msg.data))
 }

@@ -12,6 +12,7 @@
 
 mod checks;
 pub mod cli;
+pub mod cluster_url;
 pub mod secret;
 pub mod settings;
 
@@ -45,6 +46,9 @@ pub struct Config {
     pub redis_url: Option<SecretUrl>,
     /// Redis pool size for publishing.
     pub redis_pool_size: usize,
+    /// Replicas that must hold a history publish before it is acknowledged (Redis
+    /// Cluster; 0: off).
+    pub redis_replica_acks: usize,
     /// Keys that may publish; empty means publishing is open.
     pub api_keys: Vec<Secret>,
     /// Limits applied to clients.
@@ -216,11 +220,20 @@ impl Config {
                 s.poll_timeout_secs, s.poll_max_timeout_secs
             )));
         }
+        if s.redis_replica_acks > 0
+            && !s.redis_url.as_ref().is_some_and(|u| cluster_url::is_cluster(u.expose()))
+        {
+            return Err(ConfigError(format!(
+                "redis_replica_acks ({}) needs a redis+cluster:// redis_url",
+                s.redis_replica_acks
+            )));
+        }
         Ok(Self {
             listen: s.listen,
             admin_listen: s.admin_listen,
             redis_url: s.redis_url.clone(),
             redis_pool_size: s.redis_pool_size,
+            redis_replica_acks: s.redis_replica_acks,
             api_keys: s.api_keys.clone().unwrap_or_default(),
             limits: Limits {
                 max_payload_bytes: s.max_payload_bytes,
@@ -257,6 +270,12 @@ impl Config {
             settings: s,
         })
     }
+}
+
+/// Checks a Redis URL as `--redis-url` is checked, for `gateway publish`.
+pub fn check_redis_url(url: &str) -> Result<(), ConfigError> {
+    let url: SecretUrl = url.parse().unwrap_or_else(|never| match never {});
+    checks::redis_url("redis_url", Some(url)).map(|_| ())
 }
 
 /// Reads and parses the `--config` TOML file.

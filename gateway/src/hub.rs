@@ -15,8 +15,10 @@
 
 mod delivery;
 mod inbox;
+mod occupancy;
 mod poll;
 mod recovery;
+mod repeats;
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -45,7 +47,7 @@ pub use self::{
 };
 /// What the layers above hand to [`Hub::publish`] and get back: the broker's own
 /// types, reached through the hub.
-pub use crate::broker::{BrokerError, LinkState, Publish, PublishOutcome};
+pub use crate::broker::{BrokerError, LinkState, Occupancy, Publish, PublishOutcome};
 use crate::{
     broker::{Broker, Page, Ready, Sink, memory::MemoryBroker},
     config::HistoryConfig,
@@ -82,6 +84,8 @@ struct Channel {
     head_read: bool,
     /// While history is replayed after a broker outage, live payloads wait here.
     recovering: Option<Vec<Bytes>>,
+    /// Keys of recent messages that carried one, to drop a republished repeat.
+    repeats: repeats::RecentKeys,
 }
 
 #[derive(Default)]
@@ -251,6 +255,7 @@ impl Hub {
                     head: None,
                     head_read: false,
                     recovering: None,
+                    repeats: Default::default(),
                 },
             );
         }
@@ -396,17 +401,24 @@ impl Hub {
             header.ts,
         );
         d.catch_up = catch_up;
-        self.deliver_locked(ch, d);
+        self.deliver_locked(ch, d, header.key.as_deref());
     }
 
     /// Hands `delivery` to the channel's subscribers and long-poll buffer, unless it
-    /// repeats a history position already delivered here.
-    fn deliver_locked(&self, ch: &mut Channel, delivery: Delivery) {
+    /// repeats a history position already delivered here, or a message that carried
+    /// the same `key` lately (republished under a new id after a failover).
+    fn deliver_locked(&self, ch: &mut Channel, delivery: Delivery, key: Option<&str>) {
         if let Some(pos) = delivery.pos {
             if ch.last_pos.is_some_and(|last| pos <= last) {
                 return; // already delivered (replay overlapping live delivery)
             }
             ch.last_pos = Some(pos);
+        }
+        if let Some(key) = key
+            && ch.repeats.seen(key, Instant::now())
+        {
+            tracing::debug!(channel = %crate::error::quote(&ch.name), "dropped a republished repeat");
+            return;
         }
         if let Some(ts) = delivery.published_ms {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
@@ -457,7 +469,14 @@ impl Sink for Hub {
     }
 
     fn link_restored(&self) {
-        let todo = self.begin_recovery();
+        let todo = self.begin_recovery(None);
+        if let Some(hub) = self.me.upgrade() {
+            tokio::spawn(hub.finish_recovery(todo));
+        }
+    }
+
+    fn channels_restored(&self, channels: &[Arc<str>]) {
+        let todo = self.begin_recovery(Some(channels));
         if let Some(hub) = self.me.upgrade() {
             tokio::spawn(hub.finish_recovery(todo));
         }

@@ -9,7 +9,8 @@
 //!   [`api`] over [`publish`], the one publish path; both take [`state::AppState`].
 //! - [`hub`]: the node-local, sharded channel registry, fan-out, inboxes, deliveries and
 //!   history replay; the only way up here reaches the broker.
-//! - [`broker`]: the broker trait, [`broker::memory`] and [`broker::redis`].
+//! - [`broker`]: the broker trait, [`broker::memory`], [`broker::redis`] and
+//!   [`broker::cluster`].
 //! - Below everything: [`server`] (the listener and HTTP/1 plumbing), [`auth`],
 //!   [`config`], [`wire`] (pure encoders), [`error`], [`metrics`], [`ratelimit`].
 //!
@@ -43,11 +44,18 @@ use tracing::{info, warn};
 
 use crate::{
     auth::Authenticator,
-    broker::{Broker, redis::RedisBroker},
+    broker::{
+        Broker,
+        cluster::{ClusterBroker, ReplicaAcks},
+        redis::RedisBroker,
+    },
     config::{Config, ConfigError},
     hub::{Hub, HubConfig},
     state::AppState,
 };
+
+/// Longest a history publish waits for its replica acks (`--redis-replica-acks`).
+const REPLICA_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The two bound listeners of a node.
 #[derive(Debug)]
@@ -108,6 +116,13 @@ pub async fn run(
     let hub_config = HubConfig::new(&config);
     let hub = match &config.redis_url {
         None => Hub::in_memory(hub_config, config.history.clone()),
+        Some(url) if config::cluster_url::is_cluster(url.expose()) => {
+            let acks = ReplicaAcks { replicas: config.redis_replica_acks, timeout: REPLICA_ACK_TIMEOUT };
+            let cluster = ClusterBroker::prepare(url.expose(), config.history.clone(), acks)?;
+            Hub::new(hub_config, |sink| -> Arc<dyn Broker> {
+                Arc::new(cluster.start(sink, background_stop.clone(), &background))
+            })
+        }
         Some(url) => {
             let redis = RedisBroker::prepare(url.expose(), config.redis_pool_size, config.history.clone())?;
             Hub::new(hub_config, |sink| -> Arc<dyn Broker> {
@@ -129,6 +144,9 @@ pub async fn run(
     }
     let state = AppState::new(config, hub.clone(), auth, shutdown.clone());
     background.spawn(hub.clone().run_reaper(background_stop.clone()));
+    if hub.broker_kind() != "memory" {
+        background.spawn(hub.clone().run_occupancy_reports(background_stop.clone()));
+    }
     let upkeep = metrics.clone();
     let upkeep_stop = background_stop.clone();
     let heartbeat = admin::Heartbeat::new();

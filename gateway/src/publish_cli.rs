@@ -20,10 +20,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 use crate::{
     broker::{
-        Publish, Sequence,
+        BrokerError, Publish, PublishOutcome, Sequence, cluster,
         redis::{PublishQueue, script},
     },
-    config::{Config, InputFormat, Limits, PublishArgs, mask_url},
+    config::{Config, InputFormat, Limits, PublishArgs, cluster_url, mask_url},
     publish::{
         check, message,
         stream::{Format, InFlight, Pending, Splitter},
@@ -62,6 +62,12 @@ pub async fn run(args: PublishArgs) -> ExitCode {
         eprintln!("gateway publish: a channel is required (or use --format jsonl lines that name one)");
         return ExitCode::from(2);
     }
+    if let Some(url) = &args.redis_url
+        && let Err(e) = crate::config::check_redis_url(url)
+    {
+        eprintln!("gateway publish: {e}");
+        return ExitCode::from(2);
+    }
     // The channel and event given once, checked before anything is read.
     if let Err(e) = check(&limits, args.channel.as_deref().unwrap_or("ok"), args.event.as_deref(), b"", None)
     {
@@ -89,36 +95,57 @@ pub async fn run(args: PublishArgs) -> ExitCode {
 /// form one publishing stream, so they are published in order and exactly once even
 /// when a reconnect makes the queue send some again.
 struct ToRedis {
-    queue: PublishQueue,
+    queue: Queue,
     stream: u64,
     seqs: HashMap<String, u64>,
+}
+
+/// One Redis's pipelining queue, or a Redis Cluster's.
+enum Queue {
+    One(PublishQueue),
+    Cluster(cluster::ClusterPublisher),
 }
 
 impl ToRedis {
     fn publish(&mut self, msg: Publish) -> Pending<'static, String> {
         let n = self.seqs.entry(msg.channel.clone()).or_default();
         *n += 1;
-        let outcome =
-            self.queue.publish(Publish { sequence: Some(Sequence { stream: self.stream, n: *n }), ..msg });
+        let msg = Publish { sequence: Some(Sequence { stream: self.stream, n: *n }), ..msg };
+        let outcome: futures_util::future::BoxFuture<'static, Result<PublishOutcome, BrokerError>> =
+            match &self.queue {
+                Queue::One(q) => Box::pin(q.publish(msg)),
+                Queue::Cluster(q) => Box::pin(q.publish(msg)),
+            };
         Box::pin(async move { outcome.await.map(|o| o.id).map_err(|e| format!("redis: {e}")) })
     }
+}
+
+/// Connects to the Redis (or Redis Cluster) at `url`, failing at once when it cannot
+/// be reached, and starts a publishing queue there. A Redis no gateway has connected to
+/// yet lacks the library: the queue loads it with the default limits.
+async fn queue_for(url: &str) -> Result<Queue, String> {
+    let history = Config::default().history;
+    let unreachable =
+        |e: &dyn std::fmt::Display| format!("cannot connect to Redis at {}: {e}", mask_url(url));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    if cluster_url::is_cluster(url) {
+        let acks = cluster::ReplicaAcks::default();
+        let (_, client) =
+            cluster::clients(url, acks).map_err(|e| format!("bad Redis URL {}: {e}", mask_url(url)))?;
+        client.check().await.map_err(|e| unreachable(&e))?;
+        let library = script::cluster_library_source(&history).into();
+        return Ok(Queue::Cluster(client.start(library, acks, shutdown)));
+    }
+    let client = redis::Client::open(url).map_err(|e| format!("bad Redis URL {}: {e}", mask_url(url)))?;
+    client.get_multiplexed_async_connection().await.map_err(|e| unreachable(&e))?;
+    Ok(Queue::One(PublishQueue::start(client, script::library_source(&history).into(), shutdown)))
 }
 
 async fn to_redis(args: &PublishArgs, format: Option<Format>, limits: &Limits) -> Result<Tally, String> {
     let Some(url) = &args.redis_url else {
         return Err("nowhere to publish: give --redis-url (or GATEWAY_REDIS_URL) or --gateway-url".into());
     };
-    let client =
-        redis::Client::open(url.as_str()).map_err(|e| format!("bad Redis URL {}: {e}", mask_url(url)))?;
-    // Fail at once on an unreachable Redis instead of retrying every message.
-    client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|e| format!("cannot connect to Redis at {}: {e}", mask_url(url)))?;
-    // A Redis no gateway has connected to yet lacks the library: the queue loads it
-    // with the default limits.
-    let library = script::library_source(&Config::default().history).into();
-    let queue = PublishQueue::start(client, library, tokio_util::sync::CancellationToken::new());
+    let queue = queue_for(url).await?;
     let mut redis = ToRedis { queue, stream: rand::random(), seqs: HashMap::new() };
     let mut inflight: InFlight<'static, String> = InFlight::new(MAX_IN_FLIGHT);
     let mut failed = 0u64;

@@ -50,6 +50,10 @@ pub struct FrameHeader {
     /// Publish time, milliseconds since the Unix epoch (for latency measurement).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ts: Option<u64>,
+    /// What makes a retried publish the same message (its idempotency key or stream
+    /// sequence): a node drops a repeat that a failover let through with a new id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// Frames a payload with a header for publishing on Redis.
@@ -82,7 +86,7 @@ mod tests {
 
     #[test]
     fn frame_round_trip_keeps_payload_verbatim() {
-        let header = FrameHeader { id: Some("1-0".into()), event: Some("score".into()), ts: None };
+        let header = FrameHeader { id: Some("1-0".into()), event: Some("score".into()), ts: None, key: None };
         let payload = "line 1\nline 2\r\nünïcødé \0 end".as_bytes();
         let framed = encode_frame(&header, payload);
         let (h, p) = decode_frame(&framed);

@@ -87,9 +87,10 @@ impl MemoryBroker {
         };
         st.last_pos = pos;
         let stream = st.streams.entry(msg.channel.clone()).or_default();
-        stream
-            .entries
-            .push_back((HistoryEntry { pos, event: msg.event.clone(), data: msg.data.clone() }, now));
+        stream.entries.push_back((
+            HistoryEntry { pos, event: msg.event.clone(), data: msg.data.clone(), key: None },
+            now,
+        ));
         stream.last = pos;
         let max_age = self.history.max_age.as_millis() as u64;
         while stream.entries.len() > self.history.max_len
@@ -122,7 +123,8 @@ impl Broker for MemoryBroker {
         let subscribed = self.channels().contains(msg.channel.as_str());
         let (payload, id, duplicate) = if msg.history {
             let (pos, duplicate) = self.append(&mut st, &msg, now);
-            let header = FrameHeader { id: Some(pos.to_string()), event: msg.event.clone(), ts: Some(now) };
+            let header =
+                FrameHeader { id: Some(pos.to_string()), event: msg.event.clone(), ts: Some(now), key: None };
             (encode_frame(&header, &msg.data).into(), Some(pos.to_string()), duplicate)
         } else {
             (super::frame(&msg), None, false)

@@ -161,4 +161,36 @@ impl Broker for RedisBroker {
     fn kind(&self) -> &'static str {
         "redis"
     }
+
+    fn report_occupancy(
+        &self,
+        node: u64,
+        counts: Vec<(Arc<str>, usize)>,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            for (channel, count) in &counts {
+                pipe.add_command(script::occupancy_report_cmd(channel, node, *count)).ignore();
+            }
+            // The library may be missing (a restarted Redis): `fcall` loads it.
+            let mut conn = self.pool.get().await.map_err(|e| BrokerError::Pool(e.to_string()))?;
+            match pipe.query_async::<()>(&mut conn).await {
+                Err(e) if script::is_missing_function(&e) => {
+                    script::load_library(&mut conn, &self.library).await?;
+                    Ok(pipe.query_async::<()>(&mut conn).await?)
+                }
+                r => Ok(r?),
+            }
+        })
+    }
+
+    fn occupancy<'a>(
+        &'a self,
+        channel: &'a str,
+        node: u64,
+    ) -> BoxFuture<'a, Result<Option<super::Occupancy>, BrokerError>> {
+        Box::pin(async move {
+            script::parse_occupancy(&self.fcall(script::occupancy_cmd(channel, node)).await?).map(Some)
+        })
+    }
 }

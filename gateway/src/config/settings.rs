@@ -180,11 +180,15 @@ settings! {
     listen: SocketAddr = "0.0.0.0:8080", "GATEWAY_LISTEN";
     /// Admin listener address (metrics, health, readiness).
     admin_listen: SocketAddr = "0.0.0.0:9091", "GATEWAY_ADMIN_LISTEN";
-    /// Redis URL, e.g. redis://127.0.0.1:6379. Unset: single node on an in-process broker.
+    /// Redis URL, e.g. redis://127.0.0.1:6379, or redis+cluster://h:p[,h:p...] (the seed
+    /// nodes of a Redis Cluster). Unset: single node on an in-process broker.
     #[arg(hide_env_values = true)]
     redis_url: SecretUrl = none, "GATEWAY_REDIS_URL", checks::redis_url;
     /// Redis connection pool size for publishing.
     redis_pool_size: usize = "16", "GATEWAY_REDIS_POOL_SIZE", checks::positive;
+    /// Redis Cluster: a history publish is acknowledged only once this many replicas of
+    /// its master hold it (WAIT after each pipeline); 0 = once the master has it.
+    redis_replica_acks: usize = "0", "GATEWAY_REDIS_REPLICA_ACKS";
     /// API key(s) required to publish; comma-separated. Unset: publishing is open.
     #[arg(value_delimiter = ',', hide_env_values = true)]
     api_keys: Vec<Secret> = none, "GATEWAY_API_KEYS", checks::keys;

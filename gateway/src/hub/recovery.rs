@@ -134,18 +134,31 @@ impl Hub {
         HistoryRead { entries, covered, position, more }
     }
 
-    /// Starts recovery after a broker outage: every channel that has seen history
-    /// messages holds its live messages from now on (this runs before the broker reads
-    /// anything from the new link, so no live message can overtake the replay). Returns
-    /// the channels and the positions to replay from.
-    pub(super) fn begin_recovery(&self) -> Vec<(Arc<str>, StreamPos)> {
+    /// Starts recovery after a broker outage (of every channel, or of `only` these):
+    /// each channel that has seen history messages holds its live messages from now on
+    /// (this runs before the broker reads anything from the new link, so no live
+    /// message can overtake the replay). Returns the channels and the positions to
+    /// replay from.
+    pub(super) fn begin_recovery(&self, only: Option<&[Arc<str>]>) -> Vec<(Arc<str>, StreamPos)> {
         let mut todo = Vec::new();
-        for shard in self.shards.iter() {
-            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            for ch in shard.channels.values_mut() {
-                if let Some(pos) = ch.last_pos.or(ch.head) {
-                    ch.recovering.get_or_insert_with(Vec::new);
-                    todo.push((ch.name.clone(), pos));
+        let mut begin = |ch: &mut Channel| {
+            if let Some(pos) = ch.last_pos.or(ch.head) {
+                ch.recovering.get_or_insert_with(Vec::new);
+                todo.push((ch.name.clone(), pos));
+            }
+        };
+        match only {
+            Some(names) => {
+                for name in names {
+                    if let Some(ch) = self.shard(name).channels.get_mut(&**name) {
+                        begin(ch);
+                    }
+                }
+            }
+            None => {
+                for shard in self.shards.iter() {
+                    let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+                    shard.channels.values_mut().for_each(&mut begin);
                 }
             }
         }
@@ -163,10 +176,21 @@ impl Hub {
             let (mut from, mut first) = (from, true);
             loop {
                 let read = self.history_after(&name, from, self.config.replay_page, first).await;
+                // History ends before what this node delivered: it lost its newest
+                // messages (a Redis Cluster master failed before its replica had them,
+                // or Redis restarted from an older snapshot), which were delivered live
+                // here, so nothing was missed. Go on from history's newest, so the
+                // messages published after it are not taken for repeats.
+                let forked = first
+                    && !read.covered
+                    && read.entries.is_empty()
+                    && read.position.is_some_and(|head| head < from);
                 first = false;
                 let mut shard = self.shard(&name);
                 let Some(ch) = shard.channels.get_mut(&*name) else { break };
-                if !read.covered {
+                if forked {
+                    ch.last_pos = read.position;
+                } else if !read.covered {
                     tracing::warn!(
                         channel = %crate::error::quote(&name),
                         %from,
@@ -177,12 +201,16 @@ impl Hub {
                     self.fan_out(ch, &Arc::new(reset));
                     // Positions ahead of what history holds would hide every new message.
                     ch.last_pos = read.position;
+                    // History began again: keys from before it no longer mark repeats (the
+                    // idempotency keys went with it, so a publisher may reuse one).
+                    ch.repeats = Default::default();
                 }
-                for e in read.entries {
+                for mut e in read.entries {
                     from = e.pos;
+                    let key = e.key.take();
                     let mut d = from_history(ch.name.clone(), e, self.next_seq());
                     d.catch_up = true;
-                    self.deliver_locked(ch, d);
+                    self.deliver_locked(ch, d, key.as_deref());
                 }
                 if !read.more {
                     self.release_held(ch);

@@ -1,8 +1,11 @@
 #!lua name=fanout
 -- Publishing with history, callable by any Redis client:
 --   FCALL fanout_publish 1 <channel> <data> [<event> [<idempotency-key> [<stream> <seq>]]]
--- appends to the bounded stream fanout:history:{<channel>} and PUBLISHes a gateway
--- frame carrying the new id, so every node delivers it with its position. It answers
+-- appends to the bounded stream fanout:history:{<channel>} and PUBLISHes (SPUBLISH on
+-- a Redis Cluster) a gateway frame carrying the new id, so every node delivers it with
+-- its position. The key may also be the history key itself, fanout:history:{<channel>}
+-- (the gateway passes that one: on a cluster, a key that exists keeps the call on the
+-- node holding the history while the slot migrates); every function takes either. It answers
 -- {id, receivers}; receivers is -1 for a repeat (an idempotency key seen within its
 -- window: id is the first publish's). A message of a publishing stream (<stream>, a
 -- name unique to one streaming request, and <seq> = 1, 2, 3...) is published only in
@@ -23,6 +26,13 @@ local MAGIC = '\0fo1\n'
 
 local function stream_key(ch) return 'fanout:history:{' .. ch .. '}' end
 
+-- The channel a function was called for: its key is the channel or one of its keys
+-- (fanout:history:{<channel>}, fanout:occupancy:{<channel>}).
+local function channel_of(key)
+  if key == nil then return nil end
+  return string.match(key, '^fanout:%a+:{(.*)}$') or key
+end
+
 -- Whether decimal number a < b, for digit strings without leading zeros (any length:
 -- Lua's numbers cannot hold every 64-bit value).
 local function num_less(a, b)
@@ -40,7 +50,7 @@ local function id_less(a, b)
 end
 
 local function publish(keys, args)
-  local ch = keys[1]
+  local ch = channel_of(keys[1])
   local data = args[1]
   if ch == nil or data == nil then
     return redis.error_reply(
@@ -74,15 +84,18 @@ local function publish(keys, args)
       return redis.error_reply('stream out of order: expected seq ' .. (last + 1) .. ', got ' .. seq)
     end
   end
+  -- What makes a retry the same message, carried in the frame and the entry, so a node
+  -- can drop a repeat that a failover let through under a new id.
+  local dedupe = ''
+  if idem ~= '' then dedupe = 'i' .. idem elseif sid ~= '' then dedupe = 's' .. sid .. ':' .. seq end
   local t = redis.call('TIME')
   local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local key = stream_key(ch)
   local id
-  if event ~= '' then
-    id = redis.call('XADD', key, 'MAXLEN', '~', MAXLEN, '*', 'd', data, 'e', event)
-  else
-    id = redis.call('XADD', key, 'MAXLEN', '~', MAXLEN, '*', 'd', data)
-  end
+  local fields = {'d', data}
+  if event ~= '' then fields[#fields + 1] = 'e'; fields[#fields + 1] = event end
+  if dedupe ~= '' then fields[#fields + 1] = 'k'; fields[#fields + 1] = dedupe end
+  id = redis.call('XADD', key, 'MAXLEN', '~', MAXLEN, '*', unpack(fields))
   if MAXAGE_MS > 0 then
     redis.call('XTRIM', key, 'MINID', '~', (now_ms - MAXAGE_MS) .. '-0')
   end
@@ -94,7 +107,8 @@ local function publish(keys, args)
   end
   local header = '{"id":"' .. id .. '","ts":' .. now_ms
   if event ~= '' then header = header .. ',"event":' .. cjson.encode(event) end
-  local n = redis.call('PUBLISH', ch, MAGIC .. header .. '}\n' .. data)
+  if dedupe ~= '' then header = header .. ',"key":' .. cjson.encode(dedupe) end
+  local n = redis.call('__PUBLISH__', ch, MAGIC .. header .. '}\n' .. data)
   return {id, n}
 end
 
@@ -122,8 +136,12 @@ local function page(entries, max_bytes)
   return out
 end
 
+-- An id inside the stream's range that it never held comes from a fork: a Redis Cluster
+-- master failed before its replica had its newest messages, which subscribers had
+-- already seen. What came after it is all here ('ok'); a republished message among it
+-- carries its key ('k'), so nodes drop the repeat.
 local function since(keys, args)
-  local key = stream_key(keys[1])
+  local key = stream_key(channel_of(keys[1]))
   local from = args[1] or '0-0'
   local count = tonumber(args[2] or '1000')
   local max_bytes = tonumber(args[3] or '')
@@ -132,11 +150,12 @@ local function since(keys, args)
     return {'reset', {}, '0-0'}
   end
   local info = redis.call('XINFO', 'STREAM', key)
-  local last, length, added = '0-0', 0, 0
+  local last, length, added, first = '0-0', 0, 0, nil
   for i = 1, #info, 2 do
     if info[i] == 'last-generated-id' then last = info[i + 1] end
     if info[i] == 'length' then length = info[i + 1] end
     if info[i] == 'entries-added' then added = info[i + 1] end
+    if info[i] == 'first-entry' and type(info[i + 1]) == 'table' then first = info[i + 1][1] end
   end
   if from == last then return {'ok', {}, last} end
   if from == '0-0' then
@@ -146,14 +165,15 @@ local function since(keys, args)
     if added == length then return {'ok', entries, last} end
     return {'trimmed', entries, last}
   end
-  if id_less(last, from) or #redis.call('XRANGE', key, from, from) == 0 then
-    return {'reset', {}, last}
+  if id_less(last, from) then return {'reset', {}, last} end
+  if #redis.call('XRANGE', key, from, from) == 0 then
+    if first == nil or not id_less(first, from) then return {'reset', {}, last} end
   end
   return {'ok', page(redis.call('XRANGE', key, '(' .. from, '+', 'COUNT', count), max_bytes), last}
 end
 
 local function head(keys, args)
-  local key = stream_key(keys[1])
+  local key = stream_key(channel_of(keys[1]))
   if redis.call('EXISTS', key) == 0 then return false end
   local info = redis.call('XINFO', 'STREAM', key)
   for i = 1, #info, 2 do
@@ -165,3 +185,53 @@ end
 redis.register_function('fanout_publish', publish)
 redis.register_function{function_name = 'fanout_head', callback = head, flags = {'no-writes'}}
 redis.register_function{function_name = 'fanout_since', callback = since, flags = {'no-writes'}}
+
+-- Subscriber counts per node, for the cluster-wide occupancy of a channel: a hash
+-- fanout:occupancy:{<channel>} of <node> -> '<count> <expires-ms>', by Redis's clock.
+--   FCALL fanout_occupancy_report 1 <channel> <node> <count> <ttl-ms>
+-- records a node's count (0 removes it) and drops entries that expired.
+--   FCALL_RO fanout_occupancy 1 <channel> <node-to-skip>
+-- returns {subscribers, nodes} over the entries that have not expired.
+local function occupancy_key(ch) return 'fanout:occupancy:{' .. ch .. '}' end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function occupancy_report(keys, args)
+  local key = occupancy_key(channel_of(keys[1]))
+  local node, count, ttl = args[1], tonumber(args[2] or '0'), tonumber(args[3] or '15000')
+  local now = now_ms()
+  local all = redis.call('HGETALL', key)
+  for i = 1, #all, 2 do
+    local expires = tonumber(string.match(all[i + 1], ' (%d+)$') or '0')
+    if expires <= now then redis.call('HDEL', key, all[i]) end
+  end
+  if count > 0 then
+    redis.call('HSET', key, node, count .. ' ' .. (now + ttl))
+    redis.call('PEXPIRE', key, ttl * 2)
+  else
+    redis.call('HDEL', key, node)
+  end
+  return 1
+end
+
+local function occupancy(keys, args)
+  local key = occupancy_key(channel_of(keys[1]))
+  local skip = args[1] or ''
+  local now = now_ms()
+  local all = redis.call('HGETALL', key)
+  local subscribers, nodes = 0, 0
+  for i = 1, #all, 2 do
+    local count, expires = string.match(all[i + 1], '^(%d+) (%d+)$')
+    if all[i] ~= skip and count and tonumber(expires) > now and tonumber(count) > 0 then
+      subscribers = subscribers + tonumber(count)
+      nodes = nodes + 1
+    end
+  end
+  return {subscribers, nodes}
+end
+
+redis.register_function('fanout_occupancy_report', occupancy_report)
+redis.register_function{function_name = 'fanout_occupancy', callback = occupancy, flags = {'no-writes'}}

@@ -10,9 +10,29 @@ use crate::{
     config::HistoryConfig,
 };
 
-/// The Redis Function library source with this node's history limits filled in.
+/// The Redis Function library source with this node's history limits filled in, for
+/// one Redis (messages go out with `PUBLISH`).
 pub fn library_source(h: &HistoryConfig) -> String {
+    source_with(h, "PUBLISH")
+}
+
+/// The same library for a Redis Cluster: messages go out with `SPUBLISH` on the
+/// channel, which lives in the same slot as its history, so they reach only the
+/// subscribers of that slot's master instead of being broadcast to every node. Filled
+/// in at load time: a function cannot tell cheaply whether it runs in a cluster.
+pub fn cluster_library_source(h: &HistoryConfig) -> String {
+    source_with(h, "SPUBLISH")
+}
+
+/// The history key of `channel` (channel names never hold braces, so the hash tag is
+/// the channel itself and the key shares its slot).
+pub fn history_key(channel: &str) -> String {
+    format!("fanout:history:{{{channel}}}")
+}
+
+fn source_with(h: &HistoryConfig, publish: &str) -> String {
     include_str!("fanout.lua")
+        .replace("__PUBLISH__", publish)
         .replace("__MAXLEN__", &h.max_len.to_string())
         .replace("__MAXAGE_MS__", &h.max_age.as_millis().to_string())
         .replace("__KEY_TTL_MS__", &(h.max_age.as_millis() + 3_600_000).to_string())
@@ -38,11 +58,15 @@ pub fn is_missing_function(e: &redis::RedisError) -> bool {
     e.to_string().contains("Function not found")
 }
 
-/// `FCALL fanout_publish 1 <channel> <data> <event> <idempotency-key> [<stream> <seq>]`
-/// for `msg` (empty strings for an absent event or key, as the function expects).
+/// `FCALL fanout_publish 1 fanout:history:{<channel>} <data> <event> <idempotency-key>
+/// [<stream> <seq>]` for `msg` (empty strings for an absent event or key, as the
+/// function expects). The gateway names the history key rather than the channel (the
+/// function takes either): a key that exists is what keeps a Redis Cluster running the
+/// call on the node that holds the history while its slot migrates, instead of
+/// redirecting it to a node that has none yet.
 pub fn publish_cmd(msg: &Publish) -> redis::Cmd {
     let mut cmd = redis::cmd("FCALL");
-    cmd.arg("fanout_publish").arg(1).arg(&msg.channel).arg(&msg.data[..]);
+    cmd.arg("fanout_publish").arg(1).arg(history_key(&msg.channel)).arg(&msg.data[..]);
     cmd.arg(msg.event.as_deref().unwrap_or("")).arg(msg.idempotency_key.as_deref().unwrap_or(""));
     if let Some(seq) = msg.sequence {
         cmd.arg(format!("{:016x}", seq.stream)).arg(seq.n);
@@ -78,19 +102,51 @@ pub fn is_missing_function_reply(reply: &redis::Value) -> bool {
     matches!(reply, redis::Value::ServerError(e) if e.details().is_some_and(|d| d.contains("Function not found")))
 }
 
-/// `FCALL_RO fanout_since 1 <channel> <from> <count> <max-bytes>`: one page.
+/// `FCALL_RO fanout_since 1 fanout:history:{<channel>} <from> <count> <max-bytes>`: one
+/// page.
 pub fn since_cmd(channel: &str, from: StreamPos, page: Page) -> redis::Cmd {
     let mut cmd = redis::cmd("FCALL_RO");
-    cmd.arg("fanout_since").arg(1).arg(channel).arg(from.to_string());
+    cmd.arg("fanout_since").arg(1).arg(history_key(channel)).arg(from.to_string());
     cmd.arg(page.max_count).arg(page.max_bytes);
     cmd
 }
 
-/// `FCALL_RO fanout_head 1 <channel>`.
+/// `FCALL_RO fanout_head 1 fanout:history:{<channel>}`.
 pub fn head_cmd(channel: &str) -> redis::Cmd {
     let mut cmd = redis::cmd("FCALL_RO");
-    cmd.arg("fanout_head").arg(1).arg(channel);
+    cmd.arg("fanout_head").arg(1).arg(history_key(channel));
     cmd
+}
+
+/// `FCALL fanout_occupancy_report 1 fanout:occupancy:{<channel>} <node> <count> <ttl-ms>`.
+pub fn occupancy_report_cmd(channel: &str, node: u64, count: usize) -> redis::Cmd {
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg("fanout_occupancy_report").arg(1).arg(format!("fanout:occupancy:{{{channel}}}"));
+    cmd.arg(format!("{node:x}")).arg(count).arg(crate::broker::OCCUPANCY_TTL.as_millis() as u64);
+    cmd
+}
+
+/// `FCALL_RO fanout_occupancy 1 fanout:occupancy:{<channel>} <node-to-skip>`.
+pub fn occupancy_cmd(channel: &str, skip_node: u64) -> redis::Cmd {
+    let mut cmd = redis::cmd("FCALL_RO");
+    cmd.arg("fanout_occupancy")
+        .arg(1)
+        .arg(format!("fanout:occupancy:{{{channel}}}"))
+        .arg(format!("{skip_node:x}"));
+    cmd
+}
+
+/// Parses `fanout_occupancy`'s reply `{subscribers, nodes}`.
+pub fn parse_occupancy(reply: &redis::Value) -> Result<crate::broker::Occupancy, BrokerError> {
+    match reply {
+        redis::Value::Array(v) => match &v[..] {
+            [redis::Value::Int(s), redis::Value::Int(n)] => {
+                Ok(crate::broker::Occupancy { subscribers: (*s).max(0) as u64, nodes: (*n).max(0) as u64 })
+            }
+            _ => Err(BrokerError::Protocol("fanout_occupancy: wrong shape".into())),
+        },
+        _ => Err(BrokerError::Protocol("fanout_occupancy: not an array".into())),
+    }
 }
 
 /// Parses `fanout_head`'s reply: the newest position, if any.
@@ -122,15 +178,16 @@ pub fn parse_since(v: redis::Value) -> Result<Recovery, BrokerError> {
         let [id, fields] = &pair[..] else { return Err(bad("entry shape")) };
         let pos: StreamPos = text(id).and_then(|s| s.parse().ok()).ok_or_else(|| bad("entry id"))?;
         let redis::Value::Array(fields) = fields else { return Err(bad("entry fields")) };
-        let (mut data, mut event) = (Bytes::new(), None);
+        let (mut data, mut event, mut key) = (Bytes::new(), None, None);
         for kv in fields.chunks(2) {
             match (kv.first().and_then(text), kv.get(1).and_then(bulk)) {
                 (Some("d"), Some(v)) => data = Bytes::copy_from_slice(v),
                 (Some("e"), Some(v)) => event = Some(String::from_utf8_lossy(v).into_owned()),
+                (Some("k"), Some(v)) => key = Some(String::from_utf8_lossy(v).into_owned()),
                 _ => {}
             }
         }
-        out.push(HistoryEntry { pos, event, data });
+        out.push(HistoryEntry { pos, event, data, key });
     }
     let last: StreamPos = text(last).and_then(|s| s.parse().ok()).ok_or_else(|| bad("last id"))?;
     let head = (last != StreamPos::ZERO).then_some(last);
