@@ -25,7 +25,6 @@ mod tracker;
 mod ws;
 
 use std::{
-    collections::BTreeMap,
     ops::Range,
     sync::{
         Arc, Mutex,
@@ -151,32 +150,31 @@ impl Pool {
     fn report(&self, window: &Window) -> DeliveryReport {
         let channels = self.shared.channels;
         let mut r = DeliveryReport { loadgen_processes: 1, ..Default::default() };
-        let mut disconnects: BTreeMap<String, u64> = BTreeMap::new();
+        let c = &mut r.counts;
         for t in &self.trackers {
             let t = lock(t);
             let (expected, missing) = t.tally(window, channels);
-            r.expected += expected;
-            r.missing += missing;
-            r.duplicates += t.duplicates;
-            r.reordered += t.reordered;
-            r.unexpected += t.unexpected;
-            r.bad_payload += t.bad_payload;
-            r.received_total += t.unique;
+            c.expected += expected;
+            c.missing += missing;
+            c.duplicates += t.duplicates;
+            c.reordered += t.reordered;
+            c.unexpected += t.unexpected;
+            c.bad_payload += t.bad_payload;
+            c.received_total += t.unique;
             match &t.disconnect {
-                Some((reason, _)) => *disconnects.entry(reason.clone()).or_default() += 1,
-                None if t.connected => r.connected_at_end += 1,
+                Some((reason, _)) => *c.disconnects.entry(reason.clone()).or_default() += 1,
+                None if t.connected => c.connected_at_end += 1,
                 None => {}
             }
         }
-        r.received = r.expected - r.missing;
-        r.disconnects = disconnects;
+        c.received = c.expected - c.missing;
         let mut hist = new_histogram();
         for h in &self.shared.hists {
             hist.add(&*lock(h)).expect("histograms share bounds");
         }
         r.latency_hist = encode_histogram(&hist);
-        r.poll_resets = self.shared.poll_resets.load(Relaxed);
-        r.poll_reconnects = self.shared.poll_reconnects.load(Relaxed);
+        r.counts.poll_resets = self.shared.poll_resets.load(Relaxed);
+        r.counts.poll_reconnects = self.shared.poll_reconnects.load(Relaxed);
         if let Ok(me) = crate::procfs::sample(None) {
             r.loadgen_cpu_secs = me.cpu_secs;
             r.loadgen_rss_kib = me.rss_kib;

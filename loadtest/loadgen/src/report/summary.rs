@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::{
     histogram::decode_histogram,
-    per_process::{ConnectReport, DeliveryReport},
+    per_process::{ConnectReport, DeliveryCounts, DeliveryReport},
 };
 use crate::{cli::Settings, procfs::ProcSample, publisher::PublishReport};
 
@@ -68,35 +68,6 @@ pub struct ConnectSummary {
     pub rate_per_sec: f64,
     /// Time to connect and subscribe, ms.
     pub connect_time_ms: Percentiles,
-}
-
-/// Deliveries, all processes together.
-#[derive(Debug, Clone, Serialize)]
-pub struct DeliverySummary {
-    /// Subscribers still connected at the end.
-    pub connected_at_end: u64,
-    /// Deliveries expected in the measured window.
-    pub expected: u64,
-    /// Expected deliveries that arrived.
-    pub received: u64,
-    /// Expected deliveries that did not arrive.
-    pub missing: u64,
-    /// Extra copies.
-    pub duplicates: u64,
-    /// Out-of-order arrivals.
-    pub reordered: u64,
-    /// Unplanned messages.
-    pub unexpected: u64,
-    /// Messages not in this run's format.
-    pub bad_payload: u64,
-    /// Deliveries including warm-up.
-    pub received_total: u64,
-    /// Long-poll resets.
-    pub poll_resets: u64,
-    /// Long-poll reconnects.
-    pub poll_reconnects: u64,
-    /// Lost connections by reason.
-    pub disconnects: BTreeMap<String, u64>,
 }
 
 /// One measured server process.
@@ -201,8 +172,8 @@ pub struct Summary {
     pub connect: ConnectSummary,
     /// Publisher.
     pub publish: Option<PublishReport>,
-    /// Deliveries.
-    pub delivery: DeliverySummary,
+    /// Deliveries, all processes together.
+    pub delivery: DeliveryCounts,
     /// Publish→receive latency, ms (measured window).
     pub latency_ms: Percentiles,
     /// Server cost.
@@ -297,8 +268,8 @@ impl Summary {
             } else {
                 0.0
             },
-            cpu_us_per_delivery: (!processes.is_empty() && delivery.received > 0)
-                .then(|| cpu_measured * 1e6 / delivery.received as f64),
+            cpu_us_per_delivery: (!processes.is_empty() && delivery.counts.received > 0)
+                .then(|| cpu_measured * 1e6 / delivery.counts.received as f64),
             rss_before_kib: rss_before,
             rss_idle_kib: rss_idle,
             rss_after_kib: sum(|p| p.end.rss_kib),
@@ -307,9 +278,9 @@ impl Summary {
             processes,
         };
         let clean = connect.failed == 0
-            && delivery.missing == 0
-            && delivery.duplicates == 0
-            && delivery.disconnects.is_empty()
+            && delivery.counts.missing == 0
+            && delivery.counts.duplicates == 0
+            && delivery.counts.disconnects.is_empty()
             && publish.as_ref().is_none_or(|p| p.failed == 0);
         Ok(Self {
             config: RunConfig {
@@ -342,20 +313,7 @@ impl Summary {
                 connect_time_ms: Percentiles::of(&connect_hist),
             },
             publish,
-            delivery: DeliverySummary {
-                connected_at_end: delivery.connected_at_end,
-                expected: delivery.expected,
-                received: delivery.received,
-                missing: delivery.missing,
-                duplicates: delivery.duplicates,
-                reordered: delivery.reordered,
-                unexpected: delivery.unexpected,
-                bad_payload: delivery.bad_payload,
-                received_total: delivery.received_total,
-                poll_resets: delivery.poll_resets,
-                poll_reconnects: delivery.poll_reconnects,
-                disconnects: delivery.disconnects.clone(),
-            },
+            delivery: delivery.counts.clone(),
             latency_ms: Percentiles::of(&latency),
             server: server_summary,
             loadgen: LoadgenSummary {
