@@ -219,13 +219,13 @@ async fn coordinate(s: &Settings, hard: Instant) -> Result<bool> {
     eprintln!(
         "loadgen: {} {} subscribers on {} channels at {}{}{}",
         a.subscribers,
-        a.transport.as_str(),
+        s.transports_label(),
         a.channels,
         a.url,
         if a.server == ServerKind::Nchan { " (nchan)" } else { "" },
         if a.workers > 1 { format!(" in {} workers", a.workers) } else { String::new() }
     );
-    if a.server == ServerKind::Nchan && a.transport == Transport::Poll {
+    if a.server == ServerKind::Nchan && a.transport.contains(&Transport::Poll) {
         publisher::nchan_mark_channels(s).await?;
     }
     let phase_deadline = Instant::now() + Duration::from_secs_f64(a.connect_phase_timeout);
@@ -276,8 +276,9 @@ async fn drive(
         row.update(2, sample);
     }
     let drain = Duration::from_secs_f64(a.drain);
-    let (window, publish, window_start) = match &sink {
-        Some(sink) => {
+    let (window, publish, window_start) = match sink {
+        Some(mut sink) => {
+            sink.prepare(s).await?;
             // Start on a whole tick a little ahead, so the schedule begins on time.
             let lead = Duration::from_millis(200);
             let t0 = Instant::now() + lead;

@@ -80,6 +80,7 @@ impl Pool {
             stop: CancellationToken::new(),
             hists: (0..HIST_SHARDS).map(|_| Mutex::new(new_histogram())).collect(),
             in_window: AtomicU64::new(0),
+            last_rx_us: AtomicU64::new(0),
             poll_resets: AtomicU64::new(0),
             poll_reconnects: AtomicU64::new(0),
         });
@@ -175,6 +176,7 @@ impl Pool {
         r.latency_hist = encode_histogram(&hist);
         r.counts.poll_resets = self.shared.poll_resets.load(Relaxed);
         r.counts.poll_reconnects = self.shared.poll_reconnects.load(Relaxed);
+        r.last_receive_us = self.shared.last_rx_us.load(Relaxed);
         if let Ok(me) = crate::procfs::sample(None) {
             r.loadgen_cpu_secs = me.cpu_secs;
             r.loadgen_rss_kib = me.rss_kib;

@@ -105,6 +105,10 @@ pub struct DeliveryReport {
     pub counts: DeliveryCounts,
     /// Publish→receive latency, µs (encoded histogram), measured window only.
     pub latency_hist: String,
+    /// When the latest delivery of the measured window arrived, µs since the Unix
+    /// epoch (0: none did); gives the delivered rate.
+    #[serde(default)]
+    pub last_receive_us: u64,
     /// CPU seconds used by the load generator process(es).
     pub loadgen_cpu_secs: f64,
     /// Resident memory of the load generator process(es), KiB (summed).
@@ -118,6 +122,7 @@ impl DeliveryReport {
     pub fn merge(&mut self, o: &DeliveryReport) -> Result<()> {
         self.counts.merge(&o.counts);
         self.latency_hist = merge_histograms(&self.latency_hist, &o.latency_hist)?;
+        self.last_receive_us = self.last_receive_us.max(o.last_receive_us);
         self.loadgen_cpu_secs += o.loadgen_cpu_secs;
         self.loadgen_rss_kib += o.loadgen_rss_kib;
         self.loadgen_processes += o.loadgen_processes;
@@ -238,7 +243,13 @@ mod tests {
         let report = DeliveryReport { loadgen_processes: 1, ..Default::default() };
         let line = serde_json::to_string(&report).unwrap();
         let mut want: Vec<&str> = counters.to_vec();
-        want.extend(["latency_hist", "loadgen_cpu_secs", "loadgen_rss_kib", "loadgen_processes"]);
+        want.extend([
+            "latency_hist",
+            "last_receive_us",
+            "loadgen_cpu_secs",
+            "loadgen_rss_kib",
+            "loadgen_processes",
+        ]);
         assert_eq!(keys(&line), want);
         let back: DeliveryReport = serde_json::from_str(&line).unwrap();
         assert_eq!(back, report);

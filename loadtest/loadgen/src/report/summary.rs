@@ -91,6 +91,9 @@ pub struct ServerProcess {
     pub cpu_secs_measured: f64,
     /// CPU seconds used while connecting.
     pub cpu_secs_connect: f64,
+    /// CPU µs per message published in the measured window (per token, for token
+    /// streams): what one published message costs this process, whatever the fan-out.
+    pub cpu_us_per_message: Option<f64>,
     /// (idle − before) RSS per subscriber connected to it, KiB (with one server pid per
     /// `--url` node, a node holds 1/n of the subscribers).
     pub kib_per_connection: Option<f64>,
@@ -109,6 +112,8 @@ pub struct ServerSummary {
     pub cpu_cores_measured: f64,
     /// CPU µs per received delivery in the measured window.
     pub cpu_us_per_delivery: Option<f64>,
+    /// CPU µs per message published in the measured window.
+    pub cpu_us_per_message: Option<f64>,
     /// RSS sums, KiB.
     pub rss_before_kib: u64,
     /// RSS after connecting.
@@ -117,6 +122,20 @@ pub struct ServerSummary {
     pub rss_after_kib: u64,
     /// (idle − before) / connected subscribers, KiB.
     pub kib_per_connection: Option<f64>,
+}
+
+/// Rates over the measured window.
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    /// Messages (tokens) of the measured window acknowledged by the server, per second
+    /// of the window (`--duration`).
+    pub published_per_sec: f64,
+    /// Deliveries of the measured window received, per second from the window's start
+    /// to the last of them (lower than published × subscribers per channel when the
+    /// deliveries trail behind).
+    pub delivered_per_sec: f64,
+    /// From the window's first scheduled message to its last delivery, seconds.
+    pub delivery_span_secs: f64,
 }
 
 /// Load generator cost.
@@ -137,8 +156,8 @@ pub struct RunConfig {
     pub url: String,
     /// Which server was driven (`gateway` or `nchan`).
     pub server: &'static str,
-    /// Transport.
-    pub transport: &'static str,
+    /// Transport(s), comma-separated when subscribers mix several.
+    pub transport: String,
     /// Subscribers.
     pub subscribers: usize,
     /// Channels.
@@ -176,6 +195,8 @@ pub struct Summary {
     pub delivery: DeliveryCounts,
     /// Publish→receive latency, ms (measured window).
     pub latency_ms: Percentiles,
+    /// Published and delivered rates (runs that publish).
+    pub throughput: Option<Throughput>,
     /// Server cost.
     pub server: ServerSummary,
     /// Load generator cost.
@@ -239,6 +260,8 @@ impl Summary {
         // share of the connections (subscriber i goes to node i % n).
         let nodes = s.targets.len();
         let per_process = if nodes > 1 && server.rows.len() == nodes { ok / nodes as f64 } else { ok };
+        let measured_msgs = publish.as_ref().map_or(0, |p| p.measured);
+        let per_message = |cpu: f64| (measured_msgs > 0).then(|| cpu * 1e6 / measured_msgs as f64);
         let processes: Vec<ServerProcess> = server
             .rows
             .iter()
@@ -252,6 +275,7 @@ impl Summary {
                 end: *end,
                 cpu_secs_measured: end.cpu_secs - start.cpu_secs,
                 cpu_secs_connect: idle.cpu_secs - before.cpu_secs,
+                cpu_us_per_message: per_message(end.cpu_secs - start.cpu_secs),
                 kib_per_connection: (connect.ok > 0)
                     .then(|| (idle.rss_kib as f64 - before.rss_kib as f64) / per_process),
             })
@@ -270,6 +294,7 @@ impl Summary {
             },
             cpu_us_per_delivery: (!processes.is_empty() && delivery.counts.received > 0)
                 .then(|| cpu_measured * 1e6 / delivery.counts.received as f64),
+            cpu_us_per_message: if processes.is_empty() { None } else { per_message(cpu_measured) },
             rss_before_kib: rss_before,
             rss_idle_kib: rss_idle,
             rss_after_kib: sum(|p| p.end.rss_kib),
@@ -282,11 +307,23 @@ impl Summary {
             && delivery.counts.duplicates == 0
             && delivery.counts.disconnects.is_empty()
             && publish.as_ref().is_none_or(|p| p.failed == 0);
+        let throughput = publish.as_ref().map(|p| {
+            let span = if delivery.last_receive_us > p.measure_start_us {
+                (delivery.last_receive_us - p.measure_start_us) as f64 / 1e6
+            } else {
+                a.duration
+            };
+            Throughput {
+                published_per_sec: p.measured as f64 / a.duration,
+                delivered_per_sec: delivery.counts.received as f64 / span,
+                delivery_span_secs: span,
+            }
+        });
         Ok(Self {
             config: RunConfig {
                 url: a.url.clone(),
                 server: a.server.as_str(),
-                transport: a.transport.as_str(),
+                transport: s.transports_label(),
                 subscribers: a.subscribers,
                 channels: a.channels,
                 channel_prefix: s.prefix.clone(),
@@ -315,6 +352,7 @@ impl Summary {
             publish,
             delivery: delivery.counts.clone(),
             latency_ms: Percentiles::of(&latency),
+            throughput,
             server: server_summary,
             loadgen: LoadgenSummary {
                 processes: delivery.loadgen_processes,

@@ -36,6 +36,8 @@ pub(super) struct Shared {
     pub(super) stop: CancellationToken,
     pub(super) hists: Vec<Mutex<Histogram<u64>>>,
     pub(super) in_window: AtomicU64,
+    /// Receive time (µs since the epoch) of the latest measured first copy.
+    pub(super) last_rx_us: AtomicU64,
     pub(super) poll_resets: AtomicU64,
     pub(super) poll_reconnects: AtomicU64,
 }
@@ -51,6 +53,7 @@ impl Shared {
         let seen = lock(tr).record(p, self.channels, self.s.total_messages);
         if seen == Seen::New && p.seq >= self.s.measure_from {
             self.in_window.fetch_add(1, Relaxed);
+            self.last_rx_us.fetch_max(now, Relaxed);
             let us = now.saturating_sub(p.t_us).clamp(1, MAX_LATENCY_US);
             lock(&self.hists[g as usize % HIST_SHARDS]).saturating_record(us);
         }
