@@ -127,8 +127,9 @@ pub struct ServerSummary {
 /// Rates over the measured window.
 #[derive(Debug, Clone, Serialize)]
 pub struct Throughput {
-    /// Messages (tokens) of the measured window acknowledged by the server, per second
-    /// of the window (`--duration`).
+    /// Messages (tokens) acknowledged by the server per second, from the first due
+    /// time to the last acknowledgment (warm-up included): the schedule's rate when the
+    /// server keeps up, its sustained publish rate when it does not.
     pub published_per_sec: f64,
     /// Deliveries of the measured window received, per second from the window's start
     /// to the last of them (lower than published × subscribers per channel when the
@@ -314,7 +315,7 @@ impl Summary {
                 a.duration
             };
             Throughput {
-                published_per_sec: p.measured as f64 / a.duration,
+                published_per_sec: if p.duration_secs > 0.0 { p.ok as f64 / p.duration_secs } else { 0.0 },
                 delivered_per_sec: delivery.counts.received as f64 / span,
                 delivery_span_secs: span,
             }

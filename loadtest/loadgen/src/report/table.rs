@@ -124,7 +124,7 @@ impl Summary {
         if let Some(t) = &self.throughput {
             let _ = writeln!(
                 w,
-                "  throughput    published {:.1} msg/s in the window; delivered {:.1}/s (last delivery {:.2}s after the window began)",
+                "  throughput    published {:.1} msg/s (acknowledged); delivered {:.1}/s in the window (last delivery {:.2}s after it began)",
                 t.published_per_sec, t.delivered_per_sec, t.delivery_span_secs
             );
         }
