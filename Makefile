@@ -1,5 +1,5 @@
 # Developer shortcuts. The README's test command is `cargo test --workspace`.
-.PHONY: check test fmt clippy run up bench dashboard
+.PHONY: check test fmt clippy run up cluster cluster-down cluster-status bench dashboard
 
 check: fmt clippy test
 
@@ -19,6 +19,17 @@ run:
 # Redis, three nodes behind nginx, Prometheus and Grafana (needs Docker).
 up:
 	docker compose up --build
+
+# The same topology without Docker, from Debian packages (redis-server, nginx,
+# prometheus), on the same host ports; Grafana is left out (not packaged).
+cluster:
+	deploy/local-cluster.sh up
+
+cluster-down:
+	deploy/local-cluster.sh down
+
+cluster-status:
+	deploy/local-cluster.sh status
 
 # The benchmark scenarios behind loadtest/RESULTS.md.
 bench:

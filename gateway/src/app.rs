@@ -14,7 +14,7 @@ pub mod demo;
 
 use axum::{
     Router,
-    extract::{DefaultBodyLimit, Request, State},
+    extract::{Request, State},
     http::{StatusCode, request::Parts},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -113,10 +113,6 @@ async fn routed(kind: Subscriber, state: AppState, req: Request) -> Response {
 
 /// Builds the public router.
 fn router(state: AppState, cors: Cors) -> Router {
-    let max = state.config.limits.max_payload_bytes;
-    // JSON escaping can grow a payload up to six times (\uXXXX); the payload itself is
-    // checked against the limit after parsing.
-    let json_limit = max.saturating_mul(6).saturating_add(64 * 1024);
     let mut router = Router::new();
     if state.config.demo_streams {
         router = router.route("/demo/answer", post(demo::answer));
@@ -130,8 +126,8 @@ fn router(state: AppState, cors: Cors) -> Router {
         .route("/sse", get(|State(s): State<AppState>, req| routed(Subscriber::Sse, s, req)))
         .route("/ws", get(|State(s): State<AppState>, req| routed(Subscriber::Ws, s, req)))
         .route("/poll", get(|State(s): State<AppState>, req| routed(Subscriber::Poll, s, req)))
-        .route("/publish/{channel}", post(api::publish_raw).layer(DefaultBodyLimit::max(max)))
-        .route("/api/publish", post(api::publish_json).layer(DefaultBodyLimit::max(json_limit)))
+        .route("/publish/{channel}", post(api::publish_raw))
+        .route("/api/publish", post(api::publish_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(cors, cors::middleware))

@@ -40,6 +40,18 @@ pub struct Publish {
     pub history: bool,
     /// Suppresses a repeat of the same publish within the idempotency window.
     pub idempotency_key: Option<String>,
+    /// Its place in a publishing stream: such messages are published in order and
+    /// exactly once, also when a lost reply makes the broker send them again.
+    pub sequence: Option<Sequence>,
+}
+
+/// A message's place in one publishing stream (one streaming request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sequence {
+    /// Names the stream; unique per streaming request.
+    pub stream: u64,
+    /// 1 for the stream's first message, then 2, 3...
+    pub n: u64,
 }
 
 /// What a publish achieved.
@@ -145,7 +157,9 @@ pub trait Broker: Send + Sync + 'static {
     fn subscribe(&self, channel: Arc<str>, ready: Arc<Ready>);
     /// Stops listening to `channel`.
     fn unsubscribe(&self, channel: Arc<str>);
-    /// Publishes a message to every node.
+    /// Publishes a message to every node. The message is queued when this is called,
+    /// not when the future is first polled: history publishes called one after another
+    /// are published in that order.
     fn publish(&self, msg: Publish) -> BoxFuture<'_, Result<PublishOutcome, BrokerError>>;
     /// The messages of `channel` after `from`, if history still covers them.
     fn since<'a>(&'a self, channel: &'a str, from: StreamPos)

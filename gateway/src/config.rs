@@ -18,7 +18,7 @@ pub mod settings;
 use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
 pub use self::{
-    cli::{Cli, Command, LogFormat, PublishArgs},
+    cli::{Cli, Command, InputFormat, LogFormat, PublishArgs},
     secret::{Secret, SecretUrl, mask_url},
     settings::{FileSettings, ServeArgs, Settings},
 };
@@ -86,6 +86,10 @@ pub struct Limits {
     pub publish_rate_per_key: u32,
     /// Messages kept per channel for long-poll.
     pub poll_buffer: usize,
+    /// Bytes of publish request bodies held at once per node.
+    pub max_body_bytes_in_flight: usize,
+    /// Largest body of one streaming publish.
+    pub stream_max_bytes: usize,
 }
 
 /// Timers of the transports and of shutdown.
@@ -111,6 +115,10 @@ pub struct Timers {
     pub sse_retry: Duration,
     /// Time to send a request head.
     pub header_read: Duration,
+    /// Longest a request body may go without a byte.
+    pub body_idle: Duration,
+    /// Longest one streaming publish may last.
+    pub stream_max: Duration,
 }
 
 /// Limits of per-channel history.
@@ -189,6 +197,8 @@ impl Config {
             drain_window: secs(s.drain_window_secs),
             sse_retry: Duration::from_millis(SSE_RETRY_MS),
             header_read: secs(s.header_timeout_secs),
+            body_idle: secs(s.body_timeout_secs),
+            stream_max: secs(s.stream_max_secs),
         };
         if timers.drain_window >= timers.shutdown_grace {
             return Err(ConfigError(format!(
@@ -218,6 +228,8 @@ impl Config {
                 connect_rate_per_ip: s.connect_rate_per_ip,
                 publish_rate_per_key: s.publish_rate_per_key,
                 poll_buffer: s.poll_buffer,
+                max_body_bytes_in_flight: s.max_body_bytes_in_flight,
+                stream_max_bytes: s.stream_max_bytes,
             },
             timers,
             history: HistoryConfig {

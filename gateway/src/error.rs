@@ -68,6 +68,14 @@ impl ApiError {
         metrics::counter!(m::LIMIT_REJECTIONS_TOTAL, "limit" => limit).increment(1);
         Self::new(StatusCode::TOO_MANY_REQUESTS, code::RATE_LIMITED, message)
     }
+    /// 408 when a request body stops arriving.
+    pub fn request_timeout(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::REQUEST_TIMEOUT, code::REQUEST_TIMEOUT, message)
+    }
+    /// 503 when the node holds as much as it may (connections, bodies in flight).
+    pub fn over_capacity(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, code::OVER_CAPACITY, message)
+    }
     /// 503 while the node shuts down.
     pub fn shutting_down() -> Self {
         Self::new(
@@ -85,7 +93,13 @@ impl IntoResponse for ApiError {
             .into_response();
         // The request body may be left unread: say so instead of letting a keep-alive
         // client send its next request on a connection the server then drops.
-        if matches!(self.status, StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNAUTHORIZED) {
+        if matches!(
+            self.status,
+            StatusCode::PAYLOAD_TOO_LARGE
+                | StatusCode::UNAUTHORIZED
+                | StatusCode::REQUEST_TIMEOUT
+                | StatusCode::TOO_MANY_REQUESTS
+        ) {
             resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if self.status == StatusCode::TOO_MANY_REQUESTS {

@@ -20,6 +20,7 @@ mod recovery;
 
 use std::{
     collections::{HashMap, VecDeque},
+    future::Future,
     hash::{BuildHasher, RandomState},
     sync::{
         Arc, Mutex, MutexGuard, Weak,
@@ -77,6 +78,8 @@ struct Channel {
     /// outage replay starts if no history message has arrived here since. Not used for
     /// de-duplication (it may arrive after newer live messages).
     head: Option<StreamPos>,
+    /// Whether `head` was read (it stays `None` for a channel without history).
+    head_read: bool,
     /// While history is replayed after a broker outage, live payloads wait here.
     recovering: Option<Vec<Bytes>>,
 }
@@ -195,9 +198,13 @@ impl Hub {
         self.broker.link()
     }
 
-    /// Publishes `msg` to every node through the broker.
-    pub async fn publish(&self, msg: Publish) -> Result<PublishOutcome, BrokerError> {
-        self.broker.publish(msg).await
+    /// Publishes `msg` to every node through the broker. Queued when called (see
+    /// [`Broker::publish`]): publishes called one after another keep that order.
+    pub fn publish(
+        &self,
+        msg: Publish,
+    ) -> impl Future<Output = Result<PublishOutcome, BrokerError>> + Send + '_ {
+        self.broker.publish(msg)
     }
 
     fn shard(&self, channel: &str) -> MutexGuard<'_, Shard> {
@@ -224,6 +231,7 @@ impl Hub {
                     keep_until: None,
                     last_pos: None,
                     head: None,
+                    head_read: false,
                     recovering: None,
                 },
             );
@@ -239,11 +247,33 @@ impl Hub {
             if tokio::time::timeout(READY_WAIT, ready.wait()).await.is_err() {
                 return;
             }
-            let Ok(Some(head)) = hub.broker.head(&name).await else { return };
-            if let Some(ch) = hub.shard(&name).channels.get_mut(&name) {
-                ch.head = Some(head);
-            }
+            let Ok(head) = hub.broker.head(&name).await else { return };
+            hub.record_head(&name, head);
         });
+    }
+
+    /// Keeps what history's newest position was when this node subscribed `channel`.
+    fn record_head(&self, channel: &str, head: Option<StreamPos>) {
+        if let Some(ch) = self.shard(channel).channels.get_mut(channel) {
+            ch.head = ch.head.or(head);
+            ch.head_read = true;
+        }
+    }
+
+    /// Where `channel`'s history stands as this node has delivered it: the newest
+    /// history position dispatched here, else history's newest when this node
+    /// subscribed (read now if it has not been yet); `None` for a channel without
+    /// history (or when history cannot be read).
+    pub async fn history_position(&self, channel: &str) -> Option<StreamPos> {
+        if let Some(ch) = self.shard(channel).channels.get(channel)
+            && (ch.last_pos.is_some() || ch.head_read)
+        {
+            return ch.last_pos.or(ch.head);
+        }
+        let head = self.broker.head(channel).await.ok()?;
+        self.record_head(channel, head);
+        let shard = self.shard(channel);
+        shard.channels.get(channel).map_or(head, |ch| ch.last_pos.or(ch.head))
     }
 
     /// Adds `inbox` as a subscriber of `channel` (already validated).

@@ -51,11 +51,18 @@ pub const AUTH_FAILURES_TOTAL: &str = "gateway_auth_failures_total";
 pub const REJECTED_TOTAL: &str = "gateway_rejected_requests_total";
 /// Connections or requests refused, or clients cut off, by a configured limit (counter),
 /// by `limit`: `max_connections`, `connect_rate`, `publish_rate`, `queue_messages`,
-/// `queue_bytes`, `demo_streams`.
+/// `queue_bytes`, `demo_streams`, `body_bytes`.
 pub const LIMIT_REJECTIONS_TOTAL: &str = "gateway_limit_rejections_total";
 /// The values of `limit` on [`LIMIT_REJECTIONS_TOTAL`].
-pub const LIMITS: [&str; 6] =
-    ["max_connections", "connect_rate", "publish_rate", "queue_messages", "queue_bytes", "demo_streams"];
+pub const LIMITS: [&str; 7] = [
+    "max_connections",
+    "connect_rate",
+    "publish_rate",
+    "queue_messages",
+    "queue_bytes",
+    "demo_streams",
+    "body_bytes",
+];
 
 /// The kind of a client connection: the value of the `transport` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +114,7 @@ fn register_known_series() {
     use metrics::{counter, gauge};
     const DISCONNECT_REASONS: [&str; 6] =
         ["client_closed", "slow_consumer", "shutdown", "timeout", "protocol_error", "server_closed"];
-    const REJECT_REASONS: [&str; 13] = [
+    const REJECT_REASONS: [&str; 14] = [
         "bad_request",
         "invalid_channel",
         "invalid_event",
@@ -121,6 +128,7 @@ fn register_known_series() {
         "broker_unavailable",
         "over_capacity",
         "rate_limited",
+        "request_timeout",
     ];
     for t in ConnKind::ALL.map(ConnKind::as_str) {
         gauge!(CONNECTIONS, "transport" => t).increment(0.0);

@@ -2,9 +2,12 @@
 //! the WebSocket `publish` op and `gateway publish` — checks a message with the same
 //! rules ([`check`]) and, on a node, publishes it through the hub with the same
 //! accounting ([`Publishing::publish`]). API keys and the publish rate limit live here
-//! too, so each entry point only says where its message comes from.
+//! too, so each entry point only says where its message comes from; [`stream`] cuts a
+//! streaming body (lines or SSE) into messages.
 
-use std::net::IpAddr;
+pub mod stream;
+
+use std::{future::Future, net::IpAddr};
 
 use axum::http::{HeaderMap, StatusCode, header};
 use bytes::Bytes;
@@ -13,6 +16,7 @@ use shared::protocol::{PublishResult, error_code};
 use subtle::ConstantTimeEq;
 
 use crate::{
+    api::body::BodyBudget,
     config::{Config, Limits, Secret},
     error::{ApiError, quote},
     hub::{Hub, Publish},
@@ -75,6 +79,7 @@ pub struct Publishing {
     keys: Vec<Secret>,
     limits: Limits,
     rate: SharedBuckets<Publisher>,
+    bodies: BodyBudget,
 }
 
 impl Publishing {
@@ -84,7 +89,13 @@ impl Publishing {
             keys: config.api_keys.clone(),
             limits: config.limits.clone(),
             rate: SharedBuckets::new(config.limits.publish_rate_per_key),
+            bodies: BodyBudget::new(config.limits.max_body_bytes_in_flight),
         }
+    }
+
+    /// The node's budget of request-body bytes held at once.
+    pub fn bodies(&self) -> &BodyBudget {
+        &self.bodies
     }
 
     /// The limits messages are checked against.
@@ -159,34 +170,45 @@ impl Publishing {
         check(&self.limits, channel, event, data, idempotency_key).map_err(rejected)
     }
 
-    /// Publishes a checked message with history through the hub.
-    pub async fn publish(
+    /// Publishes a checked message with history through the hub. It is queued when
+    /// this is called: publishes called one after another keep that order.
+    pub fn publish<'a>(
         &self,
-        hub: &Hub,
-        channel: String,
-        data: Bytes,
-        event: Option<String>,
-        idempotency_key: Option<String>,
-    ) -> Result<PublishResult, ApiError> {
-        let msg = Publish { channel: channel.clone(), data, event, history: true, idempotency_key };
-        match hub.publish(msg).await {
-            Ok(outcome) => {
-                let result = if outcome.duplicate { "duplicate" } else { "ok" };
-                counter!(m::PUBLISH_TOTAL, "result" => result).increment(1);
-                Ok(PublishResult {
-                    channel,
-                    id: outcome.id,
-                    subscribed: outcome.subscribed,
-                    duplicate: outcome.duplicate,
-                })
-            }
-            Err(err) => {
-                counter!(m::PUBLISH_TOTAL, "result" => "broker_error").increment(1);
-                tracing::warn!(%err, "publish failed");
-                Err(ApiError::broker_unavailable())
+        hub: &'a Hub,
+        msg: Publish,
+    ) -> impl Future<Output = Result<PublishResult, ApiError>> + Send + 'a {
+        let channel = msg.channel.clone();
+        let outcome = hub.publish(Publish { history: true, ..msg });
+        async move {
+            match outcome.await {
+                Ok(outcome) => {
+                    let result = if outcome.duplicate { "duplicate" } else { "ok" };
+                    counter!(m::PUBLISH_TOTAL, "result" => result).increment(1);
+                    Ok(PublishResult {
+                        channel,
+                        id: outcome.id,
+                        subscribed: outcome.subscribed,
+                        duplicate: outcome.duplicate,
+                    })
+                }
+                Err(err) => {
+                    counter!(m::PUBLISH_TOTAL, "result" => "broker_error").increment(1);
+                    tracing::warn!(%err, "publish failed");
+                    Err(ApiError::broker_unavailable())
+                }
             }
         }
     }
+}
+
+/// A message with history, as the publish API takes it.
+pub fn message(
+    channel: String,
+    data: Bytes,
+    event: Option<String>,
+    idempotency_key: Option<String>,
+) -> Publish {
+    Publish { channel, data, event, history: true, idempotency_key, sequence: None }
 }
 
 /// Counts a refused publish request and passes its error on.

@@ -431,3 +431,22 @@ fn json_logs_are_one_object_per_line() {
     assert!(v["fields"]["public"].as_str().unwrap().starts_with("127.0.0.1:"), "{v}");
     assert_eq!(v["fields"]["broker"], "memory");
 }
+
+/// The README's configuration table is the user's reference: every option the node
+/// takes is there, with its flag, variable and default.
+#[test]
+fn the_readme_documents_every_option() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let table = &readme[readme.find("## Configuration").expect("a configuration section")..];
+    for (name, env, default) in gateway::config::Settings::table() {
+        let flag = format!("`--{}`", name.replace('_', "-"));
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("| ") && l.contains(&flag))
+            .unwrap_or_else(|| panic!("README configuration table lacks {flag}"));
+        assert!(row.contains(env), "{flag}: the row names {env}: {row}");
+        if let Some(default) = default {
+            assert!(row.contains(default), "{flag}: the row states the default {default}: {row}");
+        }
+    }
+}

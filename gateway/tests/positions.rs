@@ -169,3 +169,26 @@ async fn a_position_from_the_future_gets_a_reset_then_live_messages() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_long_poll_cursor_resumes_exactly_on_another_node() {
+    let redis = Redis::start();
+    let a = Gateway::start(Some(&redis.url()), &[]);
+    let b = Gateway::start(Some(&redis.url()), &[]);
+    for timeout in ["0", "1"] {
+        let ch = channel("first-cursor");
+        // History already holds messages; node A has never delivered one of them.
+        for i in 1..=5 {
+            publish(&b, &ch, &format!("old{i}")).await;
+        }
+        let first = poll(&a, &format!("channel={ch}&timeout={timeout}")).await;
+        assert!(first.messages.is_empty() && !first.reset, "{first:?}");
+        assert!(cursor_position(&first.cursor, &ch).is_some(), "the first cursor carries history's position");
+        for i in 1..=30 {
+            publish(&a, &ch, &format!("m{i}")).await;
+        }
+        let (got, _, reset) = poll_data(&b, &format!("channel={ch}&cursor={}", first.cursor), 30).await;
+        assert!(!reset, "history covers the gap: no reset");
+        assert_eq!(got, nums(1..=30), "exactly the 30 published after the first poll (timeout={timeout})");
+    }
+}

@@ -139,6 +139,8 @@ pub mod error_code {
     pub const RATE_LIMITED: &str = "rate_limited";
     /// The message broker (Redis) is unavailable right now.
     pub const BROKER_UNAVAILABLE: &str = "broker_unavailable";
+    /// The request's body stopped arriving (or a streaming publish ran too long).
+    pub const REQUEST_TIMEOUT: &str = "request_timeout";
 }
 
 /// JSON body of every HTTP error response.

@@ -16,7 +16,7 @@ use axum::{
 };
 use serde::Deserialize;
 
-use crate::{error::ApiError, state::AppState};
+use crate::{error::ApiError, publish::message, state::AppState};
 
 /// Time between two tokens (about 30 a second).
 pub const TOKEN_EVERY: Duration = Duration::from_millis(33);
@@ -74,8 +74,8 @@ async fn stream(state: AppState, channel: String, tokens: Vec<String>) {
             _ = state.shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let published =
-            state.publishing.publish(&state.hub, channel.clone(), data.into(), Some(event.to_owned()), None);
+        let msg = message(channel.clone(), data.into(), Some(event.to_owned()), None);
+        let published = state.publishing.publish(&state.hub, msg);
         if let Err(err) = published.await {
             tracing::warn!(error = %err.message, "demo answer stopped: publish failed");
             break;

@@ -2,6 +2,7 @@
 //! connection pool for publishing and reading history through the `fanout` Redis
 //! Function library ([`script`]).
 
+mod publisher;
 mod pubsub;
 pub mod script;
 
@@ -19,6 +20,7 @@ use tracing::info;
 
 use shared::StreamPos;
 
+pub use self::publisher::PublishQueue;
 use self::pubsub::{Cmd, PubSubTask};
 use super::{Broker, BrokerError, LinkState, Publish, PublishOutcome, Ready, Recovery, Sink};
 use crate::{
@@ -33,6 +35,7 @@ pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct RedisBroker {
     cmds: mpsc::UnboundedSender<Cmd>,
     pool: Pool,
+    publisher: PublishQueue,
     link: watch::Receiver<LinkState>,
     library: Arc<str>,
     history: HistoryConfig,
@@ -79,10 +82,11 @@ impl Prepared {
         let (link_tx, link) = watch::channel(LinkState::Down);
         gauge!(m::BROKER_LINK_UP).set(0.0);
         let library: Arc<str> = script::library_source(&history).into();
+        let publisher = PublishQueue::start(client.clone(), library.clone(), shutdown.clone());
         let task = PubSubTask::new(client, sink, rx, link_tx, library.clone());
         info!(%url, "redis broker starting");
         tracker.spawn(task.run(shutdown));
-        RedisBroker { cmds, pool, link, library, history }
+        RedisBroker { cmds, pool, publisher, link, library, history }
     }
 }
 
@@ -116,10 +120,11 @@ impl Broker for RedisBroker {
     }
 
     fn publish(&self, msg: Publish) -> BoxFuture<'_, Result<PublishOutcome, BrokerError>> {
+        if msg.history {
+            // Queued now, pipelined with every other history publish, in call order.
+            return Box::pin(self.publisher.publish(msg));
+        }
         Box::pin(async move {
-            if msg.history {
-                return script::parse_publish(self.fcall(script::publish_cmd(&msg)).await?);
-            }
             let payload = super::frame(&msg);
             let fut = async {
                 let mut conn = self.pool.get().await.map_err(|e| BrokerError::Pool(e.to_string()))?;

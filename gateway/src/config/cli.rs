@@ -32,9 +32,16 @@ pub enum Command {
 /// Options of `gateway publish`.
 #[derive(Debug, Clone, Args)]
 pub struct PublishArgs {
-    /// Channel to publish to (optional with --jsonl, where each line names its channel).
+    /// Channel to publish to (optional with `--format jsonl`, where each line names its
+    /// channel).
     pub channel: Option<String>,
-    /// Each line is JSON `{"channel","data","event"?}` instead of a raw payload.
+    /// How stdin is cut into messages: `lines` (each line is one), `sse` (each
+    /// Server-Sent Event is one: data lines joined, event kept, an `id:` is the
+    /// idempotency key), `jsonl` (each line is `{"channel","data","event"?}`)
+    /// [default: lines].
+    #[arg(long, value_enum, conflicts_with = "jsonl")]
+    pub format: Option<InputFormat>,
+    /// The same as `--format jsonl`.
     #[arg(long)]
     pub jsonl: bool,
     /// Event name for every message.
@@ -52,6 +59,24 @@ pub struct PublishArgs {
     /// Largest payload accepted, in bytes [default: 65536].
     #[arg(long, env = "GATEWAY_MAX_PAYLOAD_BYTES")]
     pub max_payload_bytes: Option<usize>,
+}
+
+/// How `gateway publish` reads stdin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InputFormat {
+    /// Each line is one message.
+    Lines,
+    /// Each Server-Sent Event is one message.
+    Sse,
+    /// Each line is a JSON object naming its channel.
+    Jsonl,
+}
+
+impl PublishArgs {
+    /// The input format, `--jsonl` included.
+    pub fn input_format(&self) -> InputFormat {
+        if self.jsonl { InputFormat::Jsonl } else { self.format.unwrap_or(InputFormat::Lines) }
+    }
 }
 
 /// Log output format.

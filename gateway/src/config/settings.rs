@@ -174,6 +174,17 @@ settings! {
     jwt_audience: String = none, "GATEWAY_JWT_AUDIENCE";
     /// Required `iss` claim of subscriber tokens.
     jwt_issuer: String = none, "GATEWAY_JWT_ISSUER";
+    /// Seconds a request body may go without a byte (for a streaming publish: between
+    /// two chunks) before the request gets 408 and the connection closes.
+    body_timeout_secs: u64 = "30", "GATEWAY_BODY_TIMEOUT_SECS", checks::positive;
+    /// Bytes of publish request bodies one node holds at once (a body is read only
+    /// after its API key passed); over it, new publishes get 503 `over_capacity`.
+    max_body_bytes_in_flight: usize = "67108864", "GATEWAY_MAX_BODY_BYTES_IN_FLIGHT", checks::positive;
+    /// Longest one streaming publish (`POST /publish/{channel}?stream=...`) may last, in
+    /// seconds; then it is answered with what it published.
+    stream_max_secs: u64 = "3600", "GATEWAY_STREAM_MAX_SECS", checks::positive;
+    /// Largest body one streaming publish may send, in bytes.
+    stream_max_bytes: usize = "67108864", "GATEWAY_STREAM_MAX_BYTES", checks::positive;
     /// Seconds a client gets to send a request's headers before it is cut off.
     header_timeout_secs: u64 = "10", "GATEWAY_HEADER_TIMEOUT_SECS", checks::positive;
     /// Most messages kept in each channel's history (for resume).

@@ -179,6 +179,16 @@ async fn hold(
         positions.place(&ch, replay.position);
         messages.extend(replay.messages);
     }
+    // A channel this client holds no position on yet: where history stands now, so the
+    // cursor resumes exactly on any node (whatever is published after this moment
+    // reaches this node's subscription, or the next node's history read).
+    let mut now = Vec::with_capacity(joins.len());
+    for (ch, join) in channels.iter().zip(&joins) {
+        now.push(match (positions.get(ch), join.last_pos) {
+            (None, None) => Box::pin(hub.history_position(ch)).await,
+            (_, last) => last,
+        });
+    }
     messages.retain(|d| positions.accept(d));
     if messages.is_empty() && reset_channels.is_empty() {
         tokio::select! {
@@ -209,9 +219,9 @@ async fn hold(
     }
 
     let mut next = Cursor { e: hub.epoch(), p: BTreeMap::new(), h: BTreeMap::new() };
-    for (ch, join) in channels.iter().zip(&joins) {
+    for ((ch, join), now) in channels.iter().zip(&joins).zip(now) {
         next.p.insert(ch.clone(), join.position);
-        let pos = positions.get(ch).into_iter().chain(join.last_pos).max();
+        let pos = positions.get(ch).into_iter().chain(now).max();
         if let Some(pos) = pos {
             next.h.insert(ch.clone(), pos.to_string());
         }

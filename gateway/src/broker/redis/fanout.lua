@@ -1,8 +1,13 @@
 #!lua name=fanout
 -- Publishing with history, callable by any Redis client:
---   FCALL fanout_publish 1 <channel> <data> [<event> [<idempotency-key>]]
+--   FCALL fanout_publish 1 <channel> <data> [<event> [<idempotency-key> [<stream> <seq>]]]
 -- appends to the bounded stream fanout:history:{<channel>} and PUBLISHes a gateway
--- frame carrying the new id, so every node delivers it with its position.
+-- frame carrying the new id, so every node delivers it with its position. It answers
+-- {id, receivers}; receivers is -1 for a repeat (an idempotency key seen within its
+-- window: id is the first publish's). A message of a publishing stream (<stream>, a
+-- name unique to one streaming request, and <seq> = 1, 2, 3...) is published only in
+-- order: a repeat of the stream's latest or an earlier seq is a repeat (id: the
+-- latest's, or empty for an earlier one), a seq past the next one is an error.
 --   FCALL_RO fanout_since 1 <channel> <id> <count>
 -- returns {status, entries, last}: 'ok' when history covers everything after <id>
 -- (entries = XRANGE after it), 'reset' when it cannot; <id> 0-0 is the start of
@@ -38,15 +43,36 @@ local function publish(keys, args)
   local ch = keys[1]
   local data = args[1]
   if ch == nil or data == nil then
-    return redis.error_reply('usage: FCALL fanout_publish 1 <channel> <data> [<event> [<idempotency-key>]]')
+    return redis.error_reply(
+      'usage: FCALL fanout_publish 1 <channel> <data> [<event> [<idempotency-key> [<stream> <seq>]]]')
   end
   local event = args[2] or ''
   local idem = args[3] or ''
+  local sid = args[4] or ''
+  local seq = tonumber(args[5] or '0')
   local ikey = nil
   if idem ~= '' then
     ikey = 'fanout:idem:{' .. ch .. '}:' .. idem
     local prev = redis.call('GET', ikey)
     if prev then return {prev, -1} end
+  end
+  local skey = nil
+  if sid ~= '' then
+    skey = 'fanout:seq:{' .. ch .. '}'
+    local last, last_id = 0, ''
+    local prev = redis.call('HGET', skey, sid)
+    if prev then
+      local n, i = string.match(prev, '^(%d+) (.*)$')
+      last, last_id = tonumber(n), i
+    end
+    if seq == nil or seq < 1 then return redis.error_reply('stream seq must be 1 or more') end
+    if seq <= last then
+      if seq == last then return {last_id, -1} end
+      return {'', -1}
+    end
+    if seq > last + 1 then
+      return redis.error_reply('stream out of order: expected seq ' .. (last + 1) .. ', got ' .. seq)
+    end
   end
   local t = redis.call('TIME')
   local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -62,6 +88,10 @@ local function publish(keys, args)
   end
   redis.call('PEXPIRE', key, KEY_TTL_MS)
   if ikey then redis.call('SET', ikey, id, 'PX', IDEM_MS) end
+  if skey then
+    redis.call('HSET', skey, sid, seq .. ' ' .. id)
+    redis.call('PEXPIRE', skey, KEY_TTL_MS)
+  end
   local header = '{"id":"' .. id .. '","ts":' .. now_ms
   if event ~= '' then header = header .. ',"event":' .. cjson.encode(event) end
   local n = redis.call('PUBLISH', ch, MAGIC .. header .. '}\n' .. data)

@@ -38,27 +38,44 @@ pub fn is_missing_function(e: &redis::RedisError) -> bool {
     e.to_string().contains("Function not found")
 }
 
-/// `FCALL fanout_publish 1 <channel> <data> <event> <idempotency-key>` for `msg` (empty
-/// strings for an absent event or key, as the function expects).
+/// `FCALL fanout_publish 1 <channel> <data> <event> <idempotency-key> [<stream> <seq>]`
+/// for `msg` (empty strings for an absent event or key, as the function expects).
 pub fn publish_cmd(msg: &Publish) -> redis::Cmd {
     let mut cmd = redis::cmd("FCALL");
     cmd.arg("fanout_publish").arg(1).arg(&msg.channel).arg(&msg.data[..]);
     cmd.arg(msg.event.as_deref().unwrap_or("")).arg(msg.idempotency_key.as_deref().unwrap_or(""));
+    if let Some(seq) = msg.sequence {
+        cmd.arg(format!("{:016x}", seq.stream)).arg(seq.n);
+    }
     cmd
 }
 
-/// Parses `fanout_publish`'s reply `{id, receivers}`; receivers is -1 for a repeat of an
-/// idempotency key (nothing published again; `id` is the first publish's).
+/// Parses `fanout_publish`'s reply `{id, receivers}`; receivers is -1 for a repeat
+/// (nothing published again; `id` is the first publish's, when known).
 pub fn parse_publish(reply: redis::Value) -> Result<PublishOutcome, BrokerError> {
     let redis::Value::Array(parts) = reply else {
         return Err(BrokerError::Protocol("fanout_publish: not an array".into()));
     };
-    let id = parts.first().and_then(text).map(str::to_owned);
+    let id = parts.first().and_then(text).filter(|id| !id.is_empty()).map(str::to_owned);
     let receivers = match parts.get(1) {
         Some(redis::Value::Int(n)) => *n,
         _ => 0,
     };
     Ok(PublishOutcome { id, subscribed: receivers > 0, duplicate: receivers < 0 })
+}
+
+/// One reply of a pipeline sent with `ignore_errors` to `fanout_publish`: its outcome,
+/// or the error Redis answered for that call alone.
+pub fn parse_publish_reply(reply: redis::Value) -> Result<PublishOutcome, BrokerError> {
+    match reply {
+        redis::Value::ServerError(e) => Err(BrokerError::Redis(e.into())),
+        reply => parse_publish(reply),
+    }
+}
+
+/// Whether a pipeline reply says the `fanout` library is not loaded.
+pub fn is_missing_function_reply(reply: &redis::Value) -> bool {
+    matches!(reply, redis::Value::ServerError(e) if e.details().is_some_and(|d| d.contains("Function not found")))
 }
 
 /// `FCALL_RO fanout_since 1 <channel> <from> <count>`.

@@ -17,6 +17,7 @@ use super::{
 use crate::{
     error::{ApiError, quote},
     hub::Replay,
+    publish::message,
     transport::{check_channels, parse_resume},
 };
 
@@ -109,7 +110,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Err(e) = publishing.check(&channel, event.as_deref(), data.as_bytes(), None) {
             return error(e.code, &e.message);
         }
-        match publishing.publish(&self.state.hub, channel, Bytes::from(data), event, None).await {
+        match publishing.publish(&self.state.hub, message(channel, Bytes::from(data), event, None)).await {
             Ok(r) => ServerFrame::Published { channel: r.channel, id: r.id },
             Err(e) => error(e.code, &e.message),
         }
