@@ -296,7 +296,9 @@ async fn drive(
                 sleep_until(measure_at).await;
                 (Instant::now(), pids.iter().map(|&p| procfs::sample(Some(p)).ok()).collect::<Vec<_>>())
             });
-            let report = publisher::run(sink, s, t0, t0_us, hard - drain - Duration::from_secs(20)).await;
+            // Leave time after the schedule for the last replies (streams: their answers).
+            let reserve = Duration::from_secs(if s.publisher_sockets() > 0 { 60 } else { 20 });
+            let report = publisher::run(sink, s, t0, t0_us, hard - drain - reserve).await;
             let (start, samples) = sampler.await.context("sampler task")?;
             for (row, sample) in rows.iter_mut().zip(samples) {
                 row.update(2, sample);

@@ -242,11 +242,20 @@ impl Settings {
         format!("{}-{idx}", self.prefix)
     }
 
-    /// Longest the whole run may take; past it the run stops itself.
+    /// Longest the whole run may take; past it the run stops itself (streams get the
+    /// time to answer late, see `publisher::streams::ANSWER_TIMEOUT`).
     pub fn hard_limit(&self) -> Duration {
         let a = &self.args;
+        let answers = if self.publisher_sockets() > 0 { 40.0 } else { 0.0 };
         Duration::from_secs_f64(
-            a.connect_phase_timeout + a.connect_timeout + a.settle + a.warmup + a.duration + a.drain + 60.0,
+            a.connect_phase_timeout
+                + a.connect_timeout
+                + a.settle
+                + a.warmup
+                + a.duration
+                + a.drain
+                + answers
+                + 60.0,
         )
     }
 }
