@@ -131,7 +131,8 @@ pub struct Throughput {
     /// time to the last acknowledgment (warm-up included): the schedule's rate when the
     /// server keeps up, its sustained publish rate when it does not.
     pub published_per_sec: f64,
-    /// Deliveries of the measured window received, per second from the window's start
+    /// Deliveries of the measured window (first copies, whether or not their publish
+    /// was acknowledged in time: the latency count) per second from the window's start
     /// to the last of them (lower than published × subscribers per channel when the
     /// deliveries trail behind).
     pub delivered_per_sec: f64,
@@ -316,7 +317,7 @@ impl Summary {
             };
             Throughput {
                 published_per_sec: if p.duration_secs > 0.0 { p.ok as f64 / p.duration_secs } else { 0.0 },
-                delivered_per_sec: delivery.counts.received as f64 / span,
+                delivered_per_sec: latency.len() as f64 / span,
                 delivery_span_secs: span,
             }
         });
