@@ -234,6 +234,7 @@ async fn coordinate(s: &Settings, hard: Instant) -> Result<bool> {
     let mut me = DeliveryReport::default();
     if let Ok(sample) = procfs::sample(None) {
         me.loadgen_cpu_secs = sample.cpu_secs;
+        me.loadgen_runq_wait_secs = sample.runq_wait_secs;
         me.loadgen_rss_kib = sample.rss_kib;
     }
     fleet.shutdown().await;

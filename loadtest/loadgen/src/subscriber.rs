@@ -179,6 +179,7 @@ impl Pool {
         r.last_receive_us = self.shared.last_rx_us.load(Relaxed);
         if let Ok(me) = crate::procfs::sample(None) {
             r.loadgen_cpu_secs = me.cpu_secs;
+            r.loadgen_runq_wait_secs = me.runq_wait_secs;
             r.loadgen_rss_kib = me.rss_kib;
         }
         r

@@ -113,6 +113,9 @@ pub struct DeliveryReport {
     pub loadgen_cpu_secs: f64,
     /// Resident memory of the load generator process(es), KiB (summed).
     pub loadgen_rss_kib: u64,
+    /// Seconds the load generator's threads waited for a CPU (summed).
+    #[serde(default)]
+    pub loadgen_runq_wait_secs: f64,
     /// Number of load generator processes that reported.
     pub loadgen_processes: u64,
 }
@@ -125,6 +128,7 @@ impl DeliveryReport {
         self.last_receive_us = self.last_receive_us.max(o.last_receive_us);
         self.loadgen_cpu_secs += o.loadgen_cpu_secs;
         self.loadgen_rss_kib += o.loadgen_rss_kib;
+        self.loadgen_runq_wait_secs += o.loadgen_runq_wait_secs;
         self.loadgen_processes += o.loadgen_processes;
         Ok(())
     }
@@ -248,6 +252,7 @@ mod tests {
             "last_receive_us",
             "loadgen_cpu_secs",
             "loadgen_rss_kib",
+            "loadgen_runq_wait_secs",
             "loadgen_processes",
         ]);
         assert_eq!(keys(&line), want);

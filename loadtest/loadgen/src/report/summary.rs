@@ -91,6 +91,9 @@ pub struct ServerProcess {
     pub cpu_secs_measured: f64,
     /// CPU seconds used while connecting.
     pub cpu_secs_connect: f64,
+    /// Seconds its threads waited for a CPU in the measured window (run-queue delay,
+    /// threads alive at both samples): what the machine's other work took from it.
+    pub runq_wait_secs_measured: f64,
     /// CPU µs per message published in the measured window (per token, for token
     /// streams): what one published message costs this process, whatever the fan-out.
     pub cpu_us_per_message: Option<f64>,
@@ -149,6 +152,8 @@ pub struct LoadgenSummary {
     pub cpu_secs: f64,
     /// Resident memory, KiB, all processes at the end.
     pub rss_kib: u64,
+    /// Seconds its threads waited for a CPU, all processes, whole run.
+    pub runq_wait_secs: f64,
 }
 
 /// The run's settings as reported.
@@ -277,6 +282,7 @@ impl Summary {
                 end: *end,
                 cpu_secs_measured: end.cpu_secs - start.cpu_secs,
                 cpu_secs_connect: idle.cpu_secs - before.cpu_secs,
+                runq_wait_secs_measured: (end.runq_wait_secs - start.runq_wait_secs).max(0.0),
                 cpu_us_per_message: per_message(end.cpu_secs - start.cpu_secs),
                 kib_per_connection: (connect.ok > 0)
                     .then(|| (idle.rss_kib as f64 - before.rss_kib as f64) / per_process),
@@ -360,6 +366,7 @@ impl Summary {
                 processes: delivery.loadgen_processes,
                 cpu_secs: delivery.loadgen_cpu_secs,
                 rss_kib: delivery.loadgen_rss_kib,
+                runq_wait_secs: delivery.loadgen_runq_wait_secs,
             },
             clean,
         })

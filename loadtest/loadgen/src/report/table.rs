@@ -132,13 +132,14 @@ impl Summary {
         for p in &s.processes {
             let _ = writeln!(
                 w,
-                "  server {:>7}  {}{}: cpu {:.2}s in window ({:.2} cores{}), {:.2}s while connecting; rss before {:.1} MiB  idle {:.1} MiB  after {:.1} MiB{}",
+                "  server {:>7}  {}{}: cpu {:.2}s in window ({:.2} cores{}, waited {:.2}s for a cpu), {:.2}s while connecting; rss before {:.1} MiB  idle {:.1} MiB  after {:.1} MiB{}",
                 p.pid,
                 p.name.as_deref().unwrap_or("?"),
                 if p.exited { " (EXITED during the run)" } else { "" },
                 p.cpu_secs_measured,
                 if s.measured_window_secs > 0.0 { p.cpu_secs_measured / s.measured_window_secs } else { 0.0 },
                 p.cpu_us_per_message.map(|u| format!(", {u:.2} µs/msg")).unwrap_or_default(),
+                p.runq_wait_secs_measured,
                 p.cpu_secs_connect,
                 mib(p.before.rss_kib),
                 mib(p.idle.rss_kib),
@@ -161,9 +162,10 @@ impl Summary {
         }
         let _ = writeln!(
             w,
-            "  loadgen       {} process(es), cpu {:.2}s, rss {:.1} MiB",
+            "  loadgen       {} process(es), cpu {:.2}s (waited {:.2}s for a cpu), rss {:.1} MiB",
             self.loadgen.processes,
             self.loadgen.cpu_secs,
+            self.loadgen.runq_wait_secs,
             mib(self.loadgen.rss_kib)
         );
         let _ = writeln!(w, "  result        {}", if self.clean { "CLEAN" } else { "NOT CLEAN (see above)" });
