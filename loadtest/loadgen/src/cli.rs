@@ -73,6 +73,9 @@ pub(crate) mod tests {
         let s = settings(&["--transport", "ws,sse", "--channels", "2", "--subscribers", "4"]).unwrap();
         assert_eq!((0..4).map(|g| s.transport(g)).collect::<Vec<_>>(), [Ws, Sse, Sse, Ws]);
         assert_eq!(settings(&[]).unwrap().transport(7), Ws);
+        // Latency is reported per distinct transport.
+        assert_eq!(s.transports(), [Ws, Sse]);
+        assert_eq!(settings(&["--transport", "ws,ws"]).unwrap().transports(), [Ws]);
     }
 
     #[test]

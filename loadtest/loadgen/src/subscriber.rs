@@ -78,7 +78,8 @@ impl Pool {
             channels,
             sem: Semaphore::new(concurrency.max(1)),
             stop: CancellationToken::new(),
-            hists: (0..HIST_SHARDS).map(|_| Mutex::new(new_histogram())).collect(),
+            hists: (0..HIST_SHARDS * s.transports().len()).map(|_| Mutex::new(new_histogram())).collect(),
+            transports: s.transports(),
             in_window: AtomicU64::new(0),
             last_rx_us: AtomicU64::new(0),
             poll_resets: AtomicU64::new(0),
@@ -170,8 +171,15 @@ impl Pool {
         }
         c.received = c.expected - c.missing;
         let mut hist = new_histogram();
-        for h in &self.shared.hists {
-            hist.add(&*lock(h)).expect("histograms share bounds");
+        for (i, t) in self.shared.transports.iter().enumerate() {
+            let mut group = new_histogram();
+            for h in self.shared.group_hists(i) {
+                group.add(&*lock(h)).expect("histograms share bounds");
+            }
+            hist.add(&group).expect("histograms share bounds");
+            if self.shared.transports.len() > 1 {
+                r.latency_hist_by_transport.insert(t.as_str().to_owned(), encode_histogram(&group));
+            }
         }
         r.latency_hist = encode_histogram(&hist);
         r.counts.poll_resets = self.shared.poll_resets.load(Relaxed);

@@ -221,6 +221,17 @@ impl Settings {
         t[((g % channels + g / channels) % t.len() as u64) as usize]
     }
 
+    /// The distinct transports in use, in first-use order.
+    pub fn transports(&self) -> Vec<Transport> {
+        let mut out: Vec<Transport> = Vec::new();
+        for t in &self.args.transport {
+            if !out.contains(t) {
+                out.push(*t);
+            }
+        }
+        out
+    }
+
     /// The transports, as given (`ws`, or e.g. `ws,sse`).
     pub fn transports_label(&self) -> String {
         self.args.transport.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(",")

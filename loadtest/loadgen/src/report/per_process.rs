@@ -105,6 +105,9 @@ pub struct DeliveryReport {
     pub counts: DeliveryCounts,
     /// Publish→receive latency, µs (encoded histogram), measured window only.
     pub latency_hist: String,
+    /// The same by transport, when subscribers mix transports (empty otherwise).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub latency_hist_by_transport: BTreeMap<String, String>,
     /// When the latest delivery of the measured window arrived, µs since the Unix
     /// epoch (0: none did); gives the delivered rate.
     #[serde(default)]
@@ -125,6 +128,10 @@ impl DeliveryReport {
     pub fn merge(&mut self, o: &DeliveryReport) -> Result<()> {
         self.counts.merge(&o.counts);
         self.latency_hist = merge_histograms(&self.latency_hist, &o.latency_hist)?;
+        for (t, h) in &o.latency_hist_by_transport {
+            let mine = self.latency_hist_by_transport.entry(t.clone()).or_default();
+            *mine = merge_histograms(mine, h)?;
+        }
         self.last_receive_us = self.last_receive_us.max(o.last_receive_us);
         self.loadgen_cpu_secs += o.loadgen_cpu_secs;
         self.loadgen_rss_kib += o.loadgen_rss_kib;
@@ -185,9 +192,14 @@ mod tests {
             loadgen_processes: 1,
             ..Default::default()
         };
+        let one = DeliveryReport {
+            latency_hist_by_transport: BTreeMap::from([("ws".to_owned(), encode_histogram(&h))]),
+            ..one
+        };
         let mut total = DeliveryReport::default();
         total.merge(&one).unwrap();
         total.merge(&one).unwrap();
+        assert_eq!(decode_histogram(&total.latency_hist_by_transport["ws"]).unwrap().len(), 2);
         let counts = &total.counts;
         assert_eq!(
             (counts.connected_at_end, counts.expected, counts.received, counts.missing),

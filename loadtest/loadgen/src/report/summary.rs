@@ -202,6 +202,9 @@ pub struct Summary {
     pub delivery: DeliveryCounts,
     /// Publish→receive latency, ms (measured window).
     pub latency_ms: Percentiles,
+    /// The same by transport, when subscribers mixed transports.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub latency_ms_by_transport: BTreeMap<String, Percentiles>,
     /// Published and delivered rates (runs that publish).
     pub throughput: Option<Throughput>,
     /// Server cost.
@@ -360,6 +363,11 @@ impl Summary {
             publish,
             delivery: delivery.counts.clone(),
             latency_ms: Percentiles::of(&latency),
+            latency_ms_by_transport: delivery
+                .latency_hist_by_transport
+                .iter()
+                .map(|(t, h)| Ok((t.clone(), Percentiles::of(&decode_histogram(h)?))))
+                .collect::<Result<_>>()?,
             throughput,
             server: server_summary,
             loadgen: LoadgenSummary {

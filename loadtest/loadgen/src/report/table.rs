@@ -120,6 +120,13 @@ impl Summary {
                 "  latency ms    p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}  (n={})",
                 l.p50, l.p90, l.p99, l.p999, l.max, l.mean, l.count
             );
+            for (t, l) in &self.latency_ms_by_transport {
+                let _ = writeln!(
+                    w,
+                    "  latency {t:<5} p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}  (n={})",
+                    l.p50, l.p90, l.p99, l.p999, l.max, l.mean, l.count
+                );
+            }
         }
         if let Some(t) = &self.throughput {
             let _ = writeln!(
