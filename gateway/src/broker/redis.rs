@@ -22,7 +22,7 @@ use shared::StreamPos;
 
 pub use self::publisher::PublishQueue;
 use self::pubsub::{Cmd, PubSubTask};
-use super::{Broker, BrokerError, LinkState, Publish, PublishOutcome, Ready, Recovery, Sink};
+use super::{Broker, BrokerError, LinkState, Page, Publish, PublishOutcome, Ready, Recovery, Sink};
 use crate::{
     config::{HistoryConfig, mask_url},
     metrics as m,
@@ -38,7 +38,6 @@ pub struct RedisBroker {
     publisher: PublishQueue,
     link: watch::Receiver<LinkState>,
     library: Arc<str>,
-    history: HistoryConfig,
 }
 
 /// The Redis Function library source with this node's history limits filled in.
@@ -86,7 +85,7 @@ impl Prepared {
         let task = PubSubTask::new(client, sink, rx, link_tx, library.clone());
         info!(%url, "redis broker starting");
         tracker.spawn(task.run(shutdown));
-        RedisBroker { cmds, pool, publisher, link, library, history }
+        RedisBroker { cmds, pool, publisher, link, library }
     }
 }
 
@@ -119,15 +118,16 @@ impl Broker for RedisBroker {
         let _ = self.cmds.send(Cmd::Unsub(channel));
     }
 
-    fn publish(&self, msg: Publish) -> BoxFuture<'_, Result<PublishOutcome, BrokerError>> {
+    fn publish(&self, msg: Publish) -> BoxFuture<'static, Result<PublishOutcome, BrokerError>> {
         if msg.history {
             // Queued now, pipelined with every other history publish, in call order.
             return Box::pin(self.publisher.publish(msg));
         }
+        let pool = self.pool.clone();
         Box::pin(async move {
             let payload = super::frame(&msg);
             let fut = async {
-                let mut conn = self.pool.get().await.map_err(|e| BrokerError::Pool(e.to_string()))?;
+                let mut conn = pool.get().await.map_err(|e| BrokerError::Pool(e.to_string()))?;
                 let receivers: i64 =
                     redis::cmd("PUBLISH").arg(&msg.channel).arg(&payload[..]).query_async(&mut conn).await?;
                 Ok::<_, BrokerError>(receivers)
@@ -143,12 +143,11 @@ impl Broker for RedisBroker {
         &'a self,
         channel: &'a str,
         from: StreamPos,
+        page: Page,
     ) -> BoxFuture<'a, Result<Recovery, BrokerError>> {
-        Box::pin(async move {
-            // Trimming is approximate (`MAXLEN ~`): read a little more than the limit.
-            let count = self.history.max_len + self.history.max_len / 2 + 100;
-            script::parse_since(self.fcall(script::since_cmd(channel, from, count)).await?)
-        })
+        Box::pin(
+            async move { script::parse_since(self.fcall(script::since_cmd(channel, from, page)).await?) },
+        )
     }
 
     fn head<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Option<StreamPos>, BrokerError>> {
