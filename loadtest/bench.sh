@@ -3,6 +3,13 @@
 # redis-server and a fresh release gateway on free loopback ports, runs loadgen, and
 # stops them. Usage: loadtest/bench.sh [scenario ...]   (default: all)
 # Scenarios: idle-ws idle-sse idle-poll cpu-ws cpu-sse fanout-100x100 latency-1k
+# Token streams (not in the default set; redis-server's CPU is measured too):
+#   tokens-1k      1,000 streams x 50 tokens/s (50,000/s), one ws or sse watcher each,
+#                  one streaming POST /publish/{ch}?stream=lines per stream
+#   tokens-fanout  100 streams x 20 tokens/s, 100 watchers each (200,000 deliveries/s)
+#   tokens-post    the tokens-1k load published the old way, one POST /publish/{ch} per
+#                  token: today's single-request publish rate (history on)
+#   TOKENS_PER_SEC=n sets tokens-1k's and tokens-post's rate per stream (default 50)
 # Floors (no gateway: `loadgen floor`, the kernel's own cost of the same traffic on this
 # machine): floor-1k floor-10k floor-100x100 floor-connect
 set -euo pipefail
@@ -31,8 +38,10 @@ run() { # name, gateway-extra-args..., -- loadgen args...
   local gpid=$!
   sleep 0.5
   echo "== $name" | tee "$OUT/$name.txt"
+  local pids=(--server-pid "$gpid")
+  [ -n "${REDIS_CPU:-}" ] && pids+=(--server-pid "$rpid")
   "$LG" run --url http://127.0.0.1:"$pport" --redis-url redis://127.0.0.1:"$rport" \
-        --server-pid "$gpid" --json "$OUT/$name.json" "$@" | tee -a "$OUT/$name.txt" || true
+        "${pids[@]}" --json "$OUT/$name.json" "$@" | tee -a "$OUT/$name.txt" || true
   kill "$gpid" "$rpid" 2>/dev/null || true
   wait "$gpid" "$rpid" 2>/dev/null || true
 }
@@ -53,6 +62,9 @@ scenario() {
     cpu-sse)   run cpu-sse -- --transport sse --subscribers 10000 --channels 1 --rate 20 --duration 20 --warmup 2 --source-ips $IPS --connect-concurrency 200 ;;
     fanout-100x100) run fanout-100x100 -- --transport ws --subscribers 10000 --channels 100 --rate 100 --duration 20 --warmup 2 --source-ips $IPS --connect-concurrency 200 ;;
     latency-1k) run latency-1k -- --transport ws --subscribers 1000 --channels 1 --rate 20 --duration 20 --warmup 2 ;;
+    tokens-1k) REDIS_CPU=1 run tokens-1k -- --publish stream --transport ws,sse --subscribers 1000 --channels 1000 --rate $((1000 * ${TOKENS_PER_SEC:-50})) --duration 10 --warmup 2 --connect-concurrency 200 ;;
+    tokens-fanout) REDIS_CPU=1 run tokens-fanout -- --publish stream --transport ws,sse --subscribers 10000 --channels 100 --rate 2000 --duration 10 --warmup 2 --source-ips $IPS --connect-concurrency 200 ;;
+    tokens-post) REDIS_CPU=1 run tokens-post -- --publish http --transport ws,sse --subscribers 1000 --channels 1000 --rate $((1000 * ${TOKENS_PER_SEC:-50})) --duration 10 --warmup 2 --connect-concurrency 200 ;;
     floor-1k)  floor floor-1k fanout --subscribers 1000 --channels 1 --rate 20 --duration 20 ;;
     floor-10k) floor floor-10k fanout --subscribers 10000 --channels 1 --rate 20 --duration 20 --source-ips $IPS ;;
     floor-100x100) floor floor-100x100 fanout --subscribers 10000 --channels 100 --rate 100 --duration 20 --source-ips $IPS ;;

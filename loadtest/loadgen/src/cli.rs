@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 
 pub use self::{
     floor_args::{ConnectArgs, DialArgs, FanoutArgs, FloorCommand, ReadArgs},
-    run_args::{NCHAN_PUB_PATH, NCHAN_SUB_PATH, PublishVia, RunArgs, ServerKind, Transport},
+    run_args::{NCHAN_PUB_PATH, NCHAN_SUB_PATH, PublishVia, RunArgs, ServerKind, StreamFormat, Transport},
     settings::{Role, Settings},
 };
 
@@ -57,5 +57,48 @@ pub(crate) mod tests {
         assert!(settings(&["--server", "nchan", "--rate", "10", "--publish", "http"]).is_ok());
         // Idle runs publish nothing (beyond long-poll's marker, always over HTTP).
         assert!(settings(&["--server", "nchan", "--rate", "0"]).is_ok());
+        let err = settings(&["--server", "nchan", "--publish", "stream"]).unwrap_err().to_string();
+        assert!(err.contains("no streaming publish"), "{err}");
+    }
+
+    #[test]
+    fn transports_mix_over_channels_and_watchers() {
+        let s = settings(&["--transport", "ws,sse", "--channels", "3", "--subscribers", "6"]).unwrap();
+        assert_eq!(s.transports_label(), "ws,sse");
+        // Subscriber i watches channel i % 3; watcher i / 3 of it.
+        let got: Vec<_> = (0..6).map(|g| s.transport(g)).collect();
+        use Transport::{Sse, Ws};
+        assert_eq!(got, [Ws, Sse, Ws, Sse, Ws, Sse]);
+        // With 2 channels the two watchers of each channel differ.
+        let s = settings(&["--transport", "ws,sse", "--channels", "2", "--subscribers", "4"]).unwrap();
+        assert_eq!((0..4).map(|g| s.transport(g)).collect::<Vec<_>>(), [Ws, Sse, Sse, Ws]);
+        assert_eq!(settings(&[]).unwrap().transport(7), Ws);
+        // Latency is reported per distinct transport.
+        assert_eq!(s.transports(), [Ws, Sse]);
+        assert_eq!(settings(&["--transport", "ws,ws"]).unwrap().transports(), [Ws]);
+    }
+
+    #[test]
+    fn streams_need_one_connection_per_channel() {
+        let s = settings(&["--publish", "stream", "--channels", "1000", "--subscribers", "1000"]).unwrap();
+        assert_eq!(s.publisher_sockets(), 1000);
+        let err = settings(&["--publish", "stream", "--channels", "10000", "--subscribers", "10000"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--workers"), "{err}");
+        assert!(
+            settings(&[
+                "--publish",
+                "stream",
+                "--channels",
+                "10000",
+                "--subscribers",
+                "10000",
+                "--workers",
+                "2"
+            ])
+            .is_ok()
+        );
+        assert_eq!(settings(&["--publish", "http"]).unwrap().publisher_sockets(), 0);
     }
 }

@@ -1,6 +1,8 @@
 //! A minimal HTTP/1.1 client over a socket we opened ourselves (so each connection can
 //! have its own source address): write a GET by hand, parse the response head, and
-//! decode the body (chunked, sized, or until close) incrementally.
+//! decode the body (chunked, sized, or until close) incrementally. The reading side
+//! works on any byte stream, e.g. the read half of a streaming `POST` whose body another
+//! task writes.
 
 mod body;
 mod head;
@@ -8,7 +10,7 @@ mod head;
 use std::io;
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
 };
 
@@ -22,19 +24,21 @@ pub const READ_BUF: usize = 4 * 1024;
 
 /// One HTTP/1.1 connection: requests written by hand, responses parsed incrementally.
 #[derive(Debug)]
-pub struct HttpConn {
-    stream: TcpStream,
+pub struct HttpConn<S = TcpStream> {
+    stream: S,
     /// Bytes read but not yet consumed.
     pending: Vec<u8>,
     rbuf: Box<[u8]>,
 }
 
-impl HttpConn {
-    /// Wraps a connected socket.
-    pub fn new(stream: TcpStream) -> Self {
+impl<S> HttpConn<S> {
+    /// Wraps a connected socket (or the read half of one).
+    pub fn new(stream: S) -> Self {
         Self { stream, pending: Vec::new(), rbuf: vec![0; READ_BUF].into_boxed_slice() }
     }
+}
 
+impl<S: AsyncWrite + Unpin> HttpConn<S> {
     /// Sends `GET path` with `Host` and `Accept` headers, keeping the connection alive.
     pub async fn send_get(&mut self, host: &str, path: &str, accept: &str) -> io::Result<()> {
         self.send_get_with(host, path, accept, &[]).await
@@ -60,8 +64,11 @@ impl HttpConn {
         req.push_str("\r\n");
         self.stream.write_all(req.as_bytes()).await
     }
+}
 
-    /// Reads and parses the next response head.
+impl<S: AsyncRead + Unpin> HttpConn<S> {
+    /// Reads and parses the next response head. Cancel-safe: bytes read before a
+    /// cancellation stay buffered for the next call.
     pub async fn read_head(&mut self) -> Result<ResponseHead, HttpError> {
         let mut scanned = 0;
         loop {

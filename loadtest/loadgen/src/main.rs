@@ -79,8 +79,14 @@ fn raise_fd_limit(s: &Settings) -> anyhow::Result<()> {
         cli::Role::Parent => 0,
         _ => s.args.subscribers.div_ceil(s.args.workers),
     };
-    let need =
-        per_process as u64 + 256 + if s.role == cli::Role::Parent { 3 * s.args.workers as u64 } else { 0 };
+    let publisher = match s.role {
+        cli::Role::Worker(_) => 0,
+        _ => s.publisher_sockets() as u64,
+    };
+    let need = per_process as u64
+        + publisher
+        + 256
+        + if s.role == cli::Role::Parent { 3 * s.args.workers as u64 } else { 0 };
     raise_nofile(need).map_err(|e| {
         e.context(format!(
             "use more --workers (at most {MAX_SUBSCRIBERS_PER_PROCESS} subscribers per process, and fewer \

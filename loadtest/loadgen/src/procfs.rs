@@ -1,4 +1,5 @@
-//! CPU time and resident memory of a process, from `/proc/<pid>/stat` and `/proc/<pid>/status`.
+//! CPU time and resident memory of a process, from `/proc/<pid>/stat` and `/proc/<pid>/status`,
+//! and how long its threads waited for a CPU, from `/proc/<pid>/task/*/schedstat`.
 
 use std::sync::OnceLock;
 
@@ -16,6 +17,11 @@ pub struct ProcSample {
     pub hwm_kib: u64,
     /// Number of threads.
     pub threads: u64,
+    /// Seconds its live threads have spent runnable but waiting for a CPU (run-queue
+    /// delay, summed over threads): on a shared machine, CPU time the process wanted
+    /// and did not get.
+    #[serde(default)]
+    pub runq_wait_secs: f64,
 }
 
 /// Reads process `pid` (`None`: this process).
@@ -34,7 +40,23 @@ pub fn sample(pid: Option<u32>) -> Result<ProcSample> {
         rss_kib: status_kib(&status, "VmRSS:").unwrap_or(0),
         hwm_kib: status_kib(&status, "VmHWM:").unwrap_or(0),
         threads: status_kib(&status, "Threads:").unwrap_or(0),
+        runq_wait_secs: runq_wait_ns(&dir) as f64 / 1e9,
     })
+}
+
+/// Run-queue delay of every live thread of the process in `dir`, ns (0 without schedstats).
+fn runq_wait_ns(dir: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("{dir}/task")) else { return 0 };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| parse_schedstat_wait(&s))
+        .sum()
+}
+
+/// The second field of a `schedstat` line: time spent waiting on a run queue, ns.
+pub fn parse_schedstat_wait(line: &str) -> Option<u64> {
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The process's command name (`/proc/<pid>/comm`), if readable.
@@ -89,5 +111,8 @@ mod tests {
     fn reads_self() {
         let s = sample(None).unwrap();
         assert!(s.rss_kib > 0 && s.threads > 0);
+        assert!(s.runq_wait_secs >= 0.0);
+        assert_eq!(parse_schedstat_wait("330595492 1073176363 1200\n"), Some(1_073_176_363));
+        assert_eq!(parse_schedstat_wait("garbage"), None);
     }
 }

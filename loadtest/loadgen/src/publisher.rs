@@ -4,7 +4,11 @@
 //! the schedule. Seq k goes to channel `k % channels`.
 //!
 //! Against Nchan (`--server nchan --publish http`) each message is `POST`ed raw to
-//! Nchan's publisher location.
+//! Nchan's publisher location. With `--publish stream` every channel has one streaming
+//! request for the whole run instead, and message k is the next line of channel
+//! `k % channels`'s body (see [`streams`]).
+
+mod streams;
 
 use std::{collections::BTreeMap, future::Future, pin::Pin, time::Duration};
 
@@ -16,6 +20,7 @@ use futures_util::{
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+pub use self::streams::StreamAnswer;
 use crate::{
     cli::{NCHAN_PUB_PATH, PublishVia, ServerKind, Settings},
     payload::{self, NCHAN_MARKER, Payload},
@@ -57,15 +62,37 @@ pub struct PublishReport {
     pub mean_lag_ms: f64,
     /// Messages sent more than 10 ms after their due time.
     pub late_10ms: u64,
+    /// Scheduled time of the measured window's first message, µs since the Unix epoch.
+    #[serde(default)]
+    pub measure_start_us: u64,
+    /// The streaming requests (`--publish stream`): how each ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<StreamsReport>,
     /// Seqs that failed (not expected by subscribers).
     #[serde(skip)]
     pub failed_seqs: Vec<u64>,
 }
 
+/// How the streaming requests of a run ended (`--publish stream`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StreamsReport {
+    /// Streaming requests (one per channel).
+    pub requests: u64,
+    /// Requests answered 200 with `published` equal to the tokens sent.
+    pub ok: u64,
+    /// Requests that ended any other way (an error answer, a short `published`, no answer).
+    pub not_ok: u64,
+    /// Tokens written into the bodies.
+    pub sent: u64,
+    /// Sum of the answers' `published`.
+    pub published: u64,
+    /// Each request's answer, by channel.
+    pub answers: Vec<StreamAnswer>,
+}
+
 type PublishFuture = Pin<Box<dyn Future<Output = (u64, Result<bool, String>)> + Send>>;
 
 /// Where messages go.
-#[derive(Clone)]
 pub enum Sink {
     /// Redis `PUBLISH` over one multiplexed (pipelined) connection.
     Redis(redis::aio::MultiplexedConnection),
@@ -85,6 +112,9 @@ pub enum Sink {
         /// `http://host:port[/base]`.
         base: String,
     },
+    /// One streaming `POST /publish/{channel}?stream=…` per channel; `None` until
+    /// [`Sink::prepare`] opened them.
+    Streams(Option<streams::Streams>),
 }
 
 /// The part of Nchan's publish answer (`Accept: application/json`) we read.
@@ -178,59 +208,97 @@ impl Sink {
             PublishVia::Http => {
                 Ok(Sink::Http { client: http_client(s)?, base: base_url(s), api_key: s.args.api_key.clone() })
             }
+            PublishVia::Stream => {
+                // Opened when publishing starts; check now that the nodes answer.
+                for t in &s.targets {
+                    tokio::time::timeout(Duration::from_secs(5), crate::net::connect(t.dest, None))
+                        .await
+                        .map_err(|_| anyhow::anyhow!("connect timeout"))
+                        .and_then(|r| r.map_err(anyhow::Error::from))
+                        .with_context(|| format!("connecting to {} to publish", t.host_header))?;
+                }
+                Ok(Sink::Streams(None))
+            }
             PublishVia::None => anyhow::bail!("--publish none has no sink"),
         }
     }
 
+    /// Opens what must be open before the schedule starts: the streaming requests
+    /// (so opening them does not count as publisher lag). Other sinks have nothing to do.
+    pub async fn prepare(&mut self, s: &Settings) -> Result<()> {
+        if let Sink::Streams(streams @ None) = self {
+            let opened = std::time::Instant::now();
+            *streams = Some(streams::Streams::open(s).await?);
+            eprintln!(
+                "loadgen: opened {} streaming requests in {:.2}s",
+                s.args.channels,
+                opened.elapsed().as_secs_f64()
+            );
+        }
+        Ok(())
+    }
+
     fn publish(&self, seq: u64, channel: String, payload: String) -> PublishFuture {
-        match self.clone() {
-            Sink::Redis(mut conn) => Box::pin(async move {
-                let r: redis::RedisResult<i64> =
-                    redis::cmd("PUBLISH").arg(&channel).arg(payload).query_async(&mut conn).await;
-                let r = r.map(|n| n > 0).map_err(|e| {
-                    if e.is_timeout() {
-                        "redis_timeout".to_owned()
-                    } else {
-                        format!("redis_{:?}", e.kind()).to_lowercase()
+        match self {
+            Sink::Redis(conn) => {
+                let mut conn = conn.clone();
+                Box::pin(async move {
+                    let r: redis::RedisResult<i64> =
+                        redis::cmd("PUBLISH").arg(&channel).arg(payload).query_async(&mut conn).await;
+                    let r = r.map(|n| n > 0).map_err(|e| {
+                        if e.is_timeout() {
+                            "redis_timeout".to_owned()
+                        } else {
+                            format!("redis_{:?}", e.kind()).to_lowercase()
+                        }
+                    });
+                    (seq, r)
+                })
+            }
+            Sink::Http { client, base, api_key } => {
+                let (client, base, api_key) = (client.clone(), base.clone(), api_key.clone());
+                Box::pin(async move {
+                    let mut req = client.post(format!("{base}/publish/{channel}")).body(payload);
+                    if let Some(k) = api_key {
+                        req = req.header("x-api-key", k);
                     }
-                });
-                (seq, r)
-            }),
-            Sink::Http { client, base, api_key } => Box::pin(async move {
-                let mut req = client.post(format!("{base}/publish/{channel}")).body(payload);
-                if let Some(k) = api_key {
-                    req = req.header("x-api-key", k);
-                }
-                let r = async {
-                    let resp = req.send().await.map_err(|e| {
-                        if e.is_timeout() { "http_timeout".to_owned() } else { "http_send".to_owned() }
-                    })?;
-                    let status = resp.status();
-                    if !status.is_success() {
-                        return Err(format!("http_{}", status.as_u16()));
+                    let r = async {
+                        let resp = req.send().await.map_err(|e| {
+                            if e.is_timeout() { "http_timeout".to_owned() } else { "http_send".to_owned() }
+                        })?;
+                        let status = resp.status();
+                        if !status.is_success() {
+                            return Err(format!("http_{}", status.as_u16()));
+                        }
+                        let body: shared::protocol::PublishResult =
+                            resp.json().await.map_err(|_| "http_bad_body".to_owned())?;
+                        Ok(body.subscribed)
                     }
-                    let body: shared::protocol::PublishResult =
-                        resp.json().await.map_err(|_| "http_bad_body".to_owned())?;
-                    Ok(body.subscribed)
-                }
-                .await;
-                (seq, r)
-            }),
+                    .await;
+                    (seq, r)
+                })
+            }
             Sink::Nchan { client, base } => {
+                let (client, base) = (client.clone(), base.clone());
                 Box::pin(async move { (seq, nchan_post(&client, &base, &channel, payload).await) })
             }
+            Sink::Streams(_) => unreachable!("streams take messages with Streams::push"),
         }
     }
 }
 
 /// Publishes seqs `0..settings.total_messages` on schedule from `t0` (wall clock
-/// `t0_us`); stops early at `deadline`.
-pub async fn run(sink: &Sink, s: &Settings, t0: Instant, t0_us: u64, deadline: Instant) -> PublishReport {
+/// `t0_us`); stops early at `deadline`. Streams end (and answer) before it returns.
+pub async fn run(mut sink: Sink, s: &Settings, t0: Instant, t0_us: u64, deadline: Instant) -> PublishReport {
     let rate = s.args.rate;
     let total = s.total_messages;
     let channels = s.args.channels as u64;
-    let mut report =
-        PublishReport { via: s.args.publish.as_str().to_owned(), scheduled: total, ..Default::default() };
+    let mut report = PublishReport {
+        via: s.args.publish.as_str().to_owned(),
+        scheduled: total,
+        measure_start_us: t0_us + (s.measure_from as f64 * 1e6 / rate) as u64,
+        ..Default::default()
+    };
     let mut inflight: FuturesUnordered<PublishFuture> = FuturesUnordered::new();
     let max_inflight = s.args.max_inflight;
     let offset = |k: u64| Duration::from_secs_f64(k as f64 / rate);
@@ -311,7 +379,15 @@ pub async fn run(sink: &Sink, s: &Settings, t0: Instant, t0_us: u64, deadline: I
         let ch = seq % channels;
         let t_us = t0_us + (seq as f64 * 1e6 / rate) as u64;
         payload::encode(Payload { seq, ch, t_us }, s.args.payload_bytes, &mut text);
-        inflight.push(sink.publish(seq, s.channel_name(ch), text.clone()));
+        match &mut sink {
+            Sink::Streams(Some(streams)) => {
+                if let Err(kind) = streams.push(ch, seq, &text) {
+                    settle(&mut report, (seq, Err(kind)));
+                }
+            }
+            Sink::Streams(None) => settle(&mut report, (seq, Err("stream_not_open".into()))),
+            sink => inflight.push(sink.publish(seq, s.channel_name(ch), text.clone())),
+        }
         last_send = Instant::now();
         next = seq + 1;
     }
@@ -327,6 +403,30 @@ pub async fn run(sink: &Sink, s: &Settings, t0: Instant, t0_us: u64, deadline: I
         report.errors.insert("no_reply".into(), inflight.len() as u64);
         report.failed += inflight.len() as u64;
         // The seqs still in flight are unknown here; they may or may not arrive.
+    }
+    if let Sink::Streams(Some(streams)) = sink {
+        let mut sr = StreamsReport::default();
+        for ended in streams.finish(streams::ANSWER_TIMEOUT + Duration::from_secs(5)).await {
+            let a = ended.answer;
+            let acked = (a.acknowledged() as usize).min(ended.pushed.len());
+            for &seq in &ended.pushed[..acked] {
+                settle(&mut report, (seq, Ok(true)));
+            }
+            let kind = a.error_kind().unwrap_or_else(|| "stream_not_published".into());
+            for &seq in &ended.pushed[acked..] {
+                settle(&mut report, (seq, Err(kind.clone())));
+            }
+            sr.requests += 1;
+            if a.is_ok() {
+                sr.ok += 1;
+            } else {
+                sr.not_ok += 1;
+            }
+            sr.sent += a.sent;
+            sr.published += a.published.unwrap_or(0);
+            sr.answers.push(a);
+        }
+        report.streams = Some(sr);
     }
     report.failed_seqs.sort_unstable();
     report.duration_secs = t0.elapsed().as_secs_f64();

@@ -219,13 +219,13 @@ async fn coordinate(s: &Settings, hard: Instant) -> Result<bool> {
     eprintln!(
         "loadgen: {} {} subscribers on {} channels at {}{}{}",
         a.subscribers,
-        a.transport.as_str(),
+        s.transports_label(),
         a.channels,
         a.url,
         if a.server == ServerKind::Nchan { " (nchan)" } else { "" },
         if a.workers > 1 { format!(" in {} workers", a.workers) } else { String::new() }
     );
-    if a.server == ServerKind::Nchan && a.transport == Transport::Poll {
+    if a.server == ServerKind::Nchan && a.transport.contains(&Transport::Poll) {
         publisher::nchan_mark_channels(s).await?;
     }
     let phase_deadline = Instant::now() + Duration::from_secs_f64(a.connect_phase_timeout);
@@ -234,6 +234,7 @@ async fn coordinate(s: &Settings, hard: Instant) -> Result<bool> {
     let mut me = DeliveryReport::default();
     if let Ok(sample) = procfs::sample(None) {
         me.loadgen_cpu_secs = sample.cpu_secs;
+        me.loadgen_runq_wait_secs = sample.runq_wait_secs;
         me.loadgen_rss_kib = sample.rss_kib;
     }
     fleet.shutdown().await;
@@ -276,8 +277,9 @@ async fn drive(
         row.update(2, sample);
     }
     let drain = Duration::from_secs_f64(a.drain);
-    let (window, publish, window_start) = match &sink {
-        Some(sink) => {
+    let (window, publish, window_start) = match sink {
+        Some(mut sink) => {
+            sink.prepare(s).await?;
             // Start on a whole tick a little ahead, so the schedule begins on time.
             let lead = Duration::from_millis(200);
             let t0 = Instant::now() + lead;
@@ -295,7 +297,9 @@ async fn drive(
                 sleep_until(measure_at).await;
                 (Instant::now(), pids.iter().map(|&p| procfs::sample(Some(p)).ok()).collect::<Vec<_>>())
             });
-            let report = publisher::run(sink, s, t0, t0_us, hard - drain - Duration::from_secs(20)).await;
+            // Leave time after the schedule for the last replies (streams: their answers).
+            let reserve = Duration::from_secs(if s.publisher_sockets() > 0 { 60 } else { 20 });
+            let report = publisher::run(sink, s, t0, t0_us, hard - drain - reserve).await;
             let (start, samples) = sampler.await.context("sampler task")?;
             for (row, sample) in rows.iter_mut().zip(samples) {
                 row.update(2, sample);

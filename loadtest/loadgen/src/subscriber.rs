@@ -25,7 +25,6 @@ mod tracker;
 mod ws;
 
 use std::{
-    collections::BTreeMap,
     ops::Range,
     sync::{
         Arc, Mutex,
@@ -79,8 +78,10 @@ impl Pool {
             channels,
             sem: Semaphore::new(concurrency.max(1)),
             stop: CancellationToken::new(),
-            hists: (0..HIST_SHARDS).map(|_| Mutex::new(new_histogram())).collect(),
+            hists: (0..HIST_SHARDS * s.transports().len()).map(|_| Mutex::new(new_histogram())).collect(),
+            transports: s.transports(),
             in_window: AtomicU64::new(0),
+            last_rx_us: AtomicU64::new(0),
             poll_resets: AtomicU64::new(0),
             poll_reconnects: AtomicU64::new(0),
         });
@@ -151,34 +152,42 @@ impl Pool {
     fn report(&self, window: &Window) -> DeliveryReport {
         let channels = self.shared.channels;
         let mut r = DeliveryReport { loadgen_processes: 1, ..Default::default() };
-        let mut disconnects: BTreeMap<String, u64> = BTreeMap::new();
+        let c = &mut r.counts;
         for t in &self.trackers {
             let t = lock(t);
             let (expected, missing) = t.tally(window, channels);
-            r.expected += expected;
-            r.missing += missing;
-            r.duplicates += t.duplicates;
-            r.reordered += t.reordered;
-            r.unexpected += t.unexpected;
-            r.bad_payload += t.bad_payload;
-            r.received_total += t.unique;
+            c.expected += expected;
+            c.missing += missing;
+            c.duplicates += t.duplicates;
+            c.reordered += t.reordered;
+            c.unexpected += t.unexpected;
+            c.bad_payload += t.bad_payload;
+            c.received_total += t.unique;
             match &t.disconnect {
-                Some((reason, _)) => *disconnects.entry(reason.clone()).or_default() += 1,
-                None if t.connected => r.connected_at_end += 1,
+                Some((reason, _)) => *c.disconnects.entry(reason.clone()).or_default() += 1,
+                None if t.connected => c.connected_at_end += 1,
                 None => {}
             }
         }
-        r.received = r.expected - r.missing;
-        r.disconnects = disconnects;
+        c.received = c.expected - c.missing;
         let mut hist = new_histogram();
-        for h in &self.shared.hists {
-            hist.add(&*lock(h)).expect("histograms share bounds");
+        for (i, t) in self.shared.transports.iter().enumerate() {
+            let mut group = new_histogram();
+            for h in self.shared.group_hists(i) {
+                group.add(&*lock(h)).expect("histograms share bounds");
+            }
+            hist.add(&group).expect("histograms share bounds");
+            if self.shared.transports.len() > 1 {
+                r.latency_hist_by_transport.insert(t.as_str().to_owned(), encode_histogram(&group));
+            }
         }
         r.latency_hist = encode_histogram(&hist);
-        r.poll_resets = self.shared.poll_resets.load(Relaxed);
-        r.poll_reconnects = self.shared.poll_reconnects.load(Relaxed);
+        r.counts.poll_resets = self.shared.poll_resets.load(Relaxed);
+        r.counts.poll_reconnects = self.shared.poll_reconnects.load(Relaxed);
+        r.last_receive_us = self.shared.last_rx_us.load(Relaxed);
         if let Ok(me) = crate::procfs::sample(None) {
             r.loadgen_cpu_secs = me.cpu_secs;
+            r.loadgen_runq_wait_secs = me.runq_wait_secs;
             r.loadgen_rss_kib = me.rss_kib;
         }
         r

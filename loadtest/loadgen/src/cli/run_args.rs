@@ -61,8 +61,14 @@ pub const NCHAN_PUB_PATH: &str = "/pub";
 pub enum PublishVia {
     /// `PUBLISH <channel> <payload>` on Redis.
     Redis,
-    /// `POST /publish/{channel}` on the gateway (`POST /pub?channel=…` on Nchan).
+    /// `POST /publish/{channel}` on the gateway (`POST /pub?channel=…` on Nchan): one
+    /// request per message.
     Http,
+    /// One streaming request per channel for the whole run (token streams): a chunked
+    /// `POST /publish/{channel}?stream=lines` (or `=sse`) whose body gets each message as
+    /// it is due; the gateway publishes every line as it arrives and answers
+    /// `{"published":N,...}` when the body ends.
+    Stream,
     /// Publish nothing (connect and hold only).
     None,
 }
@@ -73,7 +79,28 @@ impl PublishVia {
         match self {
             PublishVia::Redis => "redis",
             PublishVia::Http => "http",
+            PublishVia::Stream => "stream",
             PublishVia::None => "none",
+        }
+    }
+}
+
+/// How a streaming publish request's body carries messages (`--publish stream`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamFormat {
+    /// `?stream=lines`: one message per `\n`-terminated line.
+    Lines,
+    /// `?stream=sse`: one message per SSE event (`data: …` and a blank line).
+    Sse,
+}
+
+impl StreamFormat {
+    /// Lower-case name, as in the `stream=` query parameter.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamFormat::Lines => "lines",
+            StreamFormat::Sse => "sse",
         }
     }
 }
@@ -90,9 +117,11 @@ pub struct RunArgs {
     /// --publish http).
     #[arg(long, value_enum, default_value_t = ServerKind::Gateway)]
     pub server: ServerKind,
-    /// Subscriber transport.
-    #[arg(long, value_enum, default_value_t = Transport::Ws)]
-    pub transport: Transport,
+    /// Subscriber transport, or several separated by commas (e.g. `ws,sse`): subscriber
+    /// i, watcher w = i / channels of channel c = i % channels, uses the (c + w)-th of
+    /// them (round-robin), so channels and the watchers of each channel are mixed.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "ws")]
+    pub transport: Vec<Transport>,
     /// Number of subscribers (connections), in total across workers.
     #[arg(long, default_value_t = 1000)]
     pub subscribers: usize,
@@ -114,10 +143,13 @@ pub struct RunArgs {
     /// How to publish.
     #[arg(long, value_enum, default_value_t = PublishVia::Redis)]
     pub publish: PublishVia,
+    /// Body format of the streaming requests (with --publish stream).
+    #[arg(long, value_enum, default_value_t = StreamFormat::Lines)]
+    pub stream_format: StreamFormat,
     /// Redis to PUBLISH on (with --publish redis; must be a loopback address).
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
-    /// API key for `POST /publish` (with --publish http), sent as `X-API-Key`.
+    /// API key for `POST /publish` (with --publish http or stream), sent as `X-API-Key`.
     #[arg(long)]
     pub api_key: Option<String>,
     /// Most connection attempts in flight at once (in total across workers).

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Result, bail, ensure};
 
-use super::run_args::{NCHAN_PUB_PATH, PublishVia, RunArgs, ServerKind};
+use super::run_args::{NCHAN_PUB_PATH, PublishVia, RunArgs, ServerKind, Transport};
 use crate::{
     fdlimit::MAX_SUBSCRIBERS_PER_PROCESS,
     loopback::{check_redis_url, parse_gateway_url, source_ips},
@@ -114,6 +114,27 @@ impl Settings {
                 a.subscribers.div_ceil(MAX_SUBSCRIBERS_PER_PROCESS)
             );
         }
+        ensure!(!a.transport.is_empty(), "--transport needs at least one transport");
+        if a.publish == PublishVia::Stream {
+            ensure!(
+                a.server == ServerKind::Gateway,
+                "Nchan has no streaming publish: publish to it with --publish http (one POST per message)"
+            );
+            // The parent (or single process) holds one request per channel.
+            let own = a.channels + if a.workers == 1 { a.subscribers } else { 0 };
+            ensure!(
+                own <= MAX_SUBSCRIBERS_PER_PROCESS,
+                "--publish stream holds one request per channel: {} channels{} is {own} sockets in one \
+                 process, over the limit of {MAX_SUBSCRIBERS_PER_PROCESS}{}",
+                a.channels,
+                if a.workers == 1 { format!(" + {} subscribers", a.subscribers) } else { String::new() },
+                if a.workers == 1 {
+                    ": use --workers 2 or more (subscribers then live in workers)"
+                } else {
+                    ""
+                }
+            );
+        }
         let role = match a.worker_index {
             Some(i) => {
                 ensure!(a.workers > 1 && i < a.workers, "--worker-index must be below --workers");
@@ -192,6 +213,36 @@ impl Settings {
         })
     }
 
+    /// The transport of subscriber `g` (watcher `g / channels` of channel `g % channels`):
+    /// the `--transport` list round-robin over channel + watcher.
+    pub fn transport(&self, g: u64) -> Transport {
+        let t = &self.args.transport;
+        let channels = self.args.channels as u64;
+        t[((g % channels + g / channels) % t.len() as u64) as usize]
+    }
+
+    /// The distinct transports in use, in first-use order.
+    pub fn transports(&self) -> Vec<Transport> {
+        let mut out: Vec<Transport> = Vec::new();
+        for t in &self.args.transport {
+            if !out.contains(t) {
+                out.push(*t);
+            }
+        }
+        out
+    }
+
+    /// The transports, as given (`ws`, or e.g. `ws,sse`).
+    pub fn transports_label(&self) -> String {
+        self.args.transport.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(",")
+    }
+
+    /// Sockets the publisher holds for the whole run: one streaming request per channel
+    /// with `--publish stream` (none otherwise; pooled HTTP clients stay small).
+    pub fn publisher_sockets(&self) -> usize {
+        if self.publishing() && self.args.publish == PublishVia::Stream { self.args.channels } else { 0 }
+    }
+
     /// Whether this run publishes.
     pub fn publishing(&self) -> bool {
         self.total_messages > 0
@@ -202,11 +253,20 @@ impl Settings {
         format!("{}-{idx}", self.prefix)
     }
 
-    /// Longest the whole run may take; past it the run stops itself.
+    /// Longest the whole run may take; past it the run stops itself (streams get the
+    /// time to answer late, see `publisher::streams::ANSWER_TIMEOUT`).
     pub fn hard_limit(&self) -> Duration {
         let a = &self.args;
+        let answers = if self.publisher_sockets() > 0 { 40.0 } else { 0.0 };
         Duration::from_secs_f64(
-            a.connect_phase_timeout + a.connect_timeout + a.settle + a.warmup + a.duration + a.drain + 60.0,
+            a.connect_phase_timeout
+                + a.connect_timeout
+                + a.settle
+                + a.warmup
+                + a.duration
+                + a.drain
+                + answers
+                + 60.0,
         )
     }
 }

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::{
     histogram::decode_histogram,
-    per_process::{ConnectReport, DeliveryReport},
+    per_process::{ConnectReport, DeliveryCounts, DeliveryReport},
 };
 use crate::{cli::Settings, procfs::ProcSample, publisher::PublishReport};
 
@@ -70,35 +70,6 @@ pub struct ConnectSummary {
     pub connect_time_ms: Percentiles,
 }
 
-/// Deliveries, all processes together.
-#[derive(Debug, Clone, Serialize)]
-pub struct DeliverySummary {
-    /// Subscribers still connected at the end.
-    pub connected_at_end: u64,
-    /// Deliveries expected in the measured window.
-    pub expected: u64,
-    /// Expected deliveries that arrived.
-    pub received: u64,
-    /// Expected deliveries that did not arrive.
-    pub missing: u64,
-    /// Extra copies.
-    pub duplicates: u64,
-    /// Out-of-order arrivals.
-    pub reordered: u64,
-    /// Unplanned messages.
-    pub unexpected: u64,
-    /// Messages not in this run's format.
-    pub bad_payload: u64,
-    /// Deliveries including warm-up.
-    pub received_total: u64,
-    /// Long-poll resets.
-    pub poll_resets: u64,
-    /// Long-poll reconnects.
-    pub poll_reconnects: u64,
-    /// Lost connections by reason.
-    pub disconnects: BTreeMap<String, u64>,
-}
-
 /// One measured server process.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerProcess {
@@ -120,6 +91,12 @@ pub struct ServerProcess {
     pub cpu_secs_measured: f64,
     /// CPU seconds used while connecting.
     pub cpu_secs_connect: f64,
+    /// Seconds its threads waited for a CPU in the measured window (run-queue delay,
+    /// threads alive at both samples): what the machine's other work took from it.
+    pub runq_wait_secs_measured: f64,
+    /// CPU µs per message published in the measured window (per token, for token
+    /// streams): what one published message costs this process, whatever the fan-out.
+    pub cpu_us_per_message: Option<f64>,
     /// (idle − before) RSS per subscriber connected to it, KiB (with one server pid per
     /// `--url` node, a node holds 1/n of the subscribers).
     pub kib_per_connection: Option<f64>,
@@ -138,6 +115,8 @@ pub struct ServerSummary {
     pub cpu_cores_measured: f64,
     /// CPU µs per received delivery in the measured window.
     pub cpu_us_per_delivery: Option<f64>,
+    /// CPU µs per message published in the measured window.
+    pub cpu_us_per_message: Option<f64>,
     /// RSS sums, KiB.
     pub rss_before_kib: u64,
     /// RSS after connecting.
@@ -146,6 +125,22 @@ pub struct ServerSummary {
     pub rss_after_kib: u64,
     /// (idle − before) / connected subscribers, KiB.
     pub kib_per_connection: Option<f64>,
+}
+
+/// Rates over the measured window.
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    /// Messages (tokens) acknowledged by the server per second, from the first due
+    /// time to the last acknowledgment (warm-up included): the schedule's rate when the
+    /// server keeps up, its sustained publish rate when it does not.
+    pub published_per_sec: f64,
+    /// Deliveries of the measured window (first copies, whether or not their publish
+    /// was acknowledged in time: the latency count) per second from the window's start
+    /// to the last of them (lower than published × subscribers per channel when the
+    /// deliveries trail behind).
+    pub delivered_per_sec: f64,
+    /// From the window's first scheduled message to its last delivery, seconds.
+    pub delivery_span_secs: f64,
 }
 
 /// Load generator cost.
@@ -157,6 +152,8 @@ pub struct LoadgenSummary {
     pub cpu_secs: f64,
     /// Resident memory, KiB, all processes at the end.
     pub rss_kib: u64,
+    /// Seconds its threads waited for a CPU, all processes, whole run.
+    pub runq_wait_secs: f64,
 }
 
 /// The run's settings as reported.
@@ -166,8 +163,8 @@ pub struct RunConfig {
     pub url: String,
     /// Which server was driven (`gateway` or `nchan`).
     pub server: &'static str,
-    /// Transport.
-    pub transport: &'static str,
+    /// Transport(s), comma-separated when subscribers mix several.
+    pub transport: String,
     /// Subscribers.
     pub subscribers: usize,
     /// Channels.
@@ -201,10 +198,15 @@ pub struct Summary {
     pub connect: ConnectSummary,
     /// Publisher.
     pub publish: Option<PublishReport>,
-    /// Deliveries.
-    pub delivery: DeliverySummary,
+    /// Deliveries, all processes together.
+    pub delivery: DeliveryCounts,
     /// Publish→receive latency, ms (measured window).
     pub latency_ms: Percentiles,
+    /// The same by transport, when subscribers mixed transports.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub latency_ms_by_transport: BTreeMap<String, Percentiles>,
+    /// Published and delivered rates (runs that publish).
+    pub throughput: Option<Throughput>,
     /// Server cost.
     pub server: ServerSummary,
     /// Load generator cost.
@@ -268,6 +270,8 @@ impl Summary {
         // share of the connections (subscriber i goes to node i % n).
         let nodes = s.targets.len();
         let per_process = if nodes > 1 && server.rows.len() == nodes { ok / nodes as f64 } else { ok };
+        let measured_msgs = publish.as_ref().map_or(0, |p| p.measured);
+        let per_message = |cpu: f64| (measured_msgs > 0).then(|| cpu * 1e6 / measured_msgs as f64);
         let processes: Vec<ServerProcess> = server
             .rows
             .iter()
@@ -281,6 +285,8 @@ impl Summary {
                 end: *end,
                 cpu_secs_measured: end.cpu_secs - start.cpu_secs,
                 cpu_secs_connect: idle.cpu_secs - before.cpu_secs,
+                runq_wait_secs_measured: (end.runq_wait_secs - start.runq_wait_secs).max(0.0),
+                cpu_us_per_message: per_message(end.cpu_secs - start.cpu_secs),
                 kib_per_connection: (connect.ok > 0)
                     .then(|| (idle.rss_kib as f64 - before.rss_kib as f64) / per_process),
             })
@@ -297,8 +303,9 @@ impl Summary {
             } else {
                 0.0
             },
-            cpu_us_per_delivery: (!processes.is_empty() && delivery.received > 0)
-                .then(|| cpu_measured * 1e6 / delivery.received as f64),
+            cpu_us_per_delivery: (!processes.is_empty() && delivery.counts.received > 0)
+                .then(|| cpu_measured * 1e6 / delivery.counts.received as f64),
+            cpu_us_per_message: if processes.is_empty() { None } else { per_message(cpu_measured) },
             rss_before_kib: rss_before,
             rss_idle_kib: rss_idle,
             rss_after_kib: sum(|p| p.end.rss_kib),
@@ -307,15 +314,27 @@ impl Summary {
             processes,
         };
         let clean = connect.failed == 0
-            && delivery.missing == 0
-            && delivery.duplicates == 0
-            && delivery.disconnects.is_empty()
+            && delivery.counts.missing == 0
+            && delivery.counts.duplicates == 0
+            && delivery.counts.disconnects.is_empty()
             && publish.as_ref().is_none_or(|p| p.failed == 0);
+        let throughput = publish.as_ref().map(|p| {
+            let span = if delivery.last_receive_us > p.measure_start_us {
+                (delivery.last_receive_us - p.measure_start_us) as f64 / 1e6
+            } else {
+                a.duration
+            };
+            Throughput {
+                published_per_sec: if p.duration_secs > 0.0 { p.ok as f64 / p.duration_secs } else { 0.0 },
+                delivered_per_sec: latency.len() as f64 / span,
+                delivery_span_secs: span,
+            }
+        });
         Ok(Self {
             config: RunConfig {
                 url: a.url.clone(),
                 server: a.server.as_str(),
-                transport: a.transport.as_str(),
+                transport: s.transports_label(),
                 subscribers: a.subscribers,
                 channels: a.channels,
                 channel_prefix: s.prefix.clone(),
@@ -342,26 +361,20 @@ impl Summary {
                 connect_time_ms: Percentiles::of(&connect_hist),
             },
             publish,
-            delivery: DeliverySummary {
-                connected_at_end: delivery.connected_at_end,
-                expected: delivery.expected,
-                received: delivery.received,
-                missing: delivery.missing,
-                duplicates: delivery.duplicates,
-                reordered: delivery.reordered,
-                unexpected: delivery.unexpected,
-                bad_payload: delivery.bad_payload,
-                received_total: delivery.received_total,
-                poll_resets: delivery.poll_resets,
-                poll_reconnects: delivery.poll_reconnects,
-                disconnects: delivery.disconnects.clone(),
-            },
+            delivery: delivery.counts.clone(),
             latency_ms: Percentiles::of(&latency),
+            latency_ms_by_transport: delivery
+                .latency_hist_by_transport
+                .iter()
+                .map(|(t, h)| Ok((t.clone(), Percentiles::of(&decode_histogram(h)?))))
+                .collect::<Result<_>>()?,
+            throughput,
             server: server_summary,
             loadgen: LoadgenSummary {
                 processes: delivery.loadgen_processes,
                 cpu_secs: delivery.loadgen_cpu_secs,
                 rss_kib: delivery.loadgen_rss_kib,
+                runq_wait_secs: delivery.loadgen_runq_wait_secs,
             },
             clean,
         })

@@ -21,9 +21,14 @@ impl Summary {
                 c.subscribers, c.transport, c.channels, c.duration_secs, c.workers
             );
         } else {
+            let streams = if c.publish == "stream" {
+                format!(" ({} streaming requests of {} msg/s)", c.channels, c.rate / c.channels as f64)
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 w,
-                "loadgen{who}: {} × {} on {} channels, {} msg/s for {}s (+{}s warm-up), {}-byte payloads, publish via {}, {} worker(s)",
+                "loadgen{who}: {} × {} on {} channels, {} msg/s for {}s (+{}s warm-up), {}-byte payloads, publish via {}{streams}, {} worker(s)",
                 c.subscribers,
                 c.transport,
                 c.channels,
@@ -67,6 +72,25 @@ impl Summary {
             if !p.errors.is_empty() {
                 let _ = writeln!(w, "  publish errors {}", fmt_counts(&p.errors));
             }
+            if let Some(st) = &p.streams {
+                let _ = writeln!(
+                    w,
+                    "  streams       {} requests: {} answered 200 with published = sent, {} not; tokens sent {}, published {}",
+                    st.requests, st.ok, st.not_ok, st.sent, st.published
+                );
+                for a in st.answers.iter().filter(|a| !a.is_ok()).take(3) {
+                    let _ = writeln!(
+                        w,
+                        "  stream {}  status {}  error {}  message {:?}  published {} of {} sent",
+                        a.channel,
+                        a.status.map_or("none".into(), |s| s.to_string()),
+                        a.error.as_deref().unwrap_or("-"),
+                        a.message.as_deref().unwrap_or(""),
+                        a.published.map_or("-".into(), |n| n.to_string()),
+                        a.sent
+                    );
+                }
+            }
         }
         let d = &self.delivery;
         if !idle || d.received_total + d.unexpected + d.bad_payload > 0 {
@@ -96,17 +120,33 @@ impl Summary {
                 "  latency ms    p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}  (n={})",
                 l.p50, l.p90, l.p99, l.p999, l.max, l.mean, l.count
             );
+            for (t, l) in &self.latency_ms_by_transport {
+                let _ = writeln!(
+                    w,
+                    "  latency {t:<5} p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}  (n={})",
+                    l.p50, l.p90, l.p99, l.p999, l.max, l.mean, l.count
+                );
+            }
+        }
+        if let Some(t) = &self.throughput {
+            let _ = writeln!(
+                w,
+                "  throughput    published {:.1} msg/s (acknowledged); delivered {:.1}/s in the window (last delivery {:.2}s after it began)",
+                t.published_per_sec, t.delivered_per_sec, t.delivery_span_secs
+            );
         }
         let s = &self.server;
         for p in &s.processes {
             let _ = writeln!(
                 w,
-                "  server {:>7}  {}{}: cpu {:.2}s in window ({:.2} cores), {:.2}s while connecting; rss before {:.1} MiB  idle {:.1} MiB  after {:.1} MiB{}",
+                "  server {:>7}  {}{}: cpu {:.2}s in window ({:.2} cores{}, waited {:.2}s for a cpu), {:.2}s while connecting; rss before {:.1} MiB  idle {:.1} MiB  after {:.1} MiB{}",
                 p.pid,
                 p.name.as_deref().unwrap_or("?"),
                 if p.exited { " (EXITED during the run)" } else { "" },
                 p.cpu_secs_measured,
                 if s.measured_window_secs > 0.0 { p.cpu_secs_measured / s.measured_window_secs } else { 0.0 },
+                p.cpu_us_per_message.map(|u| format!(", {u:.2} µs/msg")).unwrap_or_default(),
+                p.runq_wait_secs_measured,
                 p.cpu_secs_connect,
                 mib(p.before.rss_kib),
                 mib(p.idle.rss_kib),
@@ -117,10 +157,11 @@ impl Summary {
         if !s.processes.is_empty() {
             let _ = writeln!(
                 w,
-                "  server total  cpu {:.2}s over {:.1}s{}; rss {:+.1} MiB for {} connections{}",
+                "  server total  cpu {:.2}s over {:.1}s{}{}; rss {:+.1} MiB for {} connections{}",
                 s.cpu_secs_measured,
                 s.measured_window_secs,
                 s.cpu_us_per_delivery.map(|u| format!(" = {u:.2} µs/delivery")).unwrap_or_default(),
+                s.cpu_us_per_message.map(|u| format!(", {u:.2} µs/msg")).unwrap_or_default(),
                 (s.rss_idle_kib as f64 - s.rss_before_kib as f64) / 1024.0,
                 self.connect.ok,
                 s.kib_per_connection.map(|k| format!(" = {k:.2} KiB/conn")).unwrap_or_default()
@@ -128,9 +169,10 @@ impl Summary {
         }
         let _ = writeln!(
             w,
-            "  loadgen       {} process(es), cpu {:.2}s, rss {:.1} MiB",
+            "  loadgen       {} process(es), cpu {:.2}s (waited {:.2}s for a cpu), rss {:.1} MiB",
             self.loadgen.processes,
             self.loadgen.cpu_secs,
+            self.loadgen.runq_wait_secs,
             mib(self.loadgen.rss_kib)
         );
         let _ = writeln!(w, "  result        {}", if self.clean { "CLEAN" } else { "NOT CLEAN (see above)" });

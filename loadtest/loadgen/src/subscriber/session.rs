@@ -78,7 +78,7 @@ async fn connect(sh: &Shared, g: u64, tr: &Mutex<Tracker>) -> Result<Session, St
     let source = net::source_for(&sh.s.source_ips, g as usize);
     let stream = net::connect(sh.s.target(g).dest, source).await.map_err(|e| io_kind(&e))?;
     let ch = sh.s.channel_name(g % sh.channels);
-    match sh.s.args.transport {
+    match sh.s.transport(g) {
         Transport::Sse => SseSession::connect(sh, g, tr, stream, &ch).await.map(Session::Sse),
         Transport::Ws => connect_ws(sh, g, tr, stream, &ch).await.map(Session::Ws),
         Transport::Poll => PollSession::connect(sh, g, tr, stream, ch, source).await.map(Session::Poll),

@@ -14,7 +14,11 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::tracker::{Seen, Tracker};
-use crate::{cli::Settings, payload, report::MAX_LATENCY_US};
+use crate::{
+    cli::{Settings, Transport},
+    payload,
+    report::MAX_LATENCY_US,
+};
 
 /// Latency histograms are sharded to keep lock contention low.
 pub(super) const HIST_SHARDS: usize = 32;
@@ -34,13 +38,32 @@ pub(super) struct Shared {
     pub(super) channels: u64,
     pub(super) sem: Semaphore,
     pub(super) stop: CancellationToken,
+    /// `HIST_SHARDS` histograms per transport in use (in [`Shared::transports`] order).
     pub(super) hists: Vec<Mutex<Histogram<u64>>>,
+    /// The distinct transports in use (one when subscribers do not mix them).
+    pub(super) transports: Vec<Transport>,
     pub(super) in_window: AtomicU64,
+    /// Receive time (µs since the epoch) of the latest measured first copy.
+    pub(super) last_rx_us: AtomicU64,
     pub(super) poll_resets: AtomicU64,
     pub(super) poll_reconnects: AtomicU64,
 }
 
 impl Shared {
+    /// Which transport's histograms subscriber `g`'s deliveries go to.
+    fn hist_group(&self, g: u64) -> usize {
+        if self.transports.len() == 1 {
+            return 0;
+        }
+        let t = self.s.transport(g);
+        self.transports.iter().position(|&x| x == t).unwrap_or(0)
+    }
+
+    /// The latency histograms of transport group `i`.
+    pub(super) fn group_hists(&self, i: usize) -> &[Mutex<Histogram<u64>>] {
+        &self.hists[i * HIST_SHARDS..(i + 1) * HIST_SHARDS]
+    }
+
     pub(super) fn deliver(&self, g: u64, tr: &Mutex<Tracker>, data: &str, now: u64) {
         let Some(p) = payload::decode(data) else {
             if data != payload::NCHAN_MARKER {
@@ -51,8 +74,10 @@ impl Shared {
         let seen = lock(tr).record(p, self.channels, self.s.total_messages);
         if seen == Seen::New && p.seq >= self.s.measure_from {
             self.in_window.fetch_add(1, Relaxed);
+            self.last_rx_us.fetch_max(now, Relaxed);
             let us = now.saturating_sub(p.t_us).clamp(1, MAX_LATENCY_US);
-            lock(&self.hists[g as usize % HIST_SHARDS]).saturating_record(us);
+            lock(&self.hists[self.hist_group(g) * HIST_SHARDS + g as usize % HIST_SHARDS])
+                .saturating_record(us);
         }
     }
 }
