@@ -13,6 +13,7 @@
 mod checks;
 pub mod cli;
 pub mod secret;
+pub mod sentinel_url;
 pub mod settings;
 
 use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
@@ -45,6 +46,8 @@ pub struct Config {
     pub redis_url: Option<SecretUrl>,
     /// Redis pool size for publishing.
     pub redis_pool_size: usize,
+    /// Replicas that must acknowledge a history publish (0: the master alone).
+    pub redis_replica_acks: usize,
     /// Keys that may publish; empty means publishing is open.
     pub api_keys: Vec<Secret>,
     /// Limits applied to clients.
@@ -217,6 +220,7 @@ impl Config {
             admin_listen: s.admin_listen,
             redis_url: s.redis_url.clone(),
             redis_pool_size: s.redis_pool_size,
+            redis_replica_acks: s.redis_replica_acks,
             api_keys: s.api_keys.clone().unwrap_or_default(),
             limits: Limits {
                 max_payload_bytes: s.max_payload_bytes,
@@ -251,6 +255,12 @@ impl Config {
             settings: s,
         })
     }
+}
+
+/// Checks a Redis URL as `--redis-url` is checked (for `gateway publish`).
+pub fn check_redis_url(url: &str) -> Result<(), ConfigError> {
+    let Ok(url) = url.parse::<SecretUrl>();
+    checks::redis_url("redis_url", Some(url)).map(|_| ())
 }
 
 /// Reads and parses the `--config` TOML file.
