@@ -21,9 +21,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use crate::{
     broker::{
         Publish, Sequence,
-        redis::{PublishQueue, script},
+        redis::{Master, PublishQueue, script},
     },
-    config::{Config, InputFormat, Limits, PublishArgs, mask_url},
+    config::{Config, InputFormat, Limits, PublishArgs, check_redis_url, mask_url},
     publish::{
         check, message,
         stream::{Format, InFlight, Pending, Splitter},
@@ -68,6 +68,13 @@ pub async fn run(args: PublishArgs) -> ExitCode {
         eprintln!("gateway publish: {}", e.message);
         return ExitCode::from(2);
     }
+    // A bad Redis URL is a usage error, found before anything is read.
+    if let (None, Some(url)) = (&args.gateway_url, &args.redis_url)
+        && let Err(e) = check_redis_url(url)
+    {
+        eprintln!("gateway publish: {e}");
+        return ExitCode::from(2);
+    }
     let result = match (&args.gateway_url, format) {
         (Some(url), Some(format)) => stream_through_gateway(&args, url, format).await,
         (Some(url), None) => jsonl_through_gateway(&args, url, &limits).await,
@@ -108,17 +115,22 @@ async fn to_redis(args: &PublishArgs, format: Option<Format>, limits: &Limits) -
     let Some(url) = &args.redis_url else {
         return Err("nowhere to publish: give --redis-url (or GATEWAY_REDIS_URL) or --gateway-url".into());
     };
-    let client =
-        redis::Client::open(url.as_str()).map_err(|e| format!("bad Redis URL {}: {e}", mask_url(url)))?;
+    let (master, watcher) =
+        Master::open(url.as_str()).map_err(|e| format!("bad Redis URL {}: {e}", mask_url(url)))?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stop_guard = stop.clone().drop_guard();
+    if let Some(watcher) = watcher {
+        tokio::spawn(watcher.run(stop.clone()));
+    }
     // Fail at once on an unreachable Redis instead of retrying every message.
-    client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|e| format!("cannot connect to Redis at {}: {e}", mask_url(url)))?;
+    let unreachable =
+        |e: &dyn std::fmt::Display| format!("cannot connect to Redis at {}: {e}", mask_url(url));
+    let node = master.node().await.map_err(|e| unreachable(&e))?;
+    node.client.get_multiplexed_async_connection().await.map_err(|e| unreachable(&e))?;
     // A Redis no gateway has connected to yet lacks the library: the queue loads it
     // with the default limits.
     let library = script::library_source(&Config::default().history).into();
-    let queue = PublishQueue::start(client, library, tokio_util::sync::CancellationToken::new());
+    let queue = PublishQueue::start(master, library, 0, stop.clone());
     let mut redis = ToRedis { queue, stream: rand::random(), seqs: HashMap::new() };
     let mut inflight: InFlight<'static, String> = InFlight::new(MAX_IN_FLIGHT);
     let mut failed = 0u64;
