@@ -230,6 +230,7 @@ async fn stream_through_failover(how: Failover) {
     let ready2 = watch_readiness(&n2, stop.clone());
 
     let old_master = set.lock().unwrap().master_port();
+    eprintln!("{how:?}: set up in {:?}", started.elapsed());
     let mut failover: Option<tokio::task::JoinHandle<u16>> = None;
     let mut retried = 0;
     for i in 0..MESSAGES {
@@ -254,6 +255,7 @@ async fn stream_through_failover(how: Failover) {
                     // Back as a replica, as an operator (or the sentinels) would bring it:
                     // the new master has a replica to acknowledge publishes again.
                     set.lock().unwrap().restart_as_replica(old_master, new);
+                    eprintln!("{how:?}: old master back as a replica after {:?}", t.elapsed());
                 }
                 new
             }));
@@ -337,4 +339,77 @@ async fn graceful_failover_mid_stream_every_subscriber_gets_every_message_once()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_failover_without_min_replicas_repeats_only_after_a_reset_notice() {
     stream_through_failover(Failover::Graceful { guarded: false }).await;
+}
+
+/// Publishes through each of `nodes` in turn, `rounds` times, one at a time; each
+/// node's per-publish latencies, sorted.
+async fn publish_latencies(nodes: &[&Gateway], ch: &str, rounds: usize) -> Vec<Vec<Duration>> {
+    let mut lat = vec![Vec::with_capacity(rounds); nodes.len()];
+    for i in 0..rounds {
+        for (k, gw) in nodes.iter().enumerate() {
+            let t = Instant::now();
+            publish(gw, ch, &format!("{k}-{i}")).await;
+            lat[k].push(t.elapsed());
+        }
+    }
+    for l in &mut lat {
+        l.sort();
+    }
+    lat
+}
+
+/// `--redis-replica-acks 1`: a history publish is answered only once the replica holds
+/// it. Measures what that costs per publish against a node without it (same Sentinel
+/// set, same run, publishes alternating), then stops the replica: the node without
+/// acks still answers at once, the one with them refuses a publish it cannot repeat
+/// (not durable) and holds one with an idempotency key until the replica is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_acks_hold_the_answer_until_a_replica_has_the_message() {
+    let set = SentinelSet::start(1);
+    let url = set.url();
+    let plain = Gateway::start(Some(&url), &[]);
+    let durable = Gateway::start(Some(&url), &["--redis-replica-acks", "1"]);
+    for n in [&plain, &durable] {
+        eventually(WAIT, "node ready through Sentinel", || async {
+            (n.ready_status().await == 200).then_some(())
+        })
+        .await;
+    }
+    let ch = channel("acks");
+    let lat = publish_latencies(&[&plain, &durable], &ch, 300).await;
+    let q = |l: &[Duration], p: f64| l[((l.len() as f64 * p) as usize).min(l.len() - 1)];
+    for (name, l) in [("replica-acks 0", &lat[0]), ("replica-acks 1", &lat[1])] {
+        eprintln!("{name}: publish p50 {:?}, p99 {:?} ({} publishes)", q(l, 0.5), q(l, 0.99), l.len());
+    }
+
+    let master = set.master_port();
+    let replica = set.node_ports().into_iter().find(|p| *p != master).unwrap();
+    set.signal_node(replica, "STOP");
+    let post = |gw: &Gateway, body: serde_json::Value| {
+        reqwest::Client::new()
+            .post(gw.url("/api/publish"))
+            .timeout(Duration::from_secs(30))
+            .json(&body)
+            .send()
+    };
+    let r = post(&plain, serde_json::json!({"channel": ch, "data": "no acks needed"})).await.unwrap();
+    assert_eq!(r.status(), 200, "without acks the master's word is enough");
+    let t = Instant::now();
+    let r = post(&durable, serde_json::json!({"channel": ch, "data": "unrepeatable"})).await.unwrap();
+    assert_eq!(r.status(), 503, "no replica holds it and it cannot be sent again");
+    assert!(t.elapsed() >= Duration::from_millis(900), "WAIT gave the replica its time: {:?}", t.elapsed());
+    let body = serde_json::json!({"channel": ch, "data": "held", "idempotency_key": "held-1"});
+    let held = tokio::spawn(post(&durable, body.clone()));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!held.is_finished(), "a repeatable publish waits for the replica");
+    set.signal_node(replica, "CONT");
+    let r = held.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200);
+    let first: serde_json::Value = r.json().await.unwrap();
+    // Sent more than once while the replica was away, published once.
+    let again: serde_json::Value = post(&durable, body).await.unwrap().json().await.unwrap();
+    assert_eq!(again["results"][0]["duplicate"], true);
+    assert_eq!(again["results"][0]["id"], first["results"][0]["id"]);
+    let held_copies = set.node_cli(master, &["XRANGE", &format!("fanout:history:{{{ch}}}"), "-", "+"]);
+    assert_eq!(held_copies.lines().filter(|l| *l == "held").count(), 1, "{held_copies}");
 }

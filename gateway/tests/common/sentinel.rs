@@ -122,12 +122,25 @@ impl SentinelSet {
         panic!("no sentinel names the master");
     }
 
-    /// Waits until the sentinels name a master other than `old` that says it is one.
+    /// Waits until every sentinel names the same master other than `old`, and it says
+    /// it is one (bringing `old` back before all of them agree can start another
+    /// failover).
     pub fn wait_for_new_master(&self, old: u16, timeout: Duration) -> u16 {
         let deadline = Instant::now() + timeout;
         loop {
-            let port = self.master_port();
-            if port != old && cli(port, &["ROLE"]).is_some_and(|r| r.starts_with("master")) {
+            let named: Vec<Option<u16>> = self
+                .sentinels
+                .iter()
+                .map(|s| {
+                    cli(s.port, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME])
+                        .and_then(|out| out.lines().nth(1).and_then(|p| p.trim().parse().ok()))
+                })
+                .collect();
+            if let Some(Some(port)) = named.first().copied()
+                && port != old
+                && named.iter().all(|n| *n == Some(port))
+                && cli(port, &["ROLE"]).is_some_and(|r| r.starts_with("master"))
+            {
                 return port;
             }
             assert!(Instant::now() < deadline, "no failover away from {old} within {timeout:?}");
@@ -196,6 +209,8 @@ fn spawn_node(node: &mut Proc, master: Option<u16>, extra: &[String]) {
     let mut cmd = Command::new("redis-server");
     cmd.args(["--port", &node.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
         .args(["--appendonly", "yes", "--appendfsync", "everysec"])
+        // A replica syncs at once instead of after the default 5 s wait for others.
+        .args(["--repl-diskless-sync-delay", "0"])
         .arg("--dir")
         .arg(node.dir.path())
         .args(extra);

@@ -263,11 +263,13 @@ impl Sentinel {
     }
 }
 
-/// The master of a `SENTINEL MASTER` reply, unless the sentinel sees it down.
+/// The master of a `SENTINEL MASTER` reply, unless the sentinel sees it down. A
+/// `disconnected` flag does not count: right after a switch the sentinel has not yet
+/// connected to the master it just promoted, and `ROLE` asks the node itself anyway.
 fn healthy_master(info: &HashMap<String, String>) -> Option<Named> {
     let flags = info.get("flags")?;
     let healthy = flags.split(',').any(|f| f == "master")
-        && !flags.split(',').any(|f| matches!(f, "s_down" | "o_down" | "disconnected"));
+        && !flags.split(',').any(|f| matches!(f, "s_down" | "o_down"));
     if !healthy {
         return None;
     }
@@ -357,7 +359,10 @@ mod tests {
     fn a_master_seen_down_is_not_named() {
         let up = info(&[("flags", "master"), ("ip", "10.0.0.2"), ("port", "6380"), ("config-epoch", "7")]);
         assert_eq!(healthy_master(&up), Some(Named { host: "10.0.0.2".into(), port: 6380, epoch: 7 }));
-        for flags in ["master,s_down", "master,s_down,o_down", "master,disconnected", "slave"] {
+        let fresh =
+            info(&[("flags", "master,disconnected"), ("ip", "h"), ("port", "1"), ("config-epoch", "8")]);
+        assert_eq!(healthy_master(&fresh).map(|n| n.epoch), Some(8), "just promoted, not yet connected");
+        for flags in ["master,s_down", "master,s_down,o_down", "slave"] {
             let down = info(&[("flags", flags), ("ip", "10.0.0.2"), ("port", "6380")]);
             assert_eq!(healthy_master(&down), None, "{flags}");
         }
