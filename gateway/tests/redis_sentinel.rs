@@ -6,6 +6,14 @@
 //! subscriber ends with every message exactly once, in order; readiness fails and
 //! recovers; raw `PUBLISH` on the new master reaches them. And `--redis-replica-acks`:
 //! a publish no replica acknowledges is not reported as done.
+//!
+//! The one thing no setting removes: a publish the old master ran and fanned out but
+//! had not yet handed to the replica when that replica was promoted (or when it died)
+//! is lost from history; the gateway publishes it again on the new master, so
+//! subscribers see it twice — after a reset notice, never silently. After a SIGKILL
+//! that window is a few microseconds of the master's event loop; during a handover it
+//! is the replication delay (a sub-millisecond on loopback, yet often hit by a
+//! publisher sending back to back), so the handover test allows that one repeat.
 
 mod common;
 #[path = "common/sentinel.rs"]
@@ -191,10 +199,10 @@ fn assert_nothing_lost_nothing_silent(what: &str, got: &Received) -> usize {
 enum Failover {
     /// SIGKILL, then the old master is restarted as a replica of the new one.
     Kill,
-    /// `SENTINEL FAILOVER`: the old master stays up (and takes writes) until the
-    /// sentinels demote it; `guarded`: the data nodes run `min-replicas-to-write 1`,
-    /// so it refuses them once its replica left.
-    Graceful { guarded: bool },
+    /// `SENTINEL FAILOVER`: the old master stays up until the sentinels demote it; the
+    /// data nodes run `min-replicas-to-write 1`, so it refuses writes once its replica
+    /// left.
+    Graceful,
 }
 
 /// The whole scenario: two nodes, five subscribers, a numbered stream, a failover in
@@ -202,10 +210,8 @@ enum Failover {
 async fn stream_through_failover(how: Failover) {
     let started = Instant::now();
     let node_args: &[&str] = match how {
-        Failover::Graceful { guarded: true } => {
-            &["--min-replicas-to-write", "1", "--min-replicas-max-lag", "10"]
-        }
-        _ => &[],
+        Failover::Graceful => &["--min-replicas-to-write", "1", "--min-replicas-max-lag", "10"],
+        Failover::Kill => &[],
     };
     let set = Arc::new(Mutex::new(SentinelSet::start_with(1, node_args)));
     let url = set.lock().unwrap().url();
@@ -240,7 +246,7 @@ async fn stream_through_failover(how: Failover) {
                 let t = Instant::now();
                 match how {
                     Failover::Kill => set.lock().unwrap().kill_node(old_master),
-                    Failover::Graceful { .. } => {
+                    Failover::Graceful => {
                         let ok = set.lock().unwrap().sentinel_cli(&[
                             "SENTINEL",
                             "FAILOVER",
@@ -278,11 +284,14 @@ async fn stream_through_failover(how: Failover) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     for (what, got) in &subscribers {
         match how {
-            Failover::Graceful { guarded: false } => {
+            Failover::Graceful => {
                 let repeats = assert_nothing_lost_nothing_silent(what, &got.lock().unwrap());
                 eprintln!("{how:?}: {what} saw {repeats} repeated message(s), each after a reset notice");
+                // Only the publish in flight when the replica was promoted: the old
+                // master refuses every later one.
+                assert!(repeats <= 1, "{what}: {repeats} repeats");
             }
-            _ => assert_exactly_once(what, &got.lock().unwrap()),
+            Failover::Kill => assert_exactly_once(what, &got.lock().unwrap()),
         }
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -322,23 +331,14 @@ async fn master_killed_mid_stream_every_subscriber_gets_every_message_once() {
     stream_through_failover(Failover::Kill).await;
 }
 
-/// With `min-replicas-to-write 1` the old master refuses writes (NOREPLICAS) from the
-/// moment its replica is promoted, so nothing is published where it will be lost: the
-/// gateway sends those publishes again to the new master, and every subscriber gets
-/// every message exactly once.
+/// A handover with `min-replicas-to-write 1` on the data nodes: the old master refuses
+/// writes (NOREPLICAS) from the moment its replica is promoted, the gateway sends them
+/// to the new master once it has a replica again (the old master, demoted by the
+/// sentinels ~10 s later), and nothing is lost; at most the one publish in flight at
+/// the promotion is seen twice, after a reset notice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn graceful_failover_mid_stream_every_subscriber_gets_every_message_once() {
-    stream_through_failover(Failover::Graceful { guarded: true }).await;
-}
-
-/// Without it, the old master takes the publish in flight while it is being replaced
-/// and fans it out to subscribers; `WAIT` finds no replica holds it, the gateway sends
-/// it again to the new master, and subscribers see it twice — never silently: the
-/// outage replay finds their position is not on the new master and tells them (reset).
-/// Nothing is lost either way.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn graceful_failover_without_min_replicas_repeats_only_after_a_reset_notice() {
-    stream_through_failover(Failover::Graceful { guarded: false }).await;
+async fn graceful_failover_mid_stream_loses_nothing_and_repeats_nothing_silently() {
+    stream_through_failover(Failover::Graceful).await;
 }
 
 /// Publishes through each of `nodes` in turn, `rounds` times, one at a time; each
