@@ -435,3 +435,36 @@ async fn stdin_publisher_finds_the_master_through_sentinel() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(set.node_cli(master, &["XLEN", &format!("fanout:history:{{{ch}}}")]), "3");
 }
+
+/// The `+switch-master` subscription lives on one sentinel (the URL's first); when that
+/// sentinel dies it moves to the next, and a handover announced there moves the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_master_subscription_moves_to_another_sentinel() {
+    let mut set = SentinelSet::start(1);
+    let gw = Gateway::start(Some(&set.url()), &[]);
+    let on = |i: usize| format!("subscribed to +switch-master on redis://127.0.0.1:{}", set.sentinel_port(i));
+    let (first, second) = (on(0), on(1));
+    eventually(WAIT, "subscribed on the first sentinel", || async {
+        gw.logs().contains(&first).then_some(())
+    })
+    .await;
+    set.kill_sentinel(0);
+    eventually(WAIT, "subscription moved to the second sentinel", || async {
+        gw.logs().contains(&second).then_some(())
+    })
+    .await;
+    let old = set.master_port();
+    let ch = channel("moved");
+    let mut sse = SseClient::connect(&gw.url(&format!("/sse?channel={ch}"))).await;
+    assert_eq!(set.sentinel_cli(&["SENTINEL", "FAILOVER", sentinel::MASTER_NAME]), "OK");
+    let new = set.wait_for_new_master(old, Duration::from_secs(30));
+    let event = format!("+switch-master event={} 127.0.0.1 {old} 127.0.0.1 {new}", sentinel::MASTER_NAME);
+    eventually(WAIT, "the node heard the switch", || async { gw.logs().contains(&event).then_some(()) })
+        .await;
+    eventually(WAIT, "the node follows the new master", || async {
+        (set.node_cli(new, &["PUBSUB", "NUMSUB", &ch]).lines().nth(1) == Some("1")).then_some(())
+    })
+    .await;
+    set.node_cli(new, &["PUBLISH", &ch, "from the new master"]);
+    assert_eq!(sse.next().await.data, "from the new master");
+}

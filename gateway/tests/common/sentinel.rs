@@ -122,7 +122,7 @@ impl SentinelSet {
         panic!("no sentinel names the master");
     }
 
-    /// Waits until every sentinel names the same master other than `old`, and it says
+    /// Waits until every running sentinel names the same master other than `old`, and it says
     /// it is one (bringing `old` back before all of them agree can start another
     /// failover).
     pub fn wait_for_new_master(&self, old: u16, timeout: Duration) -> u16 {
@@ -131,6 +131,7 @@ impl SentinelSet {
             let named: Vec<Option<u16>> = self
                 .sentinels
                 .iter()
+                .filter(|s| s.child.is_some())
                 .map(|s| {
                     cli(s.port, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME])
                         .and_then(|out| out.lines().nth(1).and_then(|p| p.trim().parse().ok()))
@@ -164,6 +165,16 @@ impl SentinelSet {
             .iter()
             .find_map(|s| cli(s.port, args))
             .unwrap_or_else(|| panic!("no sentinel answered {args:?}"))
+    }
+
+    /// Port of sentinel `i` (in the URL's order).
+    pub fn sentinel_port(&self, i: usize) -> u16 {
+        self.sentinels[i].port
+    }
+
+    /// SIGKILLs sentinel `i`.
+    pub fn kill_sentinel(&mut self, i: usize) {
+        self.sentinels[i].kill();
     }
 
     /// SIGKILLs the data node on `port`.

@@ -29,8 +29,11 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Shortest pause between two checks that reports asked for (reports come in bursts).
 const MIN_GAP: Duration = Duration::from_millis(50);
-/// Pause before the `+switch-master` subscription moves to the next sentinel.
+/// Pause before the `+switch-master` subscription moves to the next sentinel; doubled
+/// (up to [`RESUBSCRIBE_MAX`]) while none will take it.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(200);
+/// Longest pause between two subscription attempts.
+const RESUBSCRIBE_MAX: Duration = Duration::from_secs(5);
 /// How often the `+switch-master` subscription is probed with PING.
 const LISTEN_PING_EVERY: Duration = Duration::from_secs(5);
 
@@ -293,15 +296,17 @@ fn config() -> redis::AsyncConnectionConfig {
 /// and about every new subscription, since events may have been missed meanwhile.
 async fn listen(url: SentinelUrl, events: mpsc::Sender<String>, shutdown: CancellationToken) {
     let urls = url.sentinel_urls();
+    let mut pause = RESUBSCRIBE_AFTER;
     for i in (0..urls.len()).cycle() {
-        let lost = tokio::select! {
+        let (lost, subscribed) = tokio::select! {
             _ = shutdown.cancelled() => return,
             lost = listen_once(&urls[i], &url.master, &events) => lost,
         };
         debug!(sentinel = %url.sentinels[i], why = %lost, "+switch-master subscription moves to the next sentinel");
+        pause = if subscribed { RESUBSCRIBE_AFTER } else { (pause * 2).min(RESUBSCRIBE_MAX) };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(RESUBSCRIBE_AFTER) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
         if events.is_closed() {
             return;
@@ -309,8 +314,8 @@ async fn listen(url: SentinelUrl, events: mpsc::Sender<String>, shutdown: Cancel
     }
 }
 
-/// One subscription, until it fails; returns why.
-async fn listen_once(sentinel: &str, master: &str, events: &mpsc::Sender<String>) -> String {
+/// One subscription, until it fails; returns why, and whether it had subscribed.
+async fn listen_once(sentinel: &str, master: &str, events: &mpsc::Sender<String>) -> (String, bool) {
     let subscribe = async {
         let mut pubsub = redis::Client::open(sentinel)?.get_async_pubsub().await?;
         pubsub.subscribe("+switch-master").await?;
@@ -318,8 +323,8 @@ async fn listen_once(sentinel: &str, master: &str, events: &mpsc::Sender<String>
     };
     let pubsub = match tokio::time::timeout(ASK_TIMEOUT, subscribe).await {
         Ok(Ok(p)) => p,
-        Ok(Err(e)) => return e.to_string(),
-        Err(_) => return "no answer".into(),
+        Ok(Err(e)) => return (e.to_string(), false),
+        Err(_) => return ("no answer".into(), false),
     };
     let _ = events.try_send(format!("subscribed to +switch-master on {sentinel}"));
     let (mut sink, mut stream) = pubsub.split();
@@ -328,7 +333,7 @@ async fn listen_once(sentinel: &str, master: &str, events: &mpsc::Sender<String>
     loop {
         tokio::select! {
             msg = stream.next() => {
-                let Some(msg) = msg else { return "connection closed".into() };
+                let Some(msg) = msg else { return ("connection closed".into(), true) };
                 // "<master-name> <old-ip> <old-port> <new-ip> <new-port>"
                 let text = String::from_utf8_lossy(msg.get_payload_bytes()).into_owned();
                 if text.split(' ').next() == Some(master) {
@@ -339,8 +344,8 @@ async fn listen_once(sentinel: &str, master: &str, events: &mpsc::Sender<String>
             _ = ping.tick() => {
                 match tokio::time::timeout(ASK_TIMEOUT, sink.ping::<redis::Value>()).await {
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return e.to_string(),
-                    Err(_) => return "PING unanswered".into(),
+                    Ok(Err(e)) => return (e.to_string(), true),
+                    Err(_) => return ("PING unanswered".into(), true),
                 }
             }
         }
