@@ -468,3 +468,29 @@ async fn switch_master_subscription_moves_to_another_sentinel() {
     set.node_cli(new, &["PUBLISH", &ch, "from the new master"]);
     assert_eq!(sse.next().await.data, "from the new master");
 }
+
+/// A master turned into a replica behind the sentinels' back keeps the node's
+/// connections open (Redis does not drop normal or pub/sub clients on `REPLICAOF`):
+/// the periodic `ROLE` check notices, the node drops it and fails readiness rather than
+/// keep reading from and writing to a replica, and takes it back once it is a master
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_demoted_behind_the_sentinels_back_is_dropped_until_it_is_one_again() {
+    let set = SentinelSet::start(1);
+    let gw = Gateway::start(Some(&set.url()), &[]);
+    eventually(WAIT, "ready", || async { (gw.ready_status().await == 200).then_some(()) }).await;
+    let master = set.master_port();
+    let ch = channel("demoted");
+    let mut sse = SseClient::connect(&gw.url(&format!("/sse?channel={ch}"))).await;
+    let t = Instant::now();
+    // A replica of nothing: `ROLE` says slave, the data and the connections stay.
+    set.node_cli(master, &["REPLICAOF", "127.0.0.1", &free_port().to_string()]);
+    eventually(WAIT, "readiness fails", || async { (gw.ready_status().await == 503).then_some(()) }).await;
+    eprintln!("demoted master dropped after {:?}", t.elapsed());
+    assert!(gw.logs().contains("it is no longer a master"), "{}", gw.logs());
+    assert!(set.master_port() == master, "the sentinels still name it: only ROLE could tell");
+    set.node_cli(master, &["REPLICAOF", "NO", "ONE"]);
+    eventually(WAIT, "ready again", || async { (gw.ready_status().await == 200).then_some(()) }).await;
+    set.node_cli(master, &["PUBLISH", &ch, "master again"]);
+    assert_eq!(sse.next().await.data, "master again", "the same SSE stream");
+}
