@@ -1,10 +1,12 @@
 //! Subscriber authentication: JWTs (HS256 with a shared secret, RS256 with a public
 //! key, and keys from a JWK set chosen by `kid`) with a pinned algorithm per key, `exp`
-//! always required, optional `aud` and `iss`, and a `channels` claim listing the
-//! channels (or `prefix.*` patterns) the holder may read. Off unless a key is configured.
+//! always required, `aud` and `iss` required when configured, `nbf` honoured (all with
+//! [`LEEWAY_SECS`] for clock skew), and a `channels` claim listing the channels (or
+//! `prefix.*` patterns) the holder may read — and, with `"pub": true`, publish to over
+//! WebSocket. Off unless a key is configured.
 //!
-//! The token comes from `Authorization: Bearer`, a `token` query parameter
-//! (`EventSource` cannot set headers) or the `gateway_token` cookie.
+//! The token comes from `Authorization: Bearer` (the scheme in any case), a `token`
+//! query parameter (`EventSource` cannot set headers) or the `gateway_token` cookie.
 
 pub mod jwks;
 
@@ -29,15 +31,23 @@ use crate::{
 /// Name of the cookie a token may come in.
 pub const TOKEN_COOKIE: &str = "gateway_token";
 
+/// Clock skew allowed between the token issuer and this node, for `exp` and `nbf`.
+pub const LEEWAY_SECS: u64 = 5;
+
+/// Farthest ahead an expiry is scheduled: a later one (a token valid for centuries, or
+/// `exp: u64::MAX`) is treated as this far away instead of overflowing a clock.
+const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// What a valid token grants.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Claims {
     /// Expiry, seconds since the Unix epoch; the connection is closed then.
     pub exp: u64,
-    /// Channels or `prefix.*` / `*` patterns the holder may subscribe to.
+    /// Channels or `prefix.*` / `*` patterns the holder may subscribe to, and publish to
+    /// over WebSocket when `pub` is true.
     #[serde(default)]
     pub channels: Vec<String>,
-    /// Whether the holder may use the WebSocket `publish` op.
+    /// Whether the holder may use the WebSocket `publish` op (on its `channels`).
     #[serde(default, rename = "pub")]
     pub publish: bool,
 }
@@ -51,10 +61,16 @@ impl Claims {
         })
     }
 
-    /// Time left until the token expires (zero if it already has).
+    /// Time left until the token expires (zero if it already has), at most a century,
+    /// so adding it to an `Instant` never overflows.
     pub fn remaining(&self) -> Duration {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        Duration::from_secs(self.exp.saturating_sub(now))
+        Duration::from_secs(self.exp.saturating_sub(now)).min(FAR_FUTURE)
+    }
+
+    /// When the token expires, on the monotonic clock from `now`.
+    pub fn expires_at(&self, now: tokio::time::Instant) -> tokio::time::Instant {
+        now.checked_add(self.remaining()).unwrap_or(now + Duration::from_secs(24 * 3600))
     }
 }
 
@@ -90,10 +106,16 @@ impl Authenticator {
             Some(path) => Some(load_jwks(path)?),
             None => None,
         };
+        // A configured audience or issuer is required, not only checked when present:
+        // a token minted for another service without an `aud` must not pass here.
+        let mut required = vec!["exp"];
+        required.extend(cfg.audience.as_ref().map(|_| "aud"));
+        required.extend(cfg.issuer.as_ref().map(|_| "iss"));
         let validation = |alg| {
             let mut v = Validation::new(alg);
-            v.leeway = 5;
-            v.set_required_spec_claims(&["exp"]);
+            v.leeway = LEEWAY_SECS;
+            v.validate_nbf = true;
+            v.set_required_spec_claims(&required);
             match &cfg.audience {
                 Some(aud) => v.set_audience(&[aud]),
                 None => v.validate_aud = false,
@@ -158,7 +180,12 @@ impl Authenticator {
             ErrorKind::InvalidSignature => fail("invalid_signature", "invalid token signature"),
             ErrorKind::InvalidAudience => fail("wrong_audience", "token audience not accepted"),
             ErrorKind::InvalidIssuer => fail("wrong_issuer", "token issuer not accepted"),
-            ErrorKind::MissingRequiredClaim(_) => fail("malformed", "token lacks a required claim (exp)"),
+            ErrorKind::ImmatureSignature => fail("not_yet_valid", "token not valid yet (nbf)"),
+            ErrorKind::MissingRequiredClaim(claim) => match claim.as_str() {
+                "aud" => fail("wrong_audience", "token lacks the required audience claim (aud)"),
+                "iss" => fail("wrong_issuer", "token lacks the required issuer claim (iss)"),
+                _ => fail("malformed", "token lacks a required claim (exp)"),
+            },
             _ => fail("malformed", "malformed token"),
         })
     }
@@ -204,9 +231,14 @@ fn fail(reason: &'static str, message: &str) -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, error_code::UNAUTHORIZED, message)
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+/// The credentials of an `Authorization: Bearer <credentials>` header, trimmed; the
+/// scheme is case-insensitive (RFC 9110 §11.1). Shared by subscriber tokens and publish
+/// API keys. `None` for another scheme or empty credentials.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))
+    let (scheme, credentials) = v.split_once(' ')?;
+    let credentials = credentials.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !credentials.is_empty()).then_some(credentials)
 }
 
 fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -240,8 +272,30 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::COOKIE, "a=1; gateway_token=abc; b=2".parse().unwrap());
         assert_eq!(cookie(&h, TOKEN_COOKIE), Some("abc"));
-        h.insert(header::AUTHORIZATION, "Bearer xyz".parse().unwrap());
-        assert_eq!(bearer(&h), Some("xyz"));
+        for (value, want) in [
+            ("Bearer xyz", Some("xyz")),
+            ("bearer xyz", Some("xyz")),
+            ("BEARER xyz", Some("xyz")),
+            ("BeArEr   xyz ", Some("xyz")),
+            ("Bearer", None),
+            ("Bearer ", None),
+            ("Bearerxyz", None),
+            ("Basic xyz", None),
+            ("xyz", None),
+        ] {
+            h.insert(header::AUTHORIZATION, value.parse().unwrap());
+            assert_eq!(bearer(&h), want, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn far_future_expiry_saturates() {
+        let now = tokio::time::Instant::now();
+        for exp in [u64::MAX, 1_000_000_000_000_000_000] {
+            let c = Claims { exp, channels: vec![], publish: false };
+            assert_eq!(c.remaining(), FAR_FUTURE);
+            assert!(c.expires_at(now) > now + Duration::from_secs(3600));
+        }
     }
 
     fn token(kid: Option<&str>, alg: Algorithm, secret: &[u8]) -> String {

@@ -95,6 +95,39 @@ pub enum Recovery {
     },
 }
 
+/// How much of history one read returns: at most `max_count` messages, and none more
+/// once their payloads reach `max_bytes` (at least one). A replay reads page after page,
+/// so what it holds at once is bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    /// Most messages.
+    pub max_count: usize,
+    /// Payload bytes after which no more are added.
+    pub max_bytes: usize,
+}
+
+impl Page {
+    /// Whether `entries` fill a page, so more may follow them.
+    pub fn is_full(&self, entries: &[HistoryEntry]) -> bool {
+        entries.len() >= self.max_count
+            || entries.iter().map(|e| e.data.len()).sum::<usize>() >= self.max_bytes
+    }
+
+    /// The first entries of `all` that make a page.
+    pub fn cut(&self, all: impl IntoIterator<Item = HistoryEntry>) -> Vec<HistoryEntry> {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for e in all {
+            if out.len() >= self.max_count || (!out.is_empty() && bytes >= self.max_bytes) {
+                break;
+            }
+            bytes += e.data.len();
+            out.push(e);
+        }
+        out
+    }
+}
+
 /// Why a broker operation failed; shown to clients only as "broker unavailable".
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -159,11 +192,17 @@ pub trait Broker: Send + Sync + 'static {
     fn unsubscribe(&self, channel: Arc<str>);
     /// Publishes a message to every node. The message is queued when this is called,
     /// not when the future is first polled: history publishes called one after another
-    /// are published in that order.
-    fn publish(&self, msg: Publish) -> BoxFuture<'_, Result<PublishOutcome, BrokerError>>;
-    /// The messages of `channel` after `from`, if history still covers them.
-    fn since<'a>(&'a self, channel: &'a str, from: StreamPos)
-    -> BoxFuture<'a, Result<Recovery, BrokerError>>;
+    /// are published in that order. The future borrows nothing: a caller may keep
+    /// several in flight.
+    fn publish(&self, msg: Publish) -> BoxFuture<'static, Result<PublishOutcome, BrokerError>>;
+    /// The messages of `channel` after `from` (at most a `page` of them), and whether
+    /// history still covers them.
+    fn since<'a>(
+        &'a self,
+        channel: &'a str,
+        from: StreamPos,
+        page: Page,
+    ) -> BoxFuture<'a, Result<Recovery, BrokerError>>;
     /// The position of the newest message in `channel`'s history, if any.
     fn head<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Option<StreamPos>, BrokerError>>;
     /// The link state, watched by readiness and metrics.

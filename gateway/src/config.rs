@@ -93,6 +93,10 @@ pub struct Limits {
     pub max_body_bytes_in_flight: usize,
     /// Largest body of one streaming publish.
     pub stream_max_bytes: usize,
+    /// New channels one client address may hold for long-polls per keep-alive period.
+    pub poll_channels_per_ip: u32,
+    /// Channels a node may hold before long-polls add no more.
+    pub poll_max_channels: usize,
 }
 
 /// Timers of the transports and of shutdown.
@@ -234,6 +238,8 @@ impl Config {
                 poll_buffer: s.poll_buffer,
                 max_body_bytes_in_flight: s.max_body_bytes_in_flight,
                 stream_max_bytes: s.stream_max_bytes,
+                poll_channels_per_ip: s.poll_channels_per_ip,
+                poll_max_channels: s.poll_max_channels,
             },
             timers,
             history: HistoryConfig {

@@ -106,7 +106,11 @@ impl IntoResponse for ApiError {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if self.status == StatusCode::UPGRADE_REQUIRED {
-            resp.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            // Only `/ws` asks for an upgrade: name the protocol and its one version
+            // (RFC 6455 §4.4), so a client with another version knows what to speak.
+            let h = resp.headers_mut();
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
         }
         resp
     }

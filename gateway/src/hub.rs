@@ -47,7 +47,7 @@ pub use self::{
 /// types, reached through the hub.
 pub use crate::broker::{BrokerError, LinkState, Publish, PublishOutcome};
 use crate::{
-    broker::{Broker, Ready, Sink, memory::MemoryBroker},
+    broker::{Broker, Page, Ready, Sink, memory::MemoryBroker},
     config::HistoryConfig,
     metrics::{self as m, ConnKind},
 };
@@ -100,6 +100,20 @@ pub struct HubConfig {
     pub poll_buffer: usize,
     /// How long a long-poll answer keeps its channels subscribed.
     pub poll_keepalive: Duration,
+    /// How much history one read returns (a replay reads page after page).
+    pub replay_page: Page,
+}
+
+impl HubConfig {
+    /// The hub's settings in `config`: a replay page is what a connection's queue holds.
+    pub fn new(config: &crate::config::Config) -> Self {
+        Self {
+            linger: config.timers.linger,
+            poll_buffer: config.limits.poll_buffer,
+            poll_keepalive: config.timers.poll_keepalive,
+            replay_page: Page { max_count: config.limits.queue_size, max_bytes: config.limits.queue_bytes },
+        }
+    }
 }
 
 struct HubMetrics {
@@ -121,6 +135,8 @@ pub struct Hub {
     config: HubConfig,
     /// Node-wide message sequence (long-poll cursors); increases by one per message.
     seq: AtomicU64,
+    /// Channels held now (the `gateway_channels` gauge, readable).
+    channel_count: std::sync::atomic::AtomicUsize,
     epoch: u64,
     metrics: HubMetrics,
 }
@@ -172,6 +188,7 @@ impl Hub {
                 broker: make_broker(sink),
                 config,
                 seq: AtomicU64::new(0),
+                channel_count: Default::default(),
                 epoch: rand::random::<u64>() >> 12,
                 metrics,
             }
@@ -203,7 +220,7 @@ impl Hub {
     pub fn publish(
         &self,
         msg: Publish,
-    ) -> impl Future<Output = Result<PublishOutcome, BrokerError>> + Send + '_ {
+    ) -> impl Future<Output = Result<PublishOutcome, BrokerError>> + Send + 'static {
         self.broker.publish(msg)
     }
 
@@ -219,6 +236,7 @@ impl Hub {
             let ready = Ready::new();
             self.broker.subscribe(name.clone(), ready.clone());
             self.metrics.channels.increment(1.0);
+            self.channel_count.fetch_add(1, Ordering::Relaxed);
             self.fetch_head(name.clone(), ready.clone());
             shard.channels.insert(
                 name.clone(),
@@ -237,43 +255,6 @@ impl Hub {
             );
         }
         shard.channels.get_mut(channel).expect("inserted above")
-    }
-
-    /// Learns where `channel`'s history stands once its subscription is live, so an
-    /// outage before its first history message can still be replayed.
-    fn fetch_head(&self, name: Arc<str>, ready: Arc<Ready>) {
-        let (Ok(rt), Some(hub)) = (tokio::runtime::Handle::try_current(), self.me.upgrade()) else { return };
-        rt.spawn(async move {
-            if tokio::time::timeout(READY_WAIT, ready.wait()).await.is_err() {
-                return;
-            }
-            let Ok(head) = hub.broker.head(&name).await else { return };
-            hub.record_head(&name, head);
-        });
-    }
-
-    /// Keeps what history's newest position was when this node subscribed `channel`.
-    fn record_head(&self, channel: &str, head: Option<StreamPos>) {
-        if let Some(ch) = self.shard(channel).channels.get_mut(channel) {
-            ch.head = ch.head.or(head);
-            ch.head_read = true;
-        }
-    }
-
-    /// Where `channel`'s history stands as this node has delivered it: the newest
-    /// history position dispatched here, else history's newest when this node
-    /// subscribed (read now if it has not been yet); `None` for a channel without
-    /// history (or when history cannot be read).
-    pub async fn history_position(&self, channel: &str) -> Option<StreamPos> {
-        if let Some(ch) = self.shard(channel).channels.get(channel)
-            && (ch.last_pos.is_some() || ch.head_read)
-        {
-            return ch.last_pos.or(ch.head);
-        }
-        let head = self.broker.head(channel).await.ok()?;
-        self.record_head(channel, head);
-        let shard = self.shard(channel);
-        shard.channels.get(channel).map_or(head, |ch| ch.last_pos.or(ch.head))
     }
 
     /// Adds `inbox` as a subscriber of `channel` (already validated).
@@ -327,6 +308,16 @@ impl Hub {
         }
     }
 
+    /// Channels this node holds now (subscribed, or lingering, or kept for polls).
+    pub fn channel_count(&self) -> usize {
+        self.channel_count.load(Ordering::Relaxed)
+    }
+
+    /// Whether this node holds `channel` now.
+    pub fn has_channel(&self, channel: &str) -> bool {
+        self.shard(channel).channels.contains_key(channel)
+    }
+
     /// Number of local subscribers of `channel`.
     pub fn subscriber_count(&self, channel: &str) -> usize {
         self.shard(channel).channels.get(channel).map_or(0, |c| c.subs.len())
@@ -355,6 +346,7 @@ impl Hub {
                 shard.channels.remove(&name);
                 self.broker.unsubscribe(name);
                 self.metrics.channels.decrement(1.0);
+                self.channel_count.fetch_sub(1, Ordering::Relaxed);
                 removed += 1;
             }
         }

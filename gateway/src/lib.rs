@@ -46,7 +46,6 @@ use crate::{
     broker::{Broker, redis::RedisBroker},
     config::{Config, ConfigError},
     hub::{Hub, HubConfig},
-    publish::Publishing,
     state::AppState,
 };
 
@@ -106,11 +105,7 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let background = TaskTracker::new();
     let background_stop = CancellationToken::new();
-    let hub_config = HubConfig {
-        linger: config.timers.linger,
-        poll_buffer: config.limits.poll_buffer,
-        poll_keepalive: config.timers.poll_keepalive,
-    };
+    let hub_config = HubConfig::new(&config);
     let hub = match &config.redis_url {
         None => Hub::in_memory(hub_config, config.history.clone()),
         Some(url) => {
@@ -134,17 +129,10 @@ pub async fn run(
     }
     info!(public = %public_addr, admin = %admin_addr, broker = hub.broker_kind(), "gateway listening");
 
-    let auth = auth.map(Arc::new);
     if let Some(a) = &auth {
         info!(?a, "subscriber authentication on");
     }
-    let state = AppState {
-        auth,
-        publishing: Arc::new(Publishing::new(&config)),
-        hub: hub.clone(),
-        config: Arc::new(config),
-        shutdown: shutdown.clone(),
-    };
+    let state = AppState::new(config, hub.clone(), auth, shutdown.clone());
     background.spawn(hub.clone().run_reaper(background_stop.clone()));
     let upkeep = metrics.clone();
     let upkeep_stop = background_stop.clone();
@@ -180,6 +168,9 @@ pub async fn run(
         tracker.clone(),
         header_timeout,
         state.config.timers.drain_window,
+        // A stream's writes are at most a heartbeat apart: one that takes nothing for a
+        // heartbeat interval has a client that stopped reading.
+        state.config.timers.sse_heartbeat,
         state.config.limits.connect_rate_per_ip,
     )
     .await;

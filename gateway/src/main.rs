@@ -2,7 +2,6 @@
 
 use std::{io::IsTerminal, process::ExitCode};
 
-use clap::Parser;
 use gateway::{
     Node,
     config::{Cli, Command, Config, LogFormat, ServeArgs},
@@ -11,12 +10,17 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Serve(cli.serve)) {
+    let command = match Cli::command_from(std::env::args_os()) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match command {
         Command::Serve(args) => serve(args),
         Command::Config(args) => match Config::from_args(args).and_then(Node::new) {
             Ok(node) => {
-                println!("{:#?}", node.config());
+                println!("# gateway config: the effective settings (flags > GATEWAY_* > file > defaults).");
+                println!("# Feed them back with --config; secrets are masked and left as comments.");
+                print!("{}", node.config().settings.to_toml());
                 ExitCode::SUCCESS
             }
             Err(e) => fail(&e.to_string(), 2),

@@ -18,7 +18,8 @@ pub const BROKER_MESSAGES_TOTAL: &str = "gateway_broker_messages_received_total"
 pub const DELIVERIES_TOTAL: &str = "gateway_deliveries_total";
 /// Messages not delivered (counter), by `reason`.
 pub const DROPPED_TOTAL: &str = "gateway_dropped_messages_total";
-/// Clients disconnected because their queue overflowed (counter), by `transport`.
+/// Clients disconnected because they fell behind (counter), by `transport`: their queue
+/// overflowed, or a write to them made no progress for an interval (`write_stall`).
 pub const SLOW_CONSUMER_TOTAL: &str = "gateway_slow_consumer_disconnects_total";
 /// Channels with local interest (gauge).
 pub const CHANNELS: &str = "gateway_channels";
@@ -45,16 +46,22 @@ pub const DISPATCH_LATENCY: &str = "gateway_publish_to_dispatch_seconds";
 /// Buckets of [`DISPATCH_LATENCY`], in seconds.
 pub const DISPATCH_LATENCY_BUCKETS: [f64; 13] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+/// History publishes sent to Redis in one pipeline (histogram, explicit buckets): how
+/// much the publish queue batches under load.
+pub const PUBLISH_BATCH: &str = "gateway_publish_batch_messages";
+/// Buckets of [`PUBLISH_BATCH`], in messages.
+pub const PUBLISH_BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 /// Subscriber authentication failures (counter), by `reason`.
 pub const AUTH_FAILURES_TOTAL: &str = "gateway_auth_failures_total";
 /// Requests refused for bad input (counter), by `reason`.
 pub const REJECTED_TOTAL: &str = "gateway_rejected_requests_total";
 /// Connections or requests refused, or clients cut off, by a configured limit (counter),
 /// by `limit`: `max_connections`, `connect_rate`, `publish_rate`, `queue_messages`,
-/// `queue_bytes`, `demo_streams`, `body_bytes`.
+/// `queue_bytes`, `demo_streams`, `body_bytes`, `poll_channels`, `write_stall` (a write
+/// that took no byte for an interval: the client stopped reading), `resumes`.
 pub const LIMIT_REJECTIONS_TOTAL: &str = "gateway_limit_rejections_total";
 /// The values of `limit` on [`LIMIT_REJECTIONS_TOTAL`].
-pub const LIMITS: [&str; 7] = [
+pub const LIMITS: [&str; 10] = [
     "max_connections",
     "connect_rate",
     "publish_rate",
@@ -62,6 +69,9 @@ pub const LIMITS: [&str; 7] = [
     "queue_bytes",
     "demo_streams",
     "body_bytes",
+    "poll_channels",
+    "write_stall",
+    "resumes",
 ];
 
 /// The kind of a client connection: the value of the `transport` label.
@@ -96,6 +106,8 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(DISPATCH_LATENCY.to_owned()), &DISPATCH_LATENCY_BUCKETS)
+                .expect("buckets are not empty")
+                .set_buckets_for_metric(Matcher::Full(PUBLISH_BATCH.to_owned()), &PUBLISH_BATCH_BUCKETS)
                 .expect("buckets are not empty")
                 .build_recorder();
             let handle = recorder.handle();
@@ -152,6 +164,7 @@ fn register_known_series() {
         "malformed",
         "algorithm",
         "expired",
+        "not_yet_valid",
         "invalid_signature",
         "wrong_audience",
         "wrong_issuer",
@@ -175,7 +188,10 @@ fn describe() {
     describe_counter!(BROKER_MESSAGES_TOTAL, "Messages received from the broker.");
     describe_counter!(DELIVERIES_TOTAL, "Messages handed to client queues by transport.");
     describe_counter!(DROPPED_TOTAL, "Messages not delivered, by reason.");
-    describe_counter!(SLOW_CONSUMER_TOTAL, "Clients disconnected because their queue overflowed.");
+    describe_counter!(
+        SLOW_CONSUMER_TOTAL,
+        "Clients disconnected because they fell behind: queue overflow or a stalled write."
+    );
     describe_gauge!(CHANNELS, "Channels with local subscribers (or lingering).");
     describe_gauge!(SUBSCRIPTIONS, "Channel subscriptions held by local clients.");
     describe_gauge!(BROKER_LINK_UP, "1 while the broker link is up, 0 while down.");
@@ -189,6 +205,11 @@ fn describe() {
         DISPATCH_LATENCY,
         metrics::Unit::Seconds,
         "Publish (Redis clock) to dispatch on this node, history messages."
+    );
+    metrics::describe_histogram!(
+        PUBLISH_BATCH,
+        metrics::Unit::Count,
+        "History publishes sent to Redis in one pipeline."
     );
     describe_counter!(AUTH_FAILURES_TOTAL, "Subscriber authentication failures by reason.");
     describe_counter!(REJECTED_TOTAL, "Requests refused for bad input, by reason.");

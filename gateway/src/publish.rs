@@ -5,18 +5,19 @@
 //! too, so each entry point only says where its message comes from; [`stream`] cuts a
 //! streaming body (lines or SSE) into messages.
 
+pub mod bodies;
 pub mod stream;
 
 use std::{future::Future, net::IpAddr};
 
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use metrics::counter;
 use shared::protocol::{PublishResult, error_code};
 use subtle::ConstantTimeEq;
 
+use self::bodies::BodyBudget;
 use crate::{
-    api::body::BodyBudget,
     config::{Config, Limits, Secret},
     error::{ApiError, quote},
     hub::{Hub, Publish},
@@ -118,12 +119,7 @@ impl Publishing {
         let given = headers
             .get("x-api-key")
             .and_then(|v| v.to_str().ok())
-            .or_else(|| {
-                headers
-                    .get(header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            })
+            .or_else(|| crate::auth::bearer(headers))
             .map(str::trim);
         let unauthorized = |msg: &str| ApiError::new(StatusCode::UNAUTHORIZED, error_code::UNAUTHORIZED, msg);
         let Some(given) = given else {
@@ -171,12 +167,13 @@ impl Publishing {
     }
 
     /// Publishes a checked message with history through the hub. It is queued when
-    /// this is called: publishes called one after another keep that order.
-    pub fn publish<'a>(
+    /// this is called: publishes called one after another keep that order. The future
+    /// borrows nothing, so a caller may keep several in flight.
+    pub fn publish(
         &self,
-        hub: &'a Hub,
+        hub: &Hub,
         msg: Publish,
-    ) -> impl Future<Output = Result<PublishResult, ApiError>> + Send + 'a {
+    ) -> impl Future<Output = Result<PublishResult, ApiError>> + Send + 'static {
         let channel = msg.channel.clone();
         let outcome = hub.publish(Publish { history: true, ..msg });
         async move {

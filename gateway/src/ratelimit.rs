@@ -1,5 +1,7 @@
 //! Token buckets per key (client IP, API key): `rate` tokens a second, at most `rate`
-//! saved up, so a key gets a burst of up to one second's worth and then the steady rate.
+//! saved up, so a key gets a burst of up to one second's worth and then the steady rate
+//! ([`Buckets::new`]); or `n` tokens per period, all at once if it likes
+//! ([`Buckets::per`]).
 
 use std::{
     collections::HashMap,
@@ -16,7 +18,12 @@ const SWEEP_AT: usize = 1024;
 /// Token buckets keyed by `K`, for one owner (see [`SharedBuckets`] for many).
 #[derive(Debug)]
 pub struct Buckets<K> {
+    /// Tokens added per second.
     rate: f64,
+    /// Most tokens saved up.
+    capacity: f64,
+    /// A key idle this long has a full bucket again: it is forgotten.
+    idle: Duration,
     buckets: HashMap<K, Bucket>,
     sweep_at: usize,
 }
@@ -30,12 +37,26 @@ struct Bucket {
 impl<K: Hash + Eq> Buckets<K> {
     /// Buckets allowing `rate` per second per key; `rate` 0 allows everything.
     pub fn new(rate: u32) -> Self {
-        Self { rate: f64::from(rate), buckets: HashMap::new(), sweep_at: SWEEP_AT }
+        Self::per(rate, Duration::from_secs(1))
+    }
+
+    /// Buckets of `capacity` tokens per key, refilled over `period`; 0 allows
+    /// everything.
+    pub fn per(capacity: u32, period: Duration) -> Self {
+        let capacity = f64::from(capacity);
+        let secs = period.as_secs_f64().max(1e-3);
+        Self {
+            rate: capacity / secs,
+            capacity,
+            idle: IDLE.max(period),
+            buckets: HashMap::new(),
+            sweep_at: SWEEP_AT,
+        }
     }
 
     /// Whether the limit is on.
     pub fn enabled(&self) -> bool {
-        self.rate > 0.0
+        self.capacity > 0.0
     }
 
     /// Takes `cost` tokens from `key`'s bucket at `now`; false (and nothing taken) when
@@ -45,13 +66,14 @@ impl<K: Hash + Eq> Buckets<K> {
             return true;
         }
         if self.buckets.len() >= self.sweep_at {
-            self.buckets.retain(|_, b| now.saturating_duration_since(b.at) < IDLE);
+            let idle = self.idle;
+            self.buckets.retain(|_, b| now.saturating_duration_since(b.at) < idle);
             self.sweep_at = (self.buckets.len() * 2).max(SWEEP_AT);
         }
-        let rate = self.rate;
-        let b = self.buckets.entry(key).or_insert(Bucket { tokens: rate, at: now });
+        let (rate, capacity) = (self.rate, self.capacity);
+        let b = self.buckets.entry(key).or_insert(Bucket { tokens: capacity, at: now });
         let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * rate).min(rate);
+        b.tokens = (b.tokens + elapsed * rate).min(capacity);
         b.at = now;
         let cost = f64::from(cost);
         if b.tokens >= cost {
@@ -86,6 +108,11 @@ impl<K: Hash + Eq> SharedBuckets<K> {
         Self { enabled: rate > 0, buckets: Mutex::new(Buckets::new(rate)) }
     }
 
+    /// See [`Buckets::per`].
+    pub fn per(capacity: u32, period: Duration) -> Self {
+        Self { enabled: capacity > 0, buckets: Mutex::new(Buckets::per(capacity, period)) }
+    }
+
     /// See [`Buckets::take`]; uses the current time. No lock is taken when the limit is off.
     pub fn take(&self, key: K, cost: u32) -> bool {
         if !self.enabled {
@@ -118,6 +145,16 @@ mod tests {
         let t0 = Instant::now();
         assert!(!b.take(1, 4, t0));
         assert!(b.take(1, 3, t0), "the failed take left the tokens");
+    }
+
+    #[test]
+    fn a_bucket_per_period_takes_all_at_once_and_refills_over_the_period() {
+        let mut b = Buckets::per(10, Duration::from_secs(30));
+        let t0 = Instant::now();
+        assert!(b.take("ip", 10, t0), "the whole capacity at once");
+        assert!(!b.take("ip", 1, t0 + Duration::from_secs(2)), "a third of a token after 2 s");
+        assert!(b.take("ip", 1, t0 + Duration::from_secs(3)), "one token per 3 s");
+        assert!(b.take("ip", 9, t0 + Duration::from_secs(30)), "refilled over the period, no more");
     }
 
     #[test]

@@ -103,12 +103,17 @@ struct ConnSettings {
     tracker: TaskTracker,
     header_timeout: Duration,
     drain_window: Duration,
+    /// Longest a write may take no byte before the connection is given up on.
+    write_stall: Duration,
 }
 
 /// Serves `routes` on `listener` until `shutdown`; connection tasks join `tracker`. A
 /// client gets `header_timeout` to send each request head (slow-loris protection);
-/// streams get `drain_window` to end themselves after shutdown. A client IP opening more
-/// than `connect_rate_per_ip` connections a second (0: no limit) gets 429 instead.
+/// streams get `drain_window` to end themselves after shutdown; a write on the lean path
+/// (an SSE stream, a long-poll or any other answer) that takes no byte for `write_stall`
+/// closes the connection (a client that stopped reading). A client IP opening more than
+/// `connect_rate_per_ip` connections a second (0: no limit) gets 429 instead.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
@@ -116,6 +121,7 @@ pub async fn serve(
     tracker: TaskTracker,
     header_timeout: Duration,
     drain_window: Duration,
+    write_stall: Duration,
     connect_rate_per_ip: u32,
 ) {
     let settings = Arc::new(ConnSettings {
@@ -125,6 +131,7 @@ pub async fn serve(
         tracker: tracker.clone(),
         header_timeout,
         drain_window,
+        write_stall,
     });
     // Only this loop touches it: no lock needed.
     let mut per_ip = crate::ratelimit::Buckets::<std::net::IpAddr>::new(connect_rate_per_ip);

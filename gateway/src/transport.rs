@@ -13,6 +13,8 @@ pub mod ws;
 
 use std::{sync::Arc, time::Duration};
 
+use tokio::time::Instant;
+
 use shared::{Resume, StreamPos};
 
 pub use self::guard::{ConnGuard, admit};
@@ -105,6 +107,45 @@ impl Positions {
     /// All positions as a compound id `chan~pos,...`.
     pub fn compound(&self) -> String {
         shared::position::encode_compound(self.0.iter().map(|(c, p)| (&**c, *p)))
+    }
+}
+
+/// How many channel resumes one connection may make per minute: each one replays
+/// history, so a client resubscribing with an old position again and again would make
+/// the node send far more than it receives.
+#[derive(Debug)]
+pub struct ResumeBudget {
+    window: Instant,
+    used: u32,
+}
+
+impl Default for ResumeBudget {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ResumeBudget {
+    /// The window a budget counts over.
+    pub const WINDOW: Duration = Duration::from_secs(60);
+
+    /// A fresh budget.
+    pub fn new() -> Self {
+        Self { window: Instant::now(), used: 0 }
+    }
+
+    /// Takes `n` resumes out of `max` for the current window; false when over.
+    pub fn take(&mut self, n: usize, max: usize) -> bool {
+        let now = Instant::now();
+        if now.duration_since(self.window) >= Self::WINDOW {
+            (self.window, self.used) = (now, 0);
+        }
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        if self.used.saturating_add(n) as usize > max {
+            return false;
+        }
+        self.used += n;
+        true
     }
 }
 

@@ -146,6 +146,144 @@ async fn websocket_ops_obey_the_token() {
     assert!(matches!(ws_next(&mut ws).await, ServerFrame::Message { data, .. } if data == "hi"));
 }
 
+/// With `--jwt-audience` and `--jwt-issuer` set, a token must carry both claims (and
+/// the right values): one that leaves either out is refused, not waved through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_audience_and_issuer_are_required() {
+    let gw = gateway(&["--jwt-issuer", "https://issuer.example"]);
+    let with = |extra: serde_json::Value| {
+        let mut c = serde_json::json!({"exp": now() + 60, "channels": ["news.*"]});
+        c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        hs256(c)
+    };
+    let cases = [
+        ("aud and iss", with(serde_json::json!({"aud": "fanout", "iss": "https://issuer.example"})), 200),
+        ("aud in a list", with(serde_json::json!({"aud": ["fanout"], "iss": "https://issuer.example"})), 200),
+        ("no aud", with(serde_json::json!({"iss": "https://issuer.example"})), 401),
+        ("no iss", with(serde_json::json!({"aud": "fanout"})), 401),
+        ("neither", with(serde_json::json!({})), 401),
+        ("wrong iss", with(serde_json::json!({"aud": "fanout", "iss": "https://evil.example"})), 401),
+        ("empty aud list", with(serde_json::json!({"aud": [], "iss": "https://issuer.example"})), 401),
+    ];
+    for (what, token, want) in cases {
+        let (status, body) = sse_status(&gw, Some(&token), "news.a").await;
+        assert_eq!(status, want, "{what}: {body}");
+        if want == 401 {
+            let message = body["message"].as_str().unwrap();
+            assert!(
+                message.contains("aud") || message.contains("iss") || message.contains("issuer"),
+                "{what}: {message}"
+            );
+        }
+    }
+}
+
+/// `nbf` is honoured: a token that is not valid yet is refused (beyond a 5 s leeway for
+/// clock skew), one whose `nbf` has passed, or is within the leeway, is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_before_is_honoured_with_a_small_leeway() {
+    let gw = gateway(&[]);
+    let nbf = |offset: i64| {
+        hs256(serde_json::json!({
+            "exp": now() + 600, "nbf": now() as i64 + offset, "channels": ["news.*"], "aud": "fanout"
+        }))
+    };
+    for (what, token, want) in [
+        ("nbf in 2 minutes", nbf(120), 401),
+        ("nbf in 30 s", nbf(30), 401),
+        ("nbf in 2 s (within the leeway)", nbf(2), 200),
+        ("nbf 10 s ago", nbf(-10), 200),
+    ] {
+        let (status, body) = sse_status(&gw, Some(&token), "news.a").await;
+        assert_eq!(status, want, "{what}: {body}");
+    }
+    let r =
+        reqwest::get(gw.url(&format!("/poll?channel=news.a&timeout=0&token={}", nbf(120)))).await.unwrap();
+    assert_eq!(r.status(), 401, "long-poll checks nbf too");
+    assert!(gw.metric("gateway_auth_failures_total{reason=\"not_yet_valid\"}").await >= 2.0);
+}
+
+/// A token that expires in the far future (`u64::MAX`, 10^18 seconds) works on every
+/// transport: the expiry timer saturates instead of overflowing and taking the session
+/// (or the node) down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_far_future_expiry_does_not_break_sessions() {
+    let gw = gateway(&[]);
+    for exp in [serde_json::json!(u64::MAX), serde_json::json!(1_000_000_000_000_000_000u64)] {
+        let token = hs256(serde_json::json!({"exp": exp, "channels": ["far.*"], "aud": "fanout"}));
+        let ch = channel("far.x");
+        let mut ws = ws_connect(&gw.ws_url(&format!("/ws?token={token}"))).await;
+        ws_subscribe(&mut ws, &[&ch]).await;
+        let req = reqwest::Client::new().get(gw.url(&format!("/sse?channel={ch}"))).bearer_auth(&token);
+        let mut sse = SseClient::connect_with(req).await;
+        let url = gw.url(&format!("/poll?channel={ch}&timeout=5&token={token}"));
+        let held = tokio::spawn(async move { reqwest::get(url).await.unwrap().text().await.unwrap() });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        publish(&gw, &ch, "far").await;
+        assert_eq!(without_id(ws_next(&mut ws).await), message(&ch, "far"), "exp {exp}: WebSocket");
+        assert_eq!(sse.next().await.data, "far", "exp {exp}: SSE");
+        let polled = tokio::time::timeout(WAIT, held).await.unwrap().unwrap();
+        assert!(polled.contains("\"far\""), "exp {exp}: long-poll: {polled}");
+    }
+}
+
+/// The `Bearer` scheme is case-insensitive (RFC 9110 §11.1) for subscriber tokens and
+/// publish API keys alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_scheme_is_case_insensitive_for_tokens_and_api_keys() {
+    let gw = gateway(&["--api-keys", "k1"]);
+    let token = hs256(claims(&["news.*"], 60));
+    let http = reqwest::Client::new();
+    for scheme in ["Bearer", "bearer", "BEARER", "BeArEr"] {
+        let auth = format!("{scheme} {token}");
+        let r =
+            http.get(gw.url("/poll?channel=news.a&timeout=0")).header("authorization", &auth).send().await;
+        assert_eq!(r.unwrap().status(), 200, "subscriber token with scheme {scheme:?}");
+        let r =
+            http.post(gw.url("/publish/news.a")).header("authorization", format!("{scheme} k1")).body("x");
+        assert_eq!(r.send().await.unwrap().status(), 200, "API key with scheme {scheme:?}");
+    }
+    for refused in ["Basic k1", "Bearerk1", "k1", "Bearer", "Bearer "] {
+        let r = http.post(gw.url("/publish/news.a")).header("authorization", refused).body("x");
+        assert_eq!(r.send().await.unwrap().status(), 401, "API key as {refused:?}");
+    }
+}
+
+/// The WebSocket `publish` op is limited to the channels the token's `channels` claim
+/// allows, like subscribing: `"pub": true` alone does not open every channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_publish_is_limited_to_the_tokens_channels() {
+    let gw = gateway(&["--ws-publish", "true"]);
+    let admin_reader = hs256(claims(&["admin"], 60));
+    let mut admin = ws_connect(&gw.ws_url(&format!("/ws?token={admin_reader}"))).await;
+    ws_subscribe(&mut admin, &["admin"]).await;
+    let writer =
+        hs256(serde_json::json!({"exp": now() + 60, "channels": ["news.*"], "aud": "fanout", "pub": true}));
+    let mut w = ws_connect(&gw.ws_url(&format!("/ws?token={writer}"))).await;
+    for channel in ["admin", "news", "newsroom", "other.news.a"] {
+        ws_send(&mut w, serde_json::json!({"op": "publish", "channel": channel, "data": "forged"})).await;
+        match ws_next(&mut w).await {
+            ServerFrame::Error { code, message } => {
+                assert_eq!(code, "forbidden", "{channel}: {message}");
+                assert!(message.contains(channel), "{channel}: {message}");
+            }
+            other => panic!("publish to {channel:?} with a news.* token: {other:?}"),
+        }
+    }
+    ws_send(&mut w, serde_json::json!({"op": "publish", "channel": "news.a", "data": "fine"})).await;
+    assert!(matches!(ws_next(&mut w).await, ServerFrame::Published { .. }), "news.a is allowed");
+    // Nothing forged reached the admin channel: its next message is this one.
+    publish_raw(&gw, "admin", "real").await;
+    assert_eq!(without_id(ws_next(&mut admin).await), message("admin", "real"));
+    assert!(gw.metric("gateway_auth_failures_total{reason=\"channel_not_allowed\"}").await >= 4.0);
+}
+
+/// Publishes through the HTTP API (no API keys on these nodes).
+async fn publish_raw(gw: &Gateway, channel: &str, data: &str) {
+    let r = reqwest::Client::new().post(gw.url(&format!("/publish/{channel}"))).body(data.to_owned());
+    assert_eq!(r.send().await.unwrap().status(), 200);
+}
+
 /// Runs `openssl args...` and returns its stdout.
 fn openssl(args: &[&str]) -> Vec<u8> {
     let out = Command::new("openssl").args(args).output().expect("openssl is installed");

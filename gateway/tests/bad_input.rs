@@ -367,7 +367,7 @@ async fn websocket_frame_too_big_closes_with_1009() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn websocket_invalid_utf8_text_frame_closes_with_1002() {
+async fn websocket_invalid_utf8_text_frame_closes_with_1007() {
     let mut f = Fixture::start(&[]).await;
     let mut ws = ws_connect(&f.gw.ws_url("/ws")).await;
     ws_subscribe(&mut ws, &[&channel("utf8")]).await;
@@ -379,7 +379,8 @@ async fn websocket_invalid_utf8_text_frame_closes_with_1002() {
     );
     ws.send(Message::Frame(frame)).await.unwrap();
     let (code, reason) = ws_close_frame(&mut ws).await;
-    assert_eq!(code, 1002, "protocol error: {reason}");
+    // RFC 6455 §8.1 / §7.4.1: data inconsistent with the message type is 1007.
+    assert_eq!(code, 1007, "invalid frame payload data: {reason}");
     f.assert_unharmed().await;
 }
 
@@ -428,7 +429,10 @@ async fn bad_query_parameters_and_upgrades_are_refused() {
     let msg = expect_error(f.get(&format!("/ws?channel={ch}")).await, 426, bad, "plain GET /ws").await;
     assert!(msg.contains("WebSocket"), "{msg}");
     let key = Some("dGhlIHNhbXBsZSBub25jZQ==");
-    let msg = expect_error(f.ws_upgrade("/ws", "8", key).await, 400, bad, "WebSocket version 8").await;
+    // Another version: 426 naming the one spoken (RFC 6455 §4.4).
+    let resp = f.ws_upgrade("/ws", "8", key).await;
+    assert_eq!(resp.headers().get("sec-websocket-version").map(|v| v.as_bytes()), Some(&b"13"[..]));
+    let msg = expect_error(resp, 426, bad, "WebSocket version 8").await;
     assert!(msg.contains("Version"), "{msg}");
     expect_error(f.ws_upgrade("/ws", "13", None).await, 400, bad, "upgrade without a key").await;
 

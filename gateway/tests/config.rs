@@ -47,23 +47,28 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Run {
     Run { code: status.code(), stdout, stderr }
 }
 
-/// `gateway config ...`: asserts success and returns the printed configuration.
+/// `gateway config ...`: asserts success and returns the printed configuration (TOML
+/// that `--config` takes back).
 fn effective(args: &[&str], env: &[(&str, &str)]) -> String {
     let mut all = vec!["config"];
     all.extend_from_slice(args);
     let r = run(&all, env);
     assert_eq!(r.code, Some(0), "gateway {all:?} failed: {}", r.stderr);
-    assert!(r.stdout.starts_with("Config {"), "{}", r.stdout);
+    assert!(toml::from_str::<toml::Table>(&r.stdout).is_ok(), "valid TOML:\n{}", r.stdout);
     r.stdout
 }
 
-/// The value of `name: value,` in the `{:#?}` output.
+/// The value of `name = value` in the printed TOML (strings without their quotes), or
+/// `None` for an unset option (printed as `# name (unset)`).
 fn field(out: &str, name: &str) -> String {
-    let prefix = format!("{name}: ");
-    out.lines()
-        .find_map(|l| l.trim().strip_prefix(&prefix))
-        .map(|v| v.trim_end_matches(',').to_owned())
-        .unwrap_or_else(|| panic!("no field {name} in:\n{out}"))
+    if out.lines().any(|l| l == format!("# {name} (unset)")) {
+        return "None".to_owned();
+    }
+    let table: toml::Table = toml::from_str(out).unwrap();
+    match table.get(name).unwrap_or_else(|| panic!("no field {name} in:\n{out}")) {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// A TOML file in a fresh temporary directory.
@@ -470,4 +475,53 @@ fn sentinel_urls_are_checked_at_startup() {
             assert!(!r.stderr.contains("pw-s3cret"), "{what}: no password: {}", r.stderr);
         }
     }
+}
+
+/// The README's configuration table is the user's reference: every option the node
+/// takes is there, with its flag, variable and default.
+#[test]
+fn the_readme_documents_every_option() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let table = &readme[readme.find("## Configuration").expect("a configuration section")..];
+    for (name, env, default) in gateway::config::Settings::table() {
+        let flag = format!("`--{}`", name.replace('_', "-"));
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("| ") && l.contains(&flag))
+            .unwrap_or_else(|| panic!("README configuration table lacks {flag}"));
+        assert!(row.contains(env), "{flag}: the row names {env}: {row}");
+        if let Some(default) = default {
+            assert!(row.contains(default), "{flag}: the row states the default {default}: {row}");
+        }
+    }
+}
+
+#[test]
+fn node_options_may_come_before_the_subcommand() {
+    let file = TomlFile::new("queue_size = 11\n");
+    let before = effective(&[], &[]);
+    // `gateway --config f.toml config` is `gateway config --config f.toml`.
+    let r = run(&["--config", file.path(), "config"], &[]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_eq!(field(&r.stdout, "queue_size"), "11");
+    assert_eq!(r.stdout, effective(&["--config", file.path()], &[]));
+    // A flag after the subcommand wins over one before it; one before it beats the env.
+    let r = run(&["--queue-size", "5", "config", "--queue-size", "6"], &[]);
+    assert_eq!(field(&r.stdout, "queue_size"), "6");
+    let r = run(&["--queue-size", "5", "config"], &[("GATEWAY_QUEUE_SIZE", "7")]);
+    assert_eq!(field(&r.stdout, "queue_size"), "5", "flags beat the environment wherever they stand");
+    // Before `publish`, a node's options mean nothing: said clearly.
+    let r = run(&["--listen", "127.0.0.1:1", "publish", "news"], &[]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("--listen is an option of a node"), "{}", r.stderr);
+    assert_ne!(before, "", "defaults printed");
+}
+
+#[test]
+fn the_printed_configuration_feeds_back_unchanged() {
+    let out = effective(&["--queue-size", "77", "--allowed-origins", "https://a.example"], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("effective.toml");
+    std::fs::write(&path, &out).unwrap();
+    assert_eq!(effective(&["--config", path.to_str().unwrap()], &[]), out);
 }

@@ -144,3 +144,32 @@ async fn publish_rate_per_key_answers_429_per_key() {
     );
     assert_eq!(gw.metric("gateway_publish_requests_total{result=\"rejected\"}").await, (refused + 1) as f64);
 }
+
+/// Each channel a long-poll joins stays subscribed for a while after the poll, with or
+/// without a client: a client naming ever new channels is bounded per address (429)
+/// and the node as a whole (503), and other clients are unharmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_polls_cannot_pile_up_channels() {
+    let gw = Gateway::start(None, &["--poll-channels-per-ip", "10", "--poll-max-channels", "25"]);
+    let from =
+        |ip: [u8; 4]| reqwest::Client::builder().local_address(std::net::IpAddr::from(ip)).build().unwrap();
+    let (greedy, other, third) = (from([127, 0, 0, 2]), from([127, 0, 0, 3]), from([127, 0, 0, 4]));
+    let poll = |client: &reqwest::Client, chans: Vec<String>| {
+        let q: String = chans.iter().map(|c| format!("channel={c}&")).collect();
+        let url = gw.url(&format!("/poll?{q}timeout=0"));
+        let client = client.clone();
+        async move { client.get(url).send().await.unwrap().status().as_u16() }
+    };
+    let fresh = |n: usize| (0..n).map(|_| channel("held")).collect::<Vec<_>>();
+    assert_eq!(poll(&greedy, fresh(10)).await, 200, "ten new channels from one address");
+    assert_eq!(poll(&greedy, fresh(1)).await, 429, "the eleventh within the keep-alive period");
+    let known = fresh(1);
+    assert_eq!(poll(&other, known.clone()).await, 200, "another address has its own allowance");
+    assert_eq!(poll(&greedy, known).await, 200, "channels the node holds already cost nothing");
+    assert_eq!(poll(&other, fresh(9)).await, 200);
+    assert_eq!(poll(&third, fresh(6)).await, 503, "the node holds 20 + 6 > 25 channels");
+    assert_eq!(gw.metric("gateway_limit_rejections_total{limit=\"poll_channels\"}").await, 2.0);
+    // A subscriber is never refused for it.
+    let mut sse = SseClient::connect(&gw.url(&format!("/sse?channel={}", channel("sub")))).await;
+    sse.assert_quiet(std::time::Duration::from_millis(100)).await;
+}

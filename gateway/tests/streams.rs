@@ -325,3 +325,54 @@ async fn the_bytes_of_bodies_a_node_holds_are_bounded() {
     assert_eq!(status, 200, "the body within the budget is published: {answer}");
     assert_eq!(gw.metric("gateway_limit_rejections_total{limit=\"body_bytes\"}").await, 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_publish_ops_are_pipelined_and_answered_in_op_order() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let redis = Redis::start();
+    let a = Gateway::start(Some(&redis.url()), &["--ws-publish"]);
+    let b = Gateway::start(Some(&redis.url()), &[]);
+    let ch = channel("ws-pipeline");
+    let mut sub = ws_connect(&b.ws_url("/ws")).await;
+    ws_subscribe(&mut sub, &[&ch]).await;
+    let mut publisher = ws_connect(&a.ws_url("/ws")).await;
+    // 300 ops written at once, none waiting for an answer: a bad one in the middle,
+    // a ping at the end.
+    const N: usize = 300;
+    const BAD: usize = 150;
+    for i in 0..N {
+        let op = if i == BAD {
+            serde_json::json!({"op": "publish", "channel": "bad channel", "data": "x"})
+        } else {
+            serde_json::json!({"op": "publish", "channel": ch, "data": format!("t{i}")})
+        };
+        publisher.feed(Message::Text(op.to_string().into())).await.unwrap();
+    }
+    publisher.feed(Message::Text(r#"{"op":"ping","id":"end"}"#.into())).await.unwrap();
+    publisher.flush().await.unwrap();
+    // One answer per op, in op order; ids rise with the ops.
+    let mut last: Option<shared::StreamPos> = None;
+    for i in 0..N {
+        match ws_next(&mut publisher).await {
+            ServerFrame::Published { channel, id } if i != BAD => {
+                assert_eq!(channel, ch);
+                let id: shared::StreamPos = id.expect("history id").parse().unwrap();
+                assert!(last.is_none_or(|l| l < id), "op {i}: id {id} after {last:?}");
+                last = Some(id);
+            }
+            ServerFrame::Error { code, .. } if i == BAD => assert_eq!(code, "invalid_channel"),
+            other => panic!("op {i}: {other:?}"),
+        }
+    }
+    assert_eq!(ws_next(&mut publisher).await, ServerFrame::Pong { id: Some(serde_json::json!("end")) });
+    // The subscriber on the other node gets every good one, in order.
+    for i in (0..N).filter(|&i| i != BAD) {
+        assert_eq!(ws_data(&mut sub).await, format!("t{i}"));
+    }
+    // They went to Redis several to a pipeline, not one round trip each.
+    let sum = a.metric("gateway_publish_batch_messages_sum").await;
+    let count = a.metric("gateway_publish_batch_messages_count").await;
+    assert_eq!(sum, (N - 1) as f64, "every good op published once");
+    assert!(count < sum, "{sum} publishes in {count} pipelines");
+}

@@ -4,70 +4,16 @@
 //! at once (`--max-body-bytes-in-flight`, then 503), so slow or huge bodies cannot pin
 //! a node's memory.
 
-use std::{
-    sync::atomic::{AtomicUsize, Ordering},
-    time::Duration,
-};
+use std::time::Duration;
 
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 
-use crate::error::ApiError;
-
-/// The node's budget of request-body bytes held at once.
-#[derive(Debug)]
-pub struct BodyBudget {
-    held: AtomicUsize,
-    max: usize,
-}
-
-/// Bytes taken from a [`BodyBudget`]; given back on drop.
-#[derive(Debug)]
-pub struct Held<'a> {
-    budget: &'a BodyBudget,
-    bytes: usize,
-}
-
-impl BodyBudget {
-    /// A budget of `max` bytes.
-    pub fn new(max: usize) -> Self {
-        Self { held: AtomicUsize::new(0), max }
-    }
-
-    /// An empty hold to grow as a body arrives.
-    pub fn hold(&self) -> Held<'_> {
-        Held { budget: self, bytes: 0 }
-    }
-
-    /// Bytes held now.
-    pub fn held(&self) -> usize {
-        self.held.load(Ordering::Relaxed)
-    }
-}
-
-impl Held<'_> {
-    /// Takes `n` more bytes, or refuses when the node holds its budget already.
-    pub fn grow(&mut self, n: usize) -> Result<(), ApiError> {
-        let budget = self.budget;
-        let before = budget.held.fetch_add(n, Ordering::AcqRel);
-        if before + n > budget.max {
-            budget.held.fetch_sub(n, Ordering::AcqRel);
-            metrics::counter!(crate::metrics::LIMIT_REJECTIONS_TOTAL, "limit" => "body_bytes").increment(1);
-            return Err(ApiError::over_capacity(
-                "this node holds as many request bodies as it may; retry shortly or use another node",
-            ));
-        }
-        self.bytes += n;
-        Ok(())
-    }
-}
-
-impl Drop for Held<'_> {
-    fn drop(&mut self) {
-        self.budget.held.fetch_sub(self.bytes, Ordering::AcqRel);
-    }
-}
+use crate::{
+    error::ApiError,
+    publish::bodies::{BodyBudget, Held},
+};
 
 /// The next piece of a body: `Ok(None)` at its end; 408 when nothing arrives for
 /// `idle`; 400 when the client's side of it fails.
@@ -109,24 +55,4 @@ pub async fn read_body<'a>(
         out.extend_from_slice(&chunk);
     }
     Ok((out.freeze(), held))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_budget_refuses_past_its_size_and_frees_on_drop() {
-        let budget = BodyBudget::new(10);
-        let mut a = budget.hold();
-        a.grow(6).unwrap();
-        let mut b = budget.hold();
-        assert_eq!(b.grow(5).unwrap_err().status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
-        b.grow(4).unwrap();
-        assert_eq!(budget.held(), 10);
-        drop(a);
-        assert_eq!(budget.held(), 4);
-        drop(b);
-        assert_eq!(budget.held(), 0);
-    }
 }

@@ -15,7 +15,9 @@ use shared::{
 };
 use tokio::sync::watch;
 
-use super::{Broker, BrokerError, HistoryEntry, LinkState, Publish, PublishOutcome, Ready, Recovery, Sink};
+use super::{
+    Broker, BrokerError, HistoryEntry, LinkState, Page, Publish, PublishOutcome, Ready, Recovery, Sink,
+};
 use crate::config::HistoryConfig;
 
 #[derive(Default)]
@@ -114,7 +116,7 @@ impl Broker for MemoryBroker {
         self.channels().remove(&channel);
     }
 
-    fn publish(&self, msg: Publish) -> BoxFuture<'_, Result<PublishOutcome, BrokerError>> {
+    fn publish(&self, msg: Publish) -> BoxFuture<'static, Result<PublishOutcome, BrokerError>> {
         let now = now_ms();
         let mut st = self.state();
         let subscribed = self.channels().contains(msg.channel.as_str());
@@ -136,6 +138,7 @@ impl Broker for MemoryBroker {
         &'a self,
         channel: &'a str,
         from: StreamPos,
+        page: Page,
     ) -> BoxFuture<'a, Result<Recovery, BrokerError>> {
         // The same rules as `fanout_since` in the Redis Function library.
         let st = self.state();
@@ -144,8 +147,7 @@ impl Broker for MemoryBroker {
             None => Recovery::Gap { entries: Vec::new(), head: None },
             Some(s) if from == s.last => Recovery::Covered(Vec::new()),
             Some(s) => {
-                let after: Vec<HistoryEntry> =
-                    s.entries.iter().filter(|(e, _)| e.pos > from).map(|(e, _)| e.clone()).collect();
+                let after = page.cut(s.entries.iter().filter(|(e, _)| e.pos > from).map(|(e, _)| e.clone()));
                 let covered = if from == StreamPos::ZERO {
                     s.max_deleted == StreamPos::ZERO
                 } else {

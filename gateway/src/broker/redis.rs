@@ -28,7 +28,7 @@ use self::{
     pubsub::{Cmd, PubSubTask},
     sentinel::Watcher,
 };
-use super::{Broker, BrokerError, LinkState, Publish, PublishOutcome, Ready, Recovery, Sink};
+use super::{Broker, BrokerError, LinkState, Page, Publish, PublishOutcome, Ready, Recovery, Sink};
 use crate::{
     config::{HistoryConfig, mask_url},
     metrics as m,
@@ -40,11 +40,10 @@ pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Broker backed by Redis pub/sub.
 pub struct RedisBroker {
     cmds: mpsc::UnboundedSender<Cmd>,
-    pool: Pools,
+    pool: Arc<Pools>,
     publisher: PublishQueue,
     link: watch::Receiver<LinkState>,
     library: Arc<str>,
-    history: HistoryConfig,
 }
 
 /// The Redis Function library source with this node's history limits filled in.
@@ -53,7 +52,7 @@ pub struct RedisBroker {
 pub struct Prepared {
     master: Master,
     watcher: Option<Watcher>,
-    pool: Pools,
+    pool: Arc<Pools>,
     history: HistoryConfig,
     replica_acks: usize,
     url: String,
@@ -69,7 +68,7 @@ impl RedisBroker {
         history: HistoryConfig,
     ) -> Result<Prepared, BrokerError> {
         let (master, watcher) = Master::open(url)?;
-        let pool = Pools::new(master.clone(), pool_size);
+        let pool = Arc::new(Pools::new(master.clone(), pool_size));
         Ok(Prepared { master, watcher, pool, history, replica_acks, url: mask_url(url) })
     }
 }
@@ -95,7 +94,7 @@ impl Prepared {
         let task = PubSubTask::new(master, sink, rx, link_tx, library.clone());
         info!(%url, replica_acks, "redis broker starting");
         tracker.spawn(task.run(shutdown));
-        RedisBroker { cmds, pool, publisher, link, library, history }
+        RedisBroker { cmds, pool, publisher, link, library }
     }
 }
 
@@ -131,21 +130,22 @@ impl Broker for RedisBroker {
         let _ = self.cmds.send(Cmd::Unsub(channel));
     }
 
-    fn publish(&self, msg: Publish) -> BoxFuture<'_, Result<PublishOutcome, BrokerError>> {
+    fn publish(&self, msg: Publish) -> BoxFuture<'static, Result<PublishOutcome, BrokerError>> {
         if msg.history {
             // Queued now, pipelined with every other history publish, in call order.
             return Box::pin(self.publisher.publish(msg));
         }
+        let pool = self.pool.clone();
         Box::pin(async move {
             let payload = super::frame(&msg);
             let fut = async {
-                let mut conn = self.pool.get().await?;
+                let mut conn = pool.get().await?;
                 let receivers: i64 = redis::cmd("PUBLISH")
                     .arg(&msg.channel)
                     .arg(&payload[..])
                     .query_async(&mut conn)
                     .await
-                    .inspect_err(|e| self.pool.master().check_error(e))?;
+                    .inspect_err(|e| pool.master().check_error(e))?;
                 Ok::<_, BrokerError>(receivers)
             };
             let receivers = tokio::time::timeout(COMMAND_TIMEOUT, fut)
@@ -159,12 +159,11 @@ impl Broker for RedisBroker {
         &'a self,
         channel: &'a str,
         from: StreamPos,
+        page: Page,
     ) -> BoxFuture<'a, Result<Recovery, BrokerError>> {
-        Box::pin(async move {
-            // Trimming is approximate (`MAXLEN ~`): read a little more than the limit.
-            let count = self.history.max_len + self.history.max_len / 2 + 100;
-            script::parse_since(self.fcall(script::since_cmd(channel, from, count)).await?)
-        })
+        Box::pin(
+            async move { script::parse_since(self.fcall(script::since_cmd(channel, from, page)).await?) },
+        )
     }
 
     fn head<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Option<StreamPos>, BrokerError>> {

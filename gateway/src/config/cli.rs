@@ -8,7 +8,7 @@ use super::ServeArgs;
 
 /// `gateway` — pub/sub fan-out over SSE, WebSocket and long-poll, scaled out through Redis.
 #[derive(Debug, Parser)]
-#[command(name = "gateway", version, about, args_conflicts_with_subcommands = true)]
+#[command(name = "gateway", version, about)]
 pub struct Cli {
     /// What to do; `serve` when omitted.
     #[command(subcommand)]
@@ -16,6 +16,46 @@ pub struct Cli {
     /// Options of `serve`, accepted without the subcommand too.
     #[command(flatten)]
     pub serve: ServeArgs,
+}
+
+impl Cli {
+    /// What the command line asks for. A node's options may stand before the
+    /// subcommand too (`gateway --config f.toml config`); a flag after it wins.
+    /// Before `publish`, only `--redis-url` means something (the Redis to publish to).
+    pub fn command_from<I, T>(args: I) -> Result<Command, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Self::command().try_get_matches_from(args)?;
+        let cli = Self::from_arg_matches(&matches)?;
+        let sub = matches.subcommand().map(|(_, m)| m);
+        Ok(match (cli.command, sub) {
+            (None, _) | (Some(_), None) => Command::Serve(cli.serve),
+            (Some(Command::Serve(own)), Some(m)) => Command::Serve(own.with_earlier(m, cli.serve, &matches)),
+            (Some(Command::Config(own)), Some(m)) => {
+                Command::Config(own.with_earlier(m, cli.serve, &matches))
+            }
+            (Some(Command::Publish(mut publish)), Some(_)) => {
+                let early: Vec<_> =
+                    ServeArgs::given(&matches).into_iter().filter(|o| *o != "redis_url").collect();
+                if let Some(first) = early.first() {
+                    return Err(Self::command().error(
+                        clap::error::ErrorKind::ArgumentConflict,
+                        format!(
+                            "--{} is an option of a node, not of `publish`; give publish's own options after `publish`",
+                            first.replace('_', "-")
+                        ),
+                    ));
+                }
+                if publish.redis_url.is_none() {
+                    publish.redis_url = cli.serve.redis_url.map(|u| u.expose().to_owned());
+                }
+                Command::Publish(publish)
+            }
+        })
+    }
 }
 
 /// Subcommands.
@@ -80,7 +120,7 @@ impl PublishArgs {
 }
 
 /// Log output format.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.

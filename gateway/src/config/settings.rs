@@ -55,6 +55,30 @@ macro_rules! settings {
             )*
         }
 
+        impl ServeArgs {
+            /// These options (a subcommand's, read from `own`) completed with the ones the
+            /// command line gave before the subcommand (`earlier`, read from
+            /// `earlier_m`): a flag after the subcommand wins, then one before it, then
+            /// the environment.
+            pub fn with_earlier(
+                self,
+                own: &clap::ArgMatches,
+                earlier: ServeArgs,
+                earlier_m: &clap::ArgMatches,
+            ) -> Self {
+                let keep_own = |id: &str| flag_given(own, id) || !flag_given(earlier_m, id);
+                Self {
+                    config: if keep_own("config") { self.config } else { earlier.config },
+                    $( $name: if keep_own(stringify!($name)) { self.$name } else { earlier.$name }, )*
+                }
+            }
+
+            /// The options given as flags on the command line (not by the environment).
+            pub fn given(m: &clap::ArgMatches) -> Vec<&'static str> {
+                ["config", $(stringify!($name)),*].into_iter().filter(|id| flag_given(m, id)).collect()
+            }
+        }
+
         /// The `--config` TOML file: the same options as the flags, all optional; an
         /// unknown key is an error (a typo must not be ignored).
         #[derive(Debug, Default, serde::Deserialize)]
@@ -82,12 +106,65 @@ macro_rules! settings {
                 })
             }
 
+            /// The settings as a TOML file `--config` takes back: one `name = value` line
+            /// each; unset options and secrets (masked) as comments.
+            pub fn to_toml(&self) -> String {
+                let mut out = String::new();
+                $( Show::show(&self.$name, stringify!($name), &mut out); )*
+                out
+            }
+
             /// Every option as `(name, env, default)`, for docs and consistency tests.
             pub fn table() -> &'static [(&'static str, &'static str, Option<&'static str>)] {
                 &[$((stringify!($name), $env, settings!(@shown $default)),)*]
             }
         }
     };
+}
+
+/// How an option's value is written in `gateway config`'s TOML.
+trait Show {
+    /// Appends `name = value` (or a comment) and a newline to `out`.
+    fn show(&self, name: &str, out: &mut String);
+}
+
+/// Values written as they are.
+macro_rules! shown {
+    ($($ty:ty),*) => {$(
+        impl Show for $ty {
+            fn show(&self, name: &str, out: &mut String) {
+                let value = toml::Value::try_from(self).expect("settings serialize");
+                out.push_str(&format!("{name} = {value}\n"));
+            }
+        }
+    )*};
+}
+shown!(SocketAddr, usize, u64, u32, bool, String, PathBuf, Vec<String>, LogFormat);
+
+/// Secrets: masked, and commented out (the mask would not work as a value).
+macro_rules! masked {
+    ($($ty:ty),*) => {$(
+        impl Show for $ty {
+            fn show(&self, name: &str, out: &mut String) {
+                out.push_str(&format!("# {name} = {:?}  (masked)\n", self));
+            }
+        }
+    )*};
+}
+masked!(Secret, SecretUrl, Vec<Secret>);
+
+impl<T: Show> Show for Option<T> {
+    fn show(&self, name: &str, out: &mut String) {
+        match self {
+            Some(v) => v.show(name, out),
+            None => out.push_str(&format!("# {name} (unset)\n")),
+        }
+    }
+}
+
+/// Whether option `id` was given as a flag (not by the environment or a default).
+fn flag_given(m: &clap::ArgMatches, id: &str) -> bool {
+    m.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
 }
 
 /// A help line, with its default when it has one, as `--help` shows it.
@@ -145,6 +222,7 @@ settings! {
     /// Seconds between WebSocket pings; a client silent for two intervals is dropped.
     ws_ping_secs: u64 = "25", "GATEWAY_WS_PING_SECS", checks::positive;
     /// Allow the WebSocket `publish` op.
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
     ws_publish: bool = "false", "GATEWAY_WS_PUBLISH";
     /// Serve the demo page's answer generator, `POST /demo/answer`: it publishes a
     /// made-up answer token by token into a fresh channel. Off: 404.
@@ -158,6 +236,13 @@ settings! {
     poll_buffer: usize = "128", "GATEWAY_POLL_BUFFER", checks::positive;
     /// Seconds a channel stays subscribed after a long-poll answer.
     poll_keepalive_secs: u64 = "30", "GATEWAY_POLL_KEEPALIVE_SECS";
+    /// Channels one client address may newly hold for its long-polls per
+    /// `--poll-keepalive-secs` (each stays subscribed that long after a poll); beyond
+    /// it, polls naming new channels get 429. 0 = no limit.
+    poll_channels_per_ip: u32 = "1024", "GATEWAY_POLL_CHANNELS_PER_IP";
+    /// Channels a node holds at most before long-polls may not add new ones (503
+    /// `over_capacity`); subscriptions of SSE and WebSocket clients are not refused.
+    poll_max_channels: usize = "100000", "GATEWAY_POLL_MAX_CHANNELS", checks::positive;
     /// Milliseconds before unsubscribing a channel whose last local subscriber left.
     linger_ms: u64 = "2000", "GATEWAY_LINGER_MS";
     /// Seconds over which SIGTERM spreads telling clients to reconnect (random per

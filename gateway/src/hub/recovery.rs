@@ -3,16 +3,17 @@
 //! (`begin_recovery` / `finish_recovery`). Both read the channel's history after a
 //! position, count the outcome in `gateway_history_recoveries_total{result}`, and turn
 //! a gap history cannot cover into a `reset` notice followed by what history still
-//! holds.
+//! holds. It also keeps where each channel's history stood when this node subscribed
+//! it: where an outage replay starts, and where a first long-poll cursor points.
 
 use std::sync::Arc;
 
 use metrics::counter;
 use shared::StreamPos;
 
-use super::{Channel, Delivery, Hub};
+use super::{Channel, Delivery, Hub, READY_WAIT};
 use crate::{
-    broker::{HistoryEntry, Recovery},
+    broker::{HistoryEntry, Page, Ready, Recovery},
     metrics as m,
 };
 
@@ -26,6 +27,9 @@ pub struct Replay {
     /// Where the client stands after the replay, for de-duplication: its own position,
     /// or history's newest when it was ahead of it (`None`: history holds nothing).
     pub position: Option<StreamPos>,
+    /// More history may follow these messages: ask [`Hub::replay_more`] from the last
+    /// one's position (a replay is read a page at a time, so what it holds is bounded).
+    pub more: bool,
 }
 
 impl Replay {
@@ -41,28 +45,80 @@ impl Replay {
 }
 
 impl Hub {
-    /// What `channel` published after `from` ([`StreamPos::ZERO`]: from the start of
-    /// retained history): the missed messages, after a reset notice when history cannot
-    /// cover them. Call it once the live subscription is ready, so nothing falls
-    /// between history and live delivery.
-    pub async fn replay(&self, channel: &Arc<str>, from: StreamPos) -> Replay {
-        let (entries, covered, position) = self.history_after(channel, from).await;
-        Replay {
-            reset: (!covered).then(|| Arc::new(Delivery::reset(channel.clone(), 0))),
-            messages: entries.into_iter().map(|e| Arc::new(from_history(channel.clone(), e, 0))).collect(),
-            position,
+    /// Learns where `channel`'s history stands once its subscription is live, so an
+    /// outage before its first history message can still be replayed.
+    pub(super) fn fetch_head(&self, name: Arc<str>, ready: Arc<Ready>) {
+        let (Ok(rt), Some(hub)) = (tokio::runtime::Handle::try_current(), self.me.upgrade()) else { return };
+        rt.spawn(async move {
+            if tokio::time::timeout(READY_WAIT, ready.wait()).await.is_err() {
+                return;
+            }
+            let Ok(head) = hub.broker.head(&name).await else { return };
+            hub.record_head(&name, head);
+        });
+    }
+
+    /// Keeps what history's newest position was when this node subscribed `channel`.
+    fn record_head(&self, channel: &str, head: Option<StreamPos>) {
+        if let Some(ch) = self.shard(channel).channels.get_mut(channel) {
+            ch.head = ch.head.or(head);
+            ch.head_read = true;
         }
     }
 
-    /// The entries of `channel`'s history after `from`, whether they cover everything
-    /// after it, and where a client at `from` stands afterwards; counted by result
-    /// (history that cannot be read counts as not covering).
-    async fn history_after(
-        &self,
-        channel: &str,
-        from: StreamPos,
-    ) -> (Vec<HistoryEntry>, bool, Option<StreamPos>) {
-        let (result, entries, covered, position) = match self.broker.since(channel, from).await {
+    /// Where `channel`'s history stands as this node has delivered it: the newest
+    /// history position dispatched here, else history's newest when this node
+    /// subscribed (read now if it has not been yet); `None` for a channel without
+    /// history (or when history cannot be read).
+    pub async fn history_position(&self, channel: &str) -> Option<StreamPos> {
+        if let Some(ch) = self.shard(channel).channels.get(channel)
+            && (ch.last_pos.is_some() || ch.head_read)
+        {
+            return ch.last_pos.or(ch.head);
+        }
+        let head = self.broker.head(channel).await.ok()?;
+        self.record_head(channel, head);
+        let shard = self.shard(channel);
+        shard.channels.get(channel).map_or(head, |ch| ch.last_pos.or(ch.head))
+    }
+
+    /// What `channel` published after `from` ([`StreamPos::ZERO`]: from the start of
+    /// retained history): the first page of the missed messages, after a reset notice
+    /// when history cannot cover them. `shares` replays read at once share one page (a
+    /// client resuming several channels holds no more than one). Call it once the live
+    /// subscription is ready, so nothing falls between history and live delivery.
+    pub async fn replay(&self, channel: &Arc<str>, from: StreamPos, shares: usize) -> Replay {
+        let page = self.config.replay_page;
+        let shares = shares.max(1);
+        let page =
+            Page { max_count: (page.max_count / shares).max(1), max_bytes: (page.max_bytes / shares).max(1) };
+        self.replay_page(channel, from, page, true).await
+    }
+
+    /// The next page of a replay, after `from` (the last message replayed). History
+    /// trimmed meanwhile is a gap like any other: a reset notice.
+    pub async fn replay_more(&self, channel: &Arc<str>, from: StreamPos) -> Replay {
+        self.replay_page(channel, from, self.config.replay_page, false).await
+    }
+
+    async fn replay_page(&self, channel: &Arc<str>, from: StreamPos, page: Page, first: bool) -> Replay {
+        let read = self.history_after(channel, from, page, first).await;
+        Replay {
+            reset: (!read.covered).then(|| Arc::new(Delivery::reset(channel.clone(), 0))),
+            messages: read
+                .entries
+                .into_iter()
+                .map(|e| Arc::new(from_history(channel.clone(), e, 0)))
+                .collect(),
+            position: read.position,
+            more: read.more,
+        }
+    }
+
+    /// A page of `channel`'s history after `from`; a first page counts the recovery by
+    /// result (history that cannot be read counts as not covering).
+    async fn history_after(&self, channel: &str, from: StreamPos, page: Page, first: bool) -> HistoryRead {
+        let (result, entries, covered, position) = match self.broker.since(channel, from, page).await {
             Ok(Recovery::Covered(entries)) => ("replayed", entries, true, Some(from)),
             Ok(Recovery::Gap { entries, head }) => ("reset", entries, false, head.map(|h| h.min(from))),
             Err(err) => {
@@ -70,9 +126,12 @@ impl Hub {
                 ("error", Vec::new(), false, Some(from))
             }
         };
-        counter!(m::RECOVERIES_TOTAL, "result" => result).increment(1);
+        if first || !covered {
+            counter!(m::RECOVERIES_TOTAL, "result" => result).increment(1);
+        }
         counter!(m::REPLAYED_TOTAL).increment(entries.len() as u64);
-        (entries, covered, position)
+        let more = covered && page.is_full(&entries);
+        HistoryRead { entries, covered, position, more }
     }
 
     /// Starts recovery after a broker outage: every channel that has seen history
@@ -101,27 +160,35 @@ impl Hub {
     /// consumer.
     pub(super) async fn finish_recovery(self: Arc<Self>, todo: Vec<(Arc<str>, StreamPos)>) {
         for (name, from) in todo {
-            let (entries, covered, position) = self.history_after(&name, from).await;
-            let mut shard = self.shard(&name);
-            let Some(ch) = shard.channels.get_mut(&*name) else { continue };
-            if !covered {
-                tracing::warn!(
-                    channel = %crate::error::quote(&name),
-                    %from,
-                    "history cannot cover the outage; clients get a reset"
-                );
-                let mut reset = Delivery::reset(ch.name.clone(), self.next_seq());
-                reset.catch_up = true;
-                self.fan_out(ch, &Arc::new(reset));
-                // Positions ahead of what history holds would hide every new message.
-                ch.last_pos = position;
+            let (mut from, mut first) = (from, true);
+            loop {
+                let read = self.history_after(&name, from, self.config.replay_page, first).await;
+                first = false;
+                let mut shard = self.shard(&name);
+                let Some(ch) = shard.channels.get_mut(&*name) else { break };
+                if !read.covered {
+                    tracing::warn!(
+                        channel = %crate::error::quote(&name),
+                        %from,
+                        "history cannot cover the outage; clients get a reset"
+                    );
+                    let mut reset = Delivery::reset(ch.name.clone(), self.next_seq());
+                    reset.catch_up = true;
+                    self.fan_out(ch, &Arc::new(reset));
+                    // Positions ahead of what history holds would hide every new message.
+                    ch.last_pos = read.position;
+                }
+                for e in read.entries {
+                    from = e.pos;
+                    let mut d = from_history(ch.name.clone(), e, self.next_seq());
+                    d.catch_up = true;
+                    self.deliver_locked(ch, d);
+                }
+                if !read.more {
+                    self.release_held(ch);
+                    break;
+                }
             }
-            for e in entries {
-                let mut d = from_history(ch.name.clone(), e, self.next_seq());
-                d.catch_up = true;
-                self.deliver_locked(ch, d);
-            }
-            self.release_held(ch);
         }
     }
 
@@ -136,4 +203,15 @@ impl Hub {
 /// A history entry as a delivery on `channel` with the node sequence number `seq`.
 fn from_history(channel: Arc<str>, e: HistoryEntry, seq: u64) -> Delivery {
     Delivery::new(channel, Some(e.pos.to_string().into()), e.event.map(Into::into), e.data, seq, None)
+}
+
+/// One page read from history.
+struct HistoryRead {
+    entries: Vec<HistoryEntry>,
+    /// Whether history covers everything after the position read from.
+    covered: bool,
+    /// Where a client at that position stands afterwards.
+    position: Option<StreamPos>,
+    /// Whether more may follow the entries.
+    more: bool,
 }

@@ -3,12 +3,14 @@
 use super::*;
 
 pub(super) fn hub(linger_ms: u64) -> Arc<Hub> {
+    let defaults = crate::config::Config::default();
     let config = HubConfig {
         linger: Duration::from_millis(linger_ms),
         poll_buffer: 4,
         poll_keepalive: Duration::from_millis(0),
+        ..HubConfig::new(&defaults)
     };
-    Hub::in_memory(config, crate::config::Config::default().history)
+    Hub::in_memory(config, defaults.history)
 }
 
 pub(super) fn inbox(cap: usize) -> (Arc<Inbox>, InboxRx) {

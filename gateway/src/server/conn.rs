@@ -189,7 +189,8 @@ async fn respond(
 
 /// Writes `bufs`; once the connection is closed by the hub or the node shuts down, a
 /// write that waits gets a bounded time ([`CLOSE_GRACE`], or the drain window) instead
-/// of forever, so a client that stops reading cannot hold its connection. False when it
+/// of forever, so a client that stops reading cannot hold its connection; before that,
+/// a write that takes no byte for `write_stall` fails ([`io::stalled`]). False when it
 /// failed.
 #[allow(clippy::manual_async_fn)] // an `async fn` would store its arguments twice
 fn write_bounded<'a>(
@@ -207,7 +208,9 @@ fn write_bounded<'a>(
         Box::pin(async move {
             let limit = tokio::select! {
                 biased;
-                r = io::write_all_bufs(io, bufs) => return r.is_ok(),
+                r = io::write_all_bufs_within(io, bufs, settings.write_stall) => {
+                    return r.map_err(|e| io::stalled(&e, close)).is_ok();
+                }
                 _ = close.cancelled() => CLOSE_GRACE,
                 _ = settings.shutdown.cancelled() => settings.drain_window + CLOSE_GRACE * 2,
             };
@@ -309,6 +312,7 @@ mod tests {
             tracker: TaskTracker::new(),
             header_timeout: Duration::from_secs(1),
             drain_window: Duration::from_secs(1),
+            write_stall: Duration::from_secs(1),
         });
         let ctx = ConnCtx { peer: addr, close: CancellationToken::new() };
         let conn = http1::Conn::new(TcpStream::connect(addr).await.unwrap());

@@ -7,7 +7,8 @@ use std::{convert::Infallible, sync::Arc};
 use axum::{
     body::Body,
     extract::Request,
-    http::{StatusCode, header},
+    http::{HeaderValue, StatusCode, header},
+    response::IntoResponse,
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -24,16 +25,25 @@ use super::{
     io::{Io, Prefixed},
     takeover::Takeover,
 };
+use crate::error::ApiError;
 
 /// Serves the rest of a connection with hyper (requests with bodies, HTTP/1.0, ...).
 pub(super) async fn serve_hyper(io: Prefixed, ctx: ConnCtx, settings: Arc<ConnSettings>) {
     let close = ctx.close.clone();
     let svc_settings = settings.clone();
     let svc = tower::service_fn(move |mut req: Request<Incoming>| {
+        // The same Host rule as the lean path (hyper does not check it).
+        let bad_host = super::http1::bad_host(req.version(), req.headers());
         req.extensions_mut().insert(ctx.clone());
         let upgrade = req.headers().contains_key(header::UPGRADE).then(|| hyper::upgrade::on(&mut req));
         let settings = svc_settings.clone();
         async move {
+            if bad_host {
+                let mut resp = ApiError::bad_request("an HTTP/1.1 request needs exactly one Host header")
+                    .into_response();
+                resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return Ok(resp);
+            }
             let Ok(mut resp) = settings.router.clone().oneshot(req.map(Body::new)).await;
             let takeover = Takeover::take(resp.extensions_mut());
             if matches!(takeover, Some(Takeover::Stream(_) | Takeover::Later(_))) {

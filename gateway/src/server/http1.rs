@@ -82,7 +82,9 @@ impl Conn {
                     }
                     Parsed::NotLean => return Head::Hyper,
                     Parsed::Bad(status) => return Head::Reject(status),
-                    Parsed::Partial if self.buf.len() > MAX_HEADER_BYTES => {
+                    // What is buffered is all head: a head not complete within the
+                    // limit is over it.
+                    Parsed::Partial if self.buf.len() >= MAX_HEADER_BYTES => {
                         return Head::Reject(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
                     }
                     Parsed::Partial => {}
@@ -161,6 +163,10 @@ fn parse(buf: &[u8]) -> Parsed {
         }
         Err(_) => return Parsed::Bad(StatusCode::BAD_REQUEST),
     };
+    // A head that arrived whole in one read may be longer than the limit.
+    if used > MAX_HEADER_BYTES {
+        return Parsed::Bad(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    }
     if req.method != Some("GET") || req.version != Some(1) {
         return Parsed::NotLean;
     }
@@ -200,12 +206,21 @@ fn parse(buf: &[u8]) -> Parsed {
         }
         map.append(name, value);
     }
+    if bad_host(Version::HTTP_11, &map) {
+        return Parsed::Bad(StatusCode::BAD_REQUEST);
+    }
     let mut request = Request::new(Body::empty());
     *request.method_mut() = Method::GET;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = map;
     Parsed::Done(request, keep_alive, used)
+}
+
+/// Whether a request's `Host` is missing or repeated where HTTP/1.1 requires exactly
+/// one (RFC 9112 §3.2: answered 400); HTTP/1.0 requests need none.
+pub(super) fn bad_host(version: Version, headers: &HeaderMap) -> bool {
+    version == Version::HTTP_11 && headers.get_all(header::HOST).iter().count() != 1
 }
 
 fn has_token(v: &HeaderValue, token: &str) -> bool {
@@ -350,7 +365,12 @@ mod tests {
 
     #[test]
     fn close_partial_and_bad_heads() {
-        assert!(!done("GET / HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n").1);
+        assert!(!done("GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, close\r\n\r\n").1);
+        for raw in ["GET / HTTP/1.1\r\n\r\n", "GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n"] {
+            assert!(matches!(parse(raw.as_bytes()), Parsed::Bad(StatusCode::BAD_REQUEST)), "{raw:?}");
+        }
+        let big = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(MAX_HEADER_BYTES));
+        assert!(matches!(parse(big.as_bytes()), Parsed::Bad(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)));
         assert!(matches!(parse(b"GET /sse HTTP/1.1\r\nHost"), Parsed::Partial));
         assert!(matches!(
             parse(b"GET /sse HTTP/1.1\r\nBad Header: x\r\n\r\n"),

@@ -6,6 +6,7 @@ use std::{
     io::IoSlice,
     pin::Pin,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use bytes::{Buf, Bytes};
@@ -196,6 +197,54 @@ pub async fn write_all_bufs<W: AsyncWrite + Unpin + ?Sized>(
     std::future::poll_fn(|cx| poll_write_now(io, bufs, cx)).await
 }
 
+/// [`write_all_bufs`] that gives up with [`std::io::ErrorKind::TimedOut`] once the
+/// stream has taken no byte for `stall`: a peer that stops reading (its receive window
+/// and our send buffer full) cannot hold a write, and the task waiting in it, forever.
+/// Every byte that goes out restarts the clock, so a slow but reading peer is not cut
+/// off by this; its queue's limits deal with it.
+pub async fn write_all_bufs_within<W: AsyncWrite + Unpin + ?Sized>(
+    io: &mut W,
+    bufs: &mut [&[u8]],
+    stall: Duration,
+) -> std::io::Result<()> {
+    let timer = tokio::time::sleep(stall);
+    tokio::pin!(timer);
+    std::future::poll_fn(|cx| {
+        let before = remaining(bufs);
+        if let Poll::Ready(r) = poll_write_now(io, bufs, cx) {
+            return Poll::Ready(r);
+        }
+        if remaining(bufs) < before {
+            timer.as_mut().reset(tokio::time::Instant::now() + stall);
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::ErrorKind::TimedOut.into())),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// Whether a write failed because it stalled ([`write_all_bufs_within`]).
+pub fn is_stall(err: &std::io::Error) -> bool {
+    err.kind() == std::io::ErrorKind::TimedOut
+}
+
+/// What the lean path does when a write to a subscriber failed with `err`: a stall is
+/// counted (`gateway_limit_rejections_total{limit="write_stall"}`) and `close` — the
+/// token of the connection's inbox — cancelled, so its session ends and records a slow
+/// consumer (the hub never cancels it without kicking the inbox first).
+pub fn stalled(err: &std::io::Error, close: &tokio_util::sync::CancellationToken) {
+    if is_stall(err) {
+        metrics::counter!(crate::metrics::LIMIT_REJECTIONS_TOTAL, "limit" => "write_stall").increment(1);
+        close.cancel();
+    }
+}
+
+fn remaining(bufs: &[&[u8]]) -> usize {
+    bufs.iter().map(|b| b.len()).sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,5 +281,31 @@ mod tests {
         let mut got = [0u8; 2];
         tokio::io::AsyncReadExt::read_exact(&mut p, &mut got).await.unwrap();
         assert_eq!(&got, b"GE");
+    }
+
+    #[tokio::test]
+    async fn a_write_that_takes_nothing_for_the_bound_gives_up() {
+        let stall = Duration::from_millis(300);
+        // A peer that reads nothing: the pipe fills, then the write waits.
+        let (mut w, mut r) = tokio::io::duplex(16);
+        let data = [7u8; 64];
+        let started = std::time::Instant::now();
+        let err = write_all_bufs_within(&mut w, &mut [&data], stall).await.unwrap_err();
+        assert!(is_stall(&err), "{err}");
+        assert!(started.elapsed() >= stall && started.elapsed() < stall * 10, "{:?}", started.elapsed());
+        // A peer that reads a little now and then keeps the write going past the bound.
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut chunk = [0u8; 8];
+            while got < 16 + 64 {
+                tokio::time::sleep(stall / 3).await;
+                got += tokio::io::AsyncReadExt::read(&mut r, &mut chunk).await.unwrap();
+            }
+            got
+        });
+        let started = std::time::Instant::now();
+        write_all_bufs_within(&mut w, &mut [&data], stall).await.expect("progress keeps it going");
+        assert!(started.elapsed() > stall, "the write outlasted the bound: {:?}", started.elapsed());
+        assert_eq!(reader.await.unwrap(), 16 + 64);
     }
 }

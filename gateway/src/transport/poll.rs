@@ -62,7 +62,7 @@ static ANSWER_HEADERS: [(header::HeaderName, HeaderValue); 2] = [
 /// `GET /poll`: checks the request and returns at once; the wait for the answer is a
 /// [`Takeover::Later`] the connection runs, so a held poll keeps only its own state.
 pub async fn open(state: &AppState, req: &Parts, ctx: &ConnCtx) -> Result<Opened, ApiError> {
-    let answer = prepare(state.clone(), &req.headers, req.uri.query(), ctx.close.clone())?;
+    let answer = prepare(state.clone(), &req.headers, req.uri.query(), ctx)?;
     Ok(Opened {
         status: StatusCode::OK,
         headers: &ANSWER_HEADERS,
@@ -77,7 +77,7 @@ fn prepare(
     state: AppState,
     headers: &HeaderMap,
     query: Option<&str>,
-    close: tokio_util::sync::CancellationToken,
+    ctx: &ConnCtx,
 ) -> Result<impl std::future::Future<Output = Bytes> + Send + 'static, ApiError> {
     let mut query = Query::parse(query);
     let timers = &state.config.timers;
@@ -110,6 +110,7 @@ fn prepare(
     if state.shutdown.is_cancelled() {
         return Err(ApiError::shutting_down());
     }
+    hold_new_channels(&state, &channels, ctx.peer.ip())?;
     // History positions in the cursor are checked here, so the answer can only be 200.
     let mut history = Vec::with_capacity(channels.len());
     for ch in &channels {
@@ -122,7 +123,38 @@ fn prepare(
             None => since.as_ref().and_then(|r| r.for_channel(ch)),
         });
     }
-    Ok(hold(state, channels, history, cursor, timeout, close))
+    Ok(hold(state, channels, history, cursor, timeout, ctx.close.clone()))
+}
+
+/// Each channel a poll joins stays subscribed for `--poll-keepalive-secs` after it,
+/// with or without a client: bounded per client address (new channels per keep-alive
+/// period, 429) and per node (503), so polls naming ever new channels cannot pile them
+/// up. Channels the node holds already cost nothing.
+fn hold_new_channels(state: &AppState, channels: &[String], peer: std::net::IpAddr) -> Result<(), ApiError> {
+    let hub = &state.hub;
+    let new = channels.iter().filter(|c| !hub.has_channel(c)).count();
+    if new == 0 {
+        return Ok(());
+    }
+    let limits = &state.config.limits;
+    if hub.channel_count() + new > limits.poll_max_channels {
+        metrics::counter!(crate::metrics::LIMIT_REJECTIONS_TOTAL, "limit" => "poll_channels").increment(1);
+        return Err(ApiError::over_capacity(format!(
+            "this node holds its maximum of {} channels; retry shortly or use another node",
+            limits.poll_max_channels
+        )));
+    }
+    if !state.poll_holds.take(peer, u32::try_from(new).unwrap_or(u32::MAX)) {
+        return Err(ApiError::rate_limited(
+            "poll_channels",
+            format!(
+                "this address polled more than {} new channels within {} s; reuse channels or retry later",
+                limits.poll_channels_per_ip,
+                state.config.timers.poll_keepalive.as_secs()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Joins the channels, waits for messages (or the timeout) and builds the answer.
@@ -171,12 +203,19 @@ async fn hold(
     // Boxed: these waits are short, and the held future stays small without them.
     Box::pin(hub.wait_ready(joins.iter().map(|j| &j.subscription))).await;
     // Positions are valid on every node: read what the buffer could not give from history.
+    // Their first pages share one page: an answer holds no more; the cursor goes on
+    // from its last message.
+    let shares = from_history.len();
+    let mut unfinished = Vec::new();
     for (ch, from) in from_history {
-        let replay = Box::pin(hub.replay(&ch, from)).await;
+        let replay = Box::pin(hub.replay(&ch, from, shares)).await;
         if !replay.recovered() {
             reset_channels.push(ch.to_string());
         }
         positions.place(&ch, replay.position);
+        if replay.more {
+            unfinished.push(ch.clone());
+        }
         messages.extend(replay.messages);
     }
     // A channel this client holds no position on yet: where history stands now, so the
@@ -220,6 +259,14 @@ async fn hold(
 
     let mut next = Cursor { e: hub.epoch(), p: BTreeMap::new(), h: BTreeMap::new() };
     for ((ch, join), now) in channels.iter().zip(&joins).zip(now) {
+        // A replay cut at a page goes on from its last message, from history (the
+        // node's buffer does not hold what came before this poll).
+        if unfinished.iter().any(|u| **u == **ch) {
+            if let Some(pos) = positions.get(ch) {
+                next.h.insert(ch.clone(), pos.to_string());
+            }
+            continue;
+        }
         next.p.insert(ch.clone(), join.position);
         let pos = positions.get(ch).into_iter().chain(now).max();
         if let Some(pos) = pos {
@@ -227,7 +274,7 @@ async fn hold(
         }
     }
     for d in &messages {
-        if d.seq > 0 {
+        if d.seq > 0 && !unfinished.iter().any(|u| *u == d.channel) {
             let pos = next.p.entry(d.channel.to_string()).or_default();
             *pos = (*pos).max(d.seq);
         }

@@ -13,7 +13,7 @@ use std::{
     future::Future,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
     time::Duration,
 };
 
@@ -23,13 +23,14 @@ use axum::{
 };
 use bytes::BytesMut;
 use futures_util::Stream;
+use shared::StreamPos;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::{ConnGuard, DrainTurn, Positions, check_channels, drain_turn, parse_resume};
 use crate::{
     error::ApiError,
-    hub::{Delivery, Inbox, InboxRx, Kick, Subscription},
+    hub::{Delivery, Hub, Inbox, InboxRx, Kick, Replay, Subscription},
     metrics::ConnKind,
     server::{Chunk, ConnCtx, Opened, Query, Takeover, signal::Quiet},
     state::AppState,
@@ -79,27 +80,24 @@ pub async fn open(state: &AppState, req: &Parts, ctx: &ConnCtx) -> Result<Opened
     let (inbox, rx) = Inbox::new(ConnKind::Sse, &state.config.limits, ctx.close.clone());
     let subs: Vec<Subscription> = channels.iter().map(|ch| hub.subscribe(ch, &inbox)).collect();
     hub.wait_ready(&subs).await;
-    // Resume: what each channel missed since the client's last id, read after the live
-    // subscription is in place so nothing falls in between.
-    let mut positions = Positions::default();
-    let mut pending = VecDeque::new();
-    if let Some(resume) = &resume {
-        for sub in &subs {
-            let Some(from) = resume.for_channel(sub.channel()) else { continue };
-            let replay = hub.replay(sub.channel(), from).await;
-            if !replay.recovered() {
-                metrics::counter!(crate::metrics::RESETS_TOTAL, "transport" => "sse").increment(1);
-            }
-            positions.place(sub.channel(), replay.position);
-            pending.extend(replay.into_deliveries());
-        }
-    }
+    // Resume: what each channel missed since the client's last id, read by the stream
+    // a page at a time once the live subscription is in place, so nothing falls in
+    // between and a long gap is never held whole.
+    let replay = resume.as_ref().and_then(|resume| {
+        let todo: VecDeque<_> = subs
+            .iter()
+            .filter_map(|sub| {
+                resume.for_channel(sub.channel()).map(|from| (sub.channel().clone(), from, true))
+            })
+            .collect();
+        (!todo.is_empty()).then(|| Box::new(Replaying { hub: hub.clone(), todo, reading: None }))
+    });
     tracing::debug!(channels = channels.len(), resumed = resume.is_some(), "sse stream opened");
     let inbox_closed = inbox.closed().clone().cancelled_owned();
     let stream = SseStream {
         multi: channels.len() > 1,
-        positions,
-        pending,
+        positions: Positions::default(),
+        replay,
         rx,
         inbox,
         _subs: subs,
@@ -128,8 +126,8 @@ struct SseStream {
     /// Several channels: ids are compound (`chan~pos,...`), written per connection.
     multi: bool,
     positions: Positions,
-    /// Replayed messages, sent before live ones.
-    pending: VecDeque<Arc<Delivery>>,
+    /// A resume in progress: history, sent before live messages.
+    replay: Option<Box<Replaying>>,
     rx: InboxRx,
     inbox: Arc<Inbox>,
     _subs: Vec<Subscription>,
@@ -181,15 +179,46 @@ impl SseStream {
         self.multi && d.pos.is_some()
     }
 
-    /// Replayed messages, all in one chunk.
-    fn replayed(&mut self) -> Option<Bytes> {
-        let mut buf = BytesMut::new();
-        while let Some(d) = self.pending.pop_front() {
-            if let Some(b) = self.encode(&d) {
-                buf.extend_from_slice(&b);
+    /// The next page of the resume, as one chunk; `Ready(None)` once it is done.
+    fn poll_replay(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        loop {
+            let Some(r) = self.replay.as_mut() else { return Poll::Ready(None) };
+            let Some(reading) = &mut r.reading else {
+                let Some((channel, from, first)) = r.todo.front().cloned() else {
+                    self.replay = None;
+                    return Poll::Ready(None);
+                };
+                let hub = r.hub.clone();
+                r.reading = Some(Box::pin(async move {
+                    if first {
+                        hub.replay(&channel, from, 1).await
+                    } else {
+                        hub.replay_more(&channel, from).await
+                    }
+                }));
+                continue;
+            };
+            let page = ready!(reading.as_mut().poll(cx));
+            r.reading = None;
+            let (channel, _, _) = r.todo.pop_front().expect("a page of the front channel");
+            if let Some(next) = page.more.then(|| page.messages.last().and_then(|d| d.pos)).flatten() {
+                r.todo.push_front((channel.clone(), next, false));
+            }
+            if !page.recovered() {
+                metrics::counter!(crate::metrics::RESETS_TOTAL, "transport" => "sse").increment(1);
+            }
+            self.positions.place(&channel, page.position);
+            let mut buf = BytesMut::new();
+            for d in page.into_deliveries() {
+                if let Some(b) = self.encode(&d) {
+                    buf.extend_from_slice(&b);
+                }
+            }
+            if !buf.is_empty() {
+                self.last_write = Instant::now();
+                return Poll::Ready(Some(buf.freeze()));
             }
         }
-        (!buf.is_empty()).then(|| buf.freeze())
     }
 
     /// Ends the stream with an `event: disconnect` saying why the hub closed it.
@@ -301,9 +330,6 @@ impl SseStream {
             // sets the reconnect delay.
             let head = format!("retry: {}\n: ok\n\n", self.retry.as_millis());
             let mut buf = BytesMut::from(head.as_bytes());
-            if let Some(replayed) = self.replayed() {
-                buf.extend_from_slice(&replayed);
-            }
             // Registers the signals and the heartbeat (later polls after a chunk skip
             // them until a wake-up).
             if let Some(b) = self.poll_signals(cx) {
@@ -322,6 +348,19 @@ impl SseStream {
             && let Some(b) = self.poll_signals(cx)
         {
             return Poll::Ready(Some(Chunk::Data(b)));
+        }
+        // A resume's history comes before any live message (those wait in the inbox).
+        if self.replay.is_some() {
+            match self.poll_replay(cx) {
+                Poll::Ready(Some(b)) => return Poll::Ready(Some(Chunk::Data(b))),
+                Poll::Ready(None) => {}
+                Poll::Pending => {
+                    return match self.poll_signals(cx) {
+                        Some(b) => Poll::Ready(Some(Chunk::Data(b))),
+                        None => Poll::Pending,
+                    };
+                }
+            }
         }
         // Deliveries first: the other signals are polled only when none is waiting, so a
         // message costs no lock or timer work.
@@ -348,11 +387,27 @@ impl SseStream {
 impl Drop for SseStream {
     fn drop(&mut self) {
         // A client that stopped reading is cut off before the stream is polled again:
-        // record why here, where it is known for sure.
-        if self.inbox.kicked() == Some(Kick::SlowConsumer) {
-            self.guard.set_reason("slow_consumer");
+        // record why here, where it is known for sure. Either the hub kicked it (its
+        // queue overflowed), or the connection gave up on a stalled write and cancelled
+        // the close token itself (the hub never cancels it without a kick).
+        match self.inbox.kicked() {
+            Some(Kick::SlowConsumer) => self.guard.set_reason("slow_consumer"),
+            None if !self.done && self.inbox.closed().is_cancelled() => {
+                self.guard.set_reason("slow_consumer");
+                metrics::counter!(crate::metrics::SLOW_CONSUMER_TOTAL, "transport" => "sse").increment(1);
+            }
+            None => {}
         }
     }
+}
+
+/// A resume in progress: channels whose history is still to send, each with the
+/// position it goes on from and whether that read is its first page; the page being
+/// read. Boxed in the stream, so a stream that resumes nothing pays one pointer.
+struct Replaying {
+    hub: Arc<Hub>,
+    todo: VecDeque<(Arc<str>, StreamPos, bool)>,
+    reading: Option<Pin<Box<dyn Future<Output = Replay> + Send>>>,
 }
 
 fn disconnect_event(reason: &str, message: &str) -> Bytes {

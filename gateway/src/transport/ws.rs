@@ -5,8 +5,9 @@
 //! (`wire::ws_frame`): a message's frame is encoded once per delivery and written as is
 //! to every subscriber's socket. Client ops: `subscribe`, `unsubscribe`, `publish`
 //! (when enabled), `ping`. Close codes: 1000 normal, 1001 ping timeout, 1002 protocol
-//! error, 1008 slow consumer / policy, 1009 message too big, 1011 server error, 1012
-//! server restarting (reconnect elsewhere), 4001 token expired.
+//! error, 1007 invalid UTF-8, 1008 slow consumer / policy, 1009 message too big, 1011
+//! server error, 1012 server restarting (reconnect elsewhere), 4001 token expired; a
+//! client's own valid close code is echoed.
 //!
 //! - [`session`]: the connection's task, its writes and its goodbye.
 //! - [`ops`]: what the client may ask for; [`reply`]: error frames and close codes.
@@ -15,7 +16,8 @@ mod ops;
 mod reply;
 mod session;
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header, request::Parts};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header, request::Parts};
+use base64::{Engine, engine::general_purpose::STANDARD};
 use bytes::Bytes;
 use shared::protocol::error_code as code;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -39,7 +41,7 @@ static UPGRADE_HEADERS: [(HeaderName, HeaderValue); 2] = [
 /// close token is the session's: nothing else watches it once upgraded.
 pub async fn open(state: &AppState, req: &Parts, ctx: &ConnCtx) -> Result<Opened, ApiError> {
     let headers = &req.headers;
-    let key = check_upgrade(headers)?;
+    let key = check_upgrade(req)?;
     check_origin(headers, &state.config.allowed_origins)?;
     let mut query = Query::parse(req.uri.query());
     let channels = check_channels(std::mem::take(&mut query.channels), &state.config.limits, false)?;
@@ -73,25 +75,47 @@ fn check_origin(h: &HeaderMap, allowed: &[String]) -> Result<(), ApiError> {
     Err(ApiError::new(StatusCode::FORBIDDEN, code::FORBIDDEN, format!("origin {shown} is not allowed")))
 }
 
-fn check_upgrade(h: &HeaderMap) -> Result<&str, ApiError> {
+/// Checks the opening handshake (RFC 6455 §4.2.1) and returns the client's key: a
+/// `GET` over HTTP/1.1 with `Upgrade: websocket`, `Connection: upgrade`, version 13, and
+/// one `Sec-WebSocket-Key` that is base64 of 16 bytes. Anything else that is not an
+/// upgrade request (a plain `GET`, or a `HEAD`, which never switches protocols) gets 426;
+/// another version gets 426 naming version 13 (§4.4); a malformed request, 400.
+fn check_upgrade(req: &Parts) -> Result<&str, ApiError> {
+    let h = &req.headers;
     let has_token = |name: header::HeaderName, token: &str| {
         h.get_all(name)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     };
-    if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
+    if req.method != Method::GET
+        || !has_token(header::UPGRADE, "websocket")
+        || !has_token(header::CONNECTION, "upgrade")
+    {
         return Err(ApiError::new(
             StatusCode::UPGRADE_REQUIRED,
             code::BAD_REQUEST,
-            "this endpoint speaks WebSocket: send an Upgrade: websocket request",
+            "this endpoint speaks WebSocket: send a GET with Upgrade: websocket",
         ));
     }
-    if h.get(header::SEC_WEBSOCKET_VERSION).and_then(|v| v.to_str().ok()) != Some("13") {
-        return Err(ApiError::bad_request("unsupported Sec-WebSocket-Version; only 13 is supported"));
+    if req.version != Version::HTTP_11 {
+        return Err(ApiError::bad_request("a WebSocket upgrade needs HTTP/1.1"));
     }
-    h.get(header::SEC_WEBSOCKET_KEY)
-        .and_then(|v| v.to_str().ok())
-        .filter(|k| !k.is_empty())
-        .ok_or_else(|| ApiError::bad_request("missing Sec-WebSocket-Key header"))
+    let version: Vec<_> = h.get_all(header::SEC_WEBSOCKET_VERSION).iter().collect();
+    if version.len() != 1 || version[0] != "13" {
+        return Err(ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            code::BAD_REQUEST,
+            "unsupported Sec-WebSocket-Version; only 13 is supported",
+        ));
+    }
+    let mut keys = h.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let (Some(key), None) = (keys.next(), keys.next()) else {
+        return Err(ApiError::bad_request("exactly one Sec-WebSocket-Key header is required"));
+    };
+    let key = key.to_str().unwrap_or_default();
+    match STANDARD.decode(key) {
+        Ok(nonce) if nonce.len() == 16 => Ok(key),
+        _ => Err(ApiError::bad_request("Sec-WebSocket-Key must be 16 random bytes in base64")),
+    }
 }

@@ -58,7 +58,8 @@ pub enum Incoming {
     Ping(Vec<u8>),
     /// A pong.
     Pong,
-    /// The client closes, with its status code if it sent one.
+    /// The client closes, with its status code if it sent one (always one a client
+    /// may send: see [`valid_close_code`]).
     Close(Option<u16>),
 }
 
@@ -69,6 +70,17 @@ pub enum DecodeError {
     TooBig,
     /// The input breaks the protocol (close code 1002).
     Protocol(&'static str),
+    /// A text message or a close reason is not valid UTF-8 (close code 1007, RFC 6455
+    /// §8.1 and §7.4.1: data inconsistent with the message's type).
+    InvalidData(&'static str),
+}
+
+/// Whether a client may send close `code` (RFC 6455 §7.4): the codes assigned for use
+/// on the wire (1000–1003, 1007–1014), and those for libraries and applications
+/// (3000–4999). 1004 is reserved, 1005, 1006 and 1015 must never be sent, 1016–2999 are
+/// unassigned, and anything below 1000 or from 5000 on is not a status code.
+pub fn valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 /// Turns the bytes a client sends into [`Incoming`] messages.
@@ -76,8 +88,10 @@ pub enum DecodeError {
 pub struct Decoder {
     /// Bytes not yet decoded (the start of an incomplete frame), usually empty.
     buf: Vec<u8>,
-    /// A fragmented message in progress: its opcode and the payload so far.
-    message: Option<(u8, Vec<u8>)>,
+    /// A fragmented message in progress: its opcode, the payload so far, and (text) how
+    /// much of it is checked UTF-8, so a bad byte fails the connection at once and
+    /// nothing is checked twice.
+    message: Option<(u8, Vec<u8>, usize)>,
     max_message: usize,
 }
 
@@ -105,28 +119,29 @@ impl Decoder {
             if op >= opcode::CLOSE {
                 return control(op, payload).map(Some);
             }
-            let (op, payload) = match (op, self.message.take()) {
-                (opcode::CONTINUATION, Some((first, mut so_far))) => {
+            let (op, payload, checked) = match (op, self.message.take()) {
+                (opcode::CONTINUATION, Some((first, mut so_far, checked))) => {
                     if so_far.len() + payload.len() > self.max_message {
                         return Err(DecodeError::TooBig);
                     }
                     so_far.extend_from_slice(&payload);
-                    (first, so_far)
+                    (first, so_far, checked)
                 }
                 (opcode::CONTINUATION, None) => {
                     return Err(DecodeError::Protocol("continuation without a message"));
                 }
                 (_, Some(_)) => return Err(DecodeError::Protocol("new message inside a fragmented one")),
-                (op, None) => (op, payload),
+                (op, None) => (op, payload, 0),
             };
             if !fin {
-                self.message = Some((op, payload));
+                let checked = if op == opcode::TEXT { utf8_prefix(&payload, checked)? } else { 0 };
+                self.message = Some((op, payload, checked));
                 continue;
             }
             return match op {
                 opcode::TEXT => String::from_utf8(payload)
                     .map(|t| Some(Incoming::Text(t)))
-                    .map_err(|_| DecodeError::Protocol("text message is not valid UTF-8")),
+                    .map_err(|_| DecodeError::InvalidData("text message is not valid UTF-8")),
                 _ => Ok(Some(Incoming::Binary(payload))),
             };
         }
@@ -156,6 +171,10 @@ impl Decoder {
                 None => return Ok(None),
             },
             127 => match b.get(2..10) {
+                // RFC 6455 §5.2: the most significant bit of a 64-bit length must be 0.
+                Some(x) if x[0] & 0x80 != 0 => {
+                    return Err(DecodeError::Protocol("64-bit payload length with the top bit set"));
+                }
                 Some(x) => (u64::from_be_bytes(x.try_into().expect("8 bytes")), 10),
                 None => return Ok(None),
             },
@@ -177,6 +196,17 @@ impl Decoder {
     }
 }
 
+/// How much of a text message in progress is valid UTF-8, checking from `from` on: all
+/// of it but a code point cut at the end by the fragment boundary. Any other invalid
+/// byte fails at once (RFC 6455 §8.1), not when the message is complete.
+fn utf8_prefix(text: &[u8], from: usize) -> Result<usize, DecodeError> {
+    match std::str::from_utf8(&text[from..]) {
+        Ok(_) => Ok(text.len()),
+        Err(e) if e.error_len().is_none() => Ok(from + e.valid_up_to()),
+        Err(_) => Err(DecodeError::InvalidData("text message is not valid UTF-8")),
+    }
+}
+
 fn control(op: u8, payload: Vec<u8>) -> Result<Incoming, DecodeError> {
     Ok(match op {
         opcode::PING => Incoming::Ping(payload),
@@ -185,10 +215,14 @@ fn control(op: u8, payload: Vec<u8>) -> Result<Incoming, DecodeError> {
             0 => Incoming::Close(None),
             1 => return Err(DecodeError::Protocol("close frame with a one-byte payload")),
             _ => {
-                if std::str::from_utf8(&payload[2..]).is_err() {
-                    return Err(DecodeError::Protocol("close reason is not valid UTF-8"));
+                let code = u16::from_be_bytes([payload[0], payload[1]]);
+                if !valid_close_code(code) {
+                    return Err(DecodeError::Protocol("invalid close code"));
                 }
-                Incoming::Close(Some(u16::from_be_bytes([payload[0], payload[1]])))
+                if std::str::from_utf8(&payload[2..]).is_err() {
+                    return Err(DecodeError::InvalidData("close reason is not valid UTF-8"));
+                }
+                Incoming::Close(Some(code))
             }
         },
     })
@@ -242,6 +276,8 @@ mod tests {
         bytes.extend(client(0x80, b"mented"));
         bytes.extend(client(0x81, big.as_bytes()));
         bytes.extend(client(0x82, &[0, 1]));
+        // "€" (E2 82 AC) cut across three fragments.
+        bytes.extend([client(0x01, &[0xe2]), client(0x00, &[0x82]), client(0x80, &[0xac])].concat());
         bytes.extend(client(0x8a, b""));
         bytes.extend(client(0x88, &[0x03, 0xe8, b'o', b'k']));
         // Byte by byte: every partial state is visited.
@@ -258,6 +294,7 @@ mod tests {
                 Ok(Incoming::Text("fragmented".into())),
                 Ok(Incoming::Text(big)),
                 Ok(Incoming::Binary(vec![0, 1])),
+                Ok(Incoming::Text("€".into())),
                 Ok(Incoming::Pong),
                 Ok(Incoming::Close(Some(1000))),
             ]
@@ -277,8 +314,19 @@ mod tests {
                 DecodeError::Protocol("control frames must be final and at most 125 bytes"),
             ),
             (client(0x80, b"x"), DecodeError::Protocol("continuation without a message")),
-            (client(0x81, &[0xff, 0xfe]), DecodeError::Protocol("text message is not valid UTF-8")),
+            (client(0x81, &[0xff, 0xfe]), DecodeError::InvalidData("text message is not valid UTF-8")),
+            (
+                [client(0x01, &[b'a', 0xce]), client(0x80, b"a")].concat(),
+                DecodeError::InvalidData("text message is not valid UTF-8"),
+            ),
+            // Fails on the first fragment, without waiting for the rest.
+            (client(0x01, &[b'a', 0xff]), DecodeError::InvalidData("text message is not valid UTF-8")),
+            (
+                [client(0x01, &[0xce]), client(0x00, &[0xba, 0xe2]), client(0x00, &[0x82, b'x'])].concat(),
+                DecodeError::InvalidData("text message is not valid UTF-8"),
+            ),
             (client(0x88, &[3]), DecodeError::Protocol("close frame with a one-byte payload")),
+            (client(0x88, &[0x03, 0xe8, 0xff]), DecodeError::InvalidData("close reason is not valid UTF-8")),
             (client(0x81, &[b'a'; 101]), DecodeError::TooBig),
             ([client(0x01, &[b'a'; 60]), client(0x80, &[b'a'; 60])].concat(), DecodeError::TooBig),
             (
@@ -295,6 +343,24 @@ mod tests {
         let mut d = Decoder::new(100);
         d.feed(&[0x81, 0x80 | 126, 0x10, 0x00]);
         assert_eq!(d.decode(), Err(DecodeError::TooBig));
+        // A 64-bit length must not use its top bit, whatever the limit.
+        let mut d = Decoder::new(100);
+        d.feed(&[0x81, 0x80 | 127, 0x80, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(d.decode(), Err(DecodeError::Protocol("64-bit payload length with the top bit set")));
+    }
+
+    #[test]
+    fn close_codes_a_client_may_send() {
+        for code in [1000u16, 1001, 1002, 1003, 1007, 1011, 1012, 1014, 3000, 4001, 4999] {
+            let mut d = Decoder::new(100);
+            d.feed(&client(0x88, &code.to_be_bytes()));
+            assert_eq!(d.decode(), Ok(Some(Incoming::Close(Some(code)))), "{code}");
+        }
+        for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, u16::MAX] {
+            let mut d = Decoder::new(100);
+            d.feed(&client(0x88, &code.to_be_bytes()));
+            assert_eq!(d.decode(), Err(DecodeError::Protocol("invalid close code")), "{code}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@
 -- name unique to one streaming request, and <seq> = 1, 2, 3...) is published only in
 -- order: a repeat of the stream's latest or an earlier seq is a repeat (id: the
 -- latest's, or empty for an earlier one), a seq past the next one is an error.
---   FCALL_RO fanout_since 1 <channel> <id> <count>
+--   FCALL_RO fanout_since 1 <channel> <id> <count> [<max-bytes>]
 -- returns {status, entries, last}: 'ok' when history covers everything after <id>
 -- (entries = XRANGE after it), 'reset' when it cannot; <id> 0-0 is the start of
 -- retained history, 'trimmed' when its oldest messages are gone (see `since` below).
@@ -106,10 +106,27 @@ end
 --           messages are gone: entries are all that is left.
 --   reset   history cannot cover the gap (the id was trimmed or expired, the stream
 --           was wiped, or the id is after the newest one): no entries.
+-- At most <count> entries, and no more once their data holds <max-bytes> (at least
+-- one): a page; the caller asks again from the page's last id while it is before last.
+local function page(entries, max_bytes)
+  if max_bytes == nil then return entries end
+  local out, bytes = {}, 0
+  for _, e in ipairs(entries) do
+    if #out > 0 and bytes >= max_bytes then break end
+    table.insert(out, e)
+    local fields = e[2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'd' then bytes = bytes + #fields[i + 1] end
+    end
+  end
+  return out
+end
+
 local function since(keys, args)
   local key = stream_key(keys[1])
   local from = args[1] or '0-0'
   local count = tonumber(args[2] or '1000')
+  local max_bytes = tonumber(args[3] or '')
   if redis.call('EXISTS', key) == 0 then
     if from == '0-0' then return {'ok', {}, '0-0'} end
     return {'reset', {}, '0-0'}
@@ -125,14 +142,14 @@ local function since(keys, args)
   if from == '0-0' then
     -- Trimming leaves max-deleted-entry-id alone; fewer entries than were ever added
     -- means the oldest are gone.
-    local entries = redis.call('XRANGE', key, '-', '+', 'COUNT', count)
+    local entries = page(redis.call('XRANGE', key, '-', '+', 'COUNT', count), max_bytes)
     if added == length then return {'ok', entries, last} end
     return {'trimmed', entries, last}
   end
   if id_less(last, from) or #redis.call('XRANGE', key, from, from) == 0 then
     return {'reset', {}, last}
   end
-  return {'ok', redis.call('XRANGE', key, '(' .. from, '+', 'COUNT', count), last}
+  return {'ok', page(redis.call('XRANGE', key, '(' .. from, '+', 'COUNT', count), max_bytes), last}
 end
 
 local function head(keys, args)

@@ -138,6 +138,7 @@ impl Pipeliner {
     /// Sends `batch` as one pipeline (again over reconnects, for what may repeat),
     /// and answers every job.
     async fn send(&mut self, mut batch: Vec<Job>) {
+        metrics::histogram!(crate::metrics::PUBLISH_BATCH).record(batch.len() as f64);
         let deadline = tokio::time::Instant::now() + RETRY_FOR;
         loop {
             let fates = match self.try_send(&batch).await {

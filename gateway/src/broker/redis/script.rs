@@ -6,7 +6,7 @@ use bytes::Bytes;
 use shared::StreamPos;
 
 use crate::{
-    broker::{BrokerError, HistoryEntry, Publish, PublishOutcome, Recovery},
+    broker::{BrokerError, HistoryEntry, Page, Publish, PublishOutcome, Recovery},
     config::HistoryConfig,
 };
 
@@ -78,10 +78,11 @@ pub fn is_missing_function_reply(reply: &redis::Value) -> bool {
     matches!(reply, redis::Value::ServerError(e) if e.details().is_some_and(|d| d.contains("Function not found")))
 }
 
-/// `FCALL_RO fanout_since 1 <channel> <from> <count>`.
-pub fn since_cmd(channel: &str, from: StreamPos, count: usize) -> redis::Cmd {
+/// `FCALL_RO fanout_since 1 <channel> <from> <count> <max-bytes>`: one page.
+pub fn since_cmd(channel: &str, from: StreamPos, page: Page) -> redis::Cmd {
     let mut cmd = redis::cmd("FCALL_RO");
-    cmd.arg("fanout_since").arg(1).arg(channel).arg(from.to_string()).arg(count);
+    cmd.arg("fanout_since").arg(1).arg(channel).arg(from.to_string());
+    cmd.arg(page.max_count).arg(page.max_bytes);
     cmd
 }
 

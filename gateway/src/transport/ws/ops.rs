@@ -1,9 +1,20 @@
 //! The client's ops on a WebSocket session: `subscribe` (with `since` to resume),
 //! `unsubscribe`, `publish` (where allowed, through the one publish path) and `ping`,
-//! each answered with a frame; a refused op gets an `error` frame and never closes the
-//! connection.
+//! each answered with a frame, in the order the ops came; a refused op gets an `error`
+//! frame and never closes the connection.
+//!
+//! Publishes are pipelined: the session reads on while up to [`MAX_PUBLISHES_IN_FLIGHT`]
+//! wait for the broker (queued in op order, so they are published in that order), and
+//! their answers go out as they complete, in order. Any other op waits for the
+//! publishes before it to be answered first.
+
+use std::{
+    collections::VecDeque,
+    task::{Context, Poll},
+};
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use shared::{
     Resume, StreamPos,
     protocol::{CLIENT_OPS, ClientOp, ServerFrame, Since, error_code as code},
@@ -16,7 +27,6 @@ use super::{
 };
 use crate::{
     error::{ApiError, quote},
-    hub::Replay,
     publish::message,
     transport::{check_channels, parse_resume},
 };
@@ -25,18 +35,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(super) async fn handle_op(&mut self, text: &str) -> Result<(), End> {
         let op = match serde_json::from_str::<ClientOp>(text) {
             Ok(op) => op,
-            Err(err) => return self.send(&op_error(text, &err)).await,
+            Err(err) => {
+                self.answer_publishes().await?;
+                return self.send(&op_error(text, &err)).await;
+            }
         };
+        if let ClientOp::Publish { channel, data, event } = op {
+            let answer = self.publish(channel, data, event);
+            self.publishes.get_or_insert_default().0.push_back(answer);
+            return Ok(());
+        }
+        self.answer_publishes().await?;
         match op {
             ClientOp::Subscribe { channels, since } => self.subscribe(channels, since).await,
             ClientOp::Unsubscribe { channels } => {
                 self.subs.retain(|s| !channels.iter().any(|c| **c == **s.channel()));
                 self.send(&ServerFrame::Unsubscribed { channels }).await
             }
-            ClientOp::Publish { channel, data, event } => {
-                let frame = self.publish(channel, data, event).await;
-                self.send(&frame).await
-            }
+            ClientOp::Publish { .. } => unreachable!("queued above"),
             ClientOp::Ping { id } => self.send(&ServerFrame::Pong { id }).await,
         }
     }
@@ -54,6 +70,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Ok(r) => r,
             Err(e) => return self.send(&error(e.code, &e.message)).await,
         };
+        // Twice a connection's channels a minute: enough to resume after any hiccup.
+        let max_resumes = limits.max_channels_per_connection * 2;
+        if !resume.is_empty() && !self.resumes.take(resume.len(), max_resumes) {
+            metrics::counter!(crate::metrics::LIMIT_REJECTIONS_TOTAL, "limit" => "resumes").increment(1);
+            let message = format!(
+                "more than {max_resumes} resumes (\"since\") on this connection within {} s; reconnect to resume",
+                crate::transport::ResumeBudget::WINDOW.as_secs()
+            );
+            return self.send(&error(code::RATE_LIMITED, &message)).await;
+        }
         let new: Vec<&String> =
             channels.iter().filter(|c| !self.subs.iter().any(|s| **s.channel() == ***c)).collect();
         let total = self.subs.len() + new.len();
@@ -74,46 +100,119 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         hub.wait_ready(&self.subs[first_new..]).await;
         // Replay after the live subscription is ready, so nothing falls in between;
         // live messages that overlap the replay are dropped by `positions`.
+        // The first pages share one page's budget; the rest follow a page at a time, so
+        // a replay holds no more than a queue's worth whatever the gap.
         let mut replays = Vec::with_capacity(resume.len());
+        let shares = resume.len();
         for (ch, from) in resume {
             let Some(name) = self.subs.iter().find(|s| **s.channel() == *ch).map(|s| s.channel().clone())
             else {
                 continue;
             };
-            let replay = hub.replay(&name, from).await;
+            let replay = hub.replay(&name, from, shares).await;
             self.positions.place(&name, replay.position);
-            replays.push(replay);
+            replays.push((name, replay));
         }
-        let recovered = !replays.is_empty() && replays.iter().all(Replay::recovered);
+        let recovered = !replays.is_empty() && replays.iter().all(|(_, r)| r.recovered());
         self.send(&ServerFrame::Subscribed { channels, recovered }).await?;
-        let mut out = Vec::new();
-        for r in replays {
-            if !r.recovered() {
-                metrics::counter!(crate::metrics::RESETS_TOTAL, "transport" => "ws").increment(1);
+        for (name, mut replay) in replays {
+            loop {
+                if !replay.recovered() {
+                    metrics::counter!(crate::metrics::RESETS_TOTAL, "transport" => "ws").increment(1);
+                }
+                let next = replay.more.then(|| replay.messages.last().and_then(|d| d.pos)).flatten();
+                let page: Vec<_> = replay.into_deliveries().filter(|d| self.positions.accept(d)).collect();
+                let mut bufs: Vec<&[u8]> = page.iter().map(|d| &d.ws_frame()[..]).collect();
+                self.write(&mut bufs).await?;
+                let Some(from) = next else { break };
+                replay = hub.replay_more(&name, from).await;
+                self.positions.place(&name, replay.position);
             }
-            out.extend(r.into_deliveries().filter(|d| self.positions.accept(d)));
         }
-        let mut bufs: Vec<&[u8]> = out.iter().map(|d| &d.ws_frame()[..]).collect();
-        self.write(&mut bufs).await
+        Ok(())
     }
 
     /// Publishes for the client through the one publish path: the `published` frame
-    /// with the id, or the error frame refusing it.
-    async fn publish(&mut self, channel: String, data: String, event: Option<String>) -> ServerFrame {
+    /// with the id, or the error frame refusing it. With auth on, the token must allow
+    /// publishing (`"pub": true`) and the channel (its `channels` claim, as for reading).
+    /// The message is queued now; the answer comes when the broker has taken it.
+    fn publish(
+        &mut self,
+        channel: String,
+        data: String,
+        event: Option<String>,
+    ) -> BoxFuture<'static, ServerFrame> {
+        let refused =
+            |frame: ServerFrame| -> BoxFuture<'static, ServerFrame> { Box::pin(std::future::ready(frame)) };
         if !self.state.config.ws_publish {
-            return error(code::FORBIDDEN, "publishing over WebSocket is disabled on this server");
+            return refused(error(code::FORBIDDEN, "publishing over WebSocket is disabled on this server"));
         }
         if self.claims.as_ref().is_some_and(|c| !c.publish) {
-            return error(code::FORBIDDEN, "the token does not allow publishing (claim \"pub\": true)");
+            return refused(error(
+                code::FORBIDDEN,
+                "the token does not allow publishing (claim \"pub\": true)",
+            ));
+        }
+        if let Err(e) = crate::auth::check_channels(self.claims.as_deref(), std::slice::from_ref(&channel)) {
+            return refused(error(e.code, &e.message));
         }
         let publishing = &self.state.publishing;
         if let Err(e) = publishing.check(&channel, event.as_deref(), data.as_bytes(), None) {
-            return error(e.code, &e.message);
+            return refused(error(e.code, &e.message));
         }
-        match publishing.publish(&self.state.hub, message(channel, Bytes::from(data), event, None)).await {
-            Ok(r) => ServerFrame::Published { channel: r.channel, id: r.id },
-            Err(e) => error(e.code, &e.message),
+        let outcome = publishing.publish(&self.state.hub, message(channel, Bytes::from(data), event, None));
+        Box::pin(async move {
+            match outcome.await {
+                Ok(r) => ServerFrame::Published { channel: r.channel, id: r.id },
+                Err(e) => error(e.code, &e.message),
+            }
+        })
+    }
+
+    /// Waits for every publish in flight and writes its answer.
+    pub(super) async fn answer_publishes(&mut self) -> Result<(), End> {
+        while let Some(p) = self.publishes.as_deref_mut()
+            && !p.is_empty()
+        {
+            let frames = std::future::poll_fn(|cx| p.poll_answered(cx)).await;
+            self.send_all(&frames).await?;
         }
+        Ok(())
+    }
+}
+
+/// Most publish ops of one connection waiting for the broker; the session stops
+/// reading the client while this many are.
+pub(super) const MAX_PUBLISHES_IN_FLIGHT: usize = 256;
+
+/// A connection's publish ops waiting for the broker, in the order they came.
+#[derive(Default)]
+pub(super) struct Publishes(VecDeque<BoxFuture<'static, ServerFrame>>);
+
+impl Publishes {
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether the session may read another op.
+    pub(super) fn has_room(&self) -> bool {
+        self.0.len() < MAX_PUBLISHES_IN_FLIGHT
+    }
+
+    /// The answers of the publishes done at the front of the queue, in order; pending
+    /// while the first is not done (or none is in flight).
+    pub(super) fn poll_answered(&mut self, cx: &mut Context<'_>) -> Poll<Vec<ServerFrame>> {
+        let mut frames = Vec::new();
+        while let Some(front) = self.0.front_mut() {
+            match front.as_mut().poll(cx) {
+                Poll::Ready(frame) => {
+                    frames.push(frame);
+                    self.0.pop_front();
+                }
+                Poll::Pending => break,
+            }
+        }
+        if frames.is_empty() { Poll::Pending } else { Poll::Ready(frames) }
     }
 }
 

@@ -19,13 +19,16 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::reply::{TOKEN_EXPIRED, error};
+use super::{
+    ops::Publishes,
+    reply::{TOKEN_EXPIRED, error},
+};
 use crate::{
     auth::Claims,
     hub::{Delivery, Inbox, InboxRx, Subscription},
     metrics::ConnKind,
     server::{
-        io::{write_all_bufs, write_now},
+        io::{is_stall, write_all_bufs_within, write_now},
         signal::Quiet,
     },
     state::AppState,
@@ -49,18 +52,25 @@ pub(super) enum End {
     /// The client sent a close frame (with this code).
     ClientClosed(Option<u16>),
     ClientGone,
+    /// The hub closed it: its queue overflowed.
     Slow,
+    /// A write took no byte for a ping interval: the client stopped reading.
+    Stalled,
     Shutdown,
     Timeout,
     Expired,
     TooBig,
     Protocol,
+    /// A text message or close reason that is not UTF-8 (1007).
+    InvalidData,
     Internal,
 }
 
 /// What woke the session.
 enum Event {
     Delivery(Option<Arc<Delivery>>),
+    /// Publish ops answered by the broker, in order.
+    Published(Vec<ServerFrame>),
     Client(Result<Incoming, End>),
     Timer,
     Shutdown,
@@ -85,6 +95,10 @@ pub struct Session<S> {
     /// (one write for both), or the rest of frames whose write was cut short (kick or
     /// drain), so the client still sees whole frames before the closing ones.
     pub(super) unsent: Vec<u8>,
+    /// Channel resumes (`since`) this connection made in the current minute.
+    pub(super) resumes: crate::transport::ResumeBudget,
+    /// Publish ops waiting for the broker (boxed: most connections never publish).
+    pub(super) publishes: Option<Box<Publishes>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -115,6 +129,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             claims: claims.map(Box::new),
             shutdown,
             unsent: head,
+            resumes: crate::transport::ResumeBudget::new(),
+            publishes: None,
             state,
         }
     }
@@ -134,7 +150,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return Box::pin(self.finish(end)).await;
             }
             let ping_every = self.state.config.timers.ws_ping;
-            let expires = self.claims.as_ref().map(|c| Instant::now() + c.remaining());
+            let expires = self.claims.as_ref().map(|c| c.expires_at(Instant::now()));
             let mut next_ping = Instant::now() + ping_every;
             let mut last_seen = Instant::now();
             // One timer for pings and the token's expiry.
@@ -148,8 +164,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 turns = turns.wrapping_add(1);
                 let signals_first = turns.is_multiple_of(SIGNALS_EVERY);
-                let (rx, io, decoder, shutdown) =
-                    (&mut self.rx, &mut self.io, &mut self.decoder, &mut self.shutdown);
+                let (rx, io, decoder, shutdown, publishes) =
+                    (&mut self.rx, &mut self.io, &mut self.decoder, &mut self.shutdown, &mut self.publishes);
                 let event = std::future::poll_fn(|cx| {
                     if signals_first && shutdown.poll(cx).is_ready() {
                         return Poll::Ready(Event::Shutdown);
@@ -160,7 +176,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     if !signals_first && shutdown.poll(cx).is_ready() {
                         return Poll::Ready(Event::Shutdown);
                     }
-                    if let Poll::Ready(r) = poll_client(io, decoder, cx) {
+                    if let Some(p) = publishes.as_deref_mut()
+                        && let Poll::Ready(frames) = p.poll_answered(cx)
+                    {
+                        return Poll::Ready(Event::Published(frames));
+                    }
+                    // With too many publishes in flight the client waits: its socket
+                    // is not read until answers go out.
+                    if publishes.as_deref().is_none_or(Publishes::has_room)
+                        && let Poll::Ready(r) = poll_client(io, decoder, cx)
+                    {
                         return Poll::Ready(Event::Client(r));
                     }
                     if timer.as_mut().poll(cx).is_ready() {
@@ -173,6 +198,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Event::Shutdown => Err(End::Shutdown),
                     Event::Delivery(None) => Err(End::Internal),
                     Event::Delivery(Some(d)) => self.write_batch(d).await,
+                    Event::Published(frames) => Box::pin(self.send_all(&frames)).await,
                     Event::Client(Err(end)) => Err(end),
                     Event::Client(Ok(msg)) => {
                         last_seen = Instant::now();
@@ -183,7 +209,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                                     code::BAD_REQUEST,
                                     "binary frames are not supported; send JSON text frames",
                                 );
-                                Box::pin(self.send(&f)).await
+                                Box::pin(async {
+                                    self.answer_publishes().await?;
+                                    self.send(&f).await
+                                })
+                                .await
                             }
                             Incoming::Ping(payload) => {
                                 Box::pin(self.write_frame(opcode::PONG, &payload)).await
@@ -242,7 +272,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Writes `bufs`. A client that stops reading blocks the write; its inbox then
-    /// overflows and the hub closes it, which ends the wait (as does the drain).
+    /// overflows and the hub closes it, or the write stalls for a ping interval, either
+    /// of which ends the wait (as does the drain).
     pub(super) async fn write(&mut self, bufs: &mut [&[u8]]) -> Result<(), End> {
         if !self.unsent.is_empty() {
             let first = std::mem::take(&mut self.unsent);
@@ -261,12 +292,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
-    /// The rest of a write that has to wait: until done, a kick or the drain.
+    /// The rest of a write that has to wait: until done, a kick, the drain, or a stall
+    /// (no byte taken for a ping interval: the client stopped reading, and while this
+    /// waits no ping timeout is checked).
     async fn write_slow(&mut self, bufs: &mut [&[u8]]) -> Result<(), End> {
+        let stall = self.state.config.timers.ws_ping;
         let Self { io, inbox, shutdown, unsent, .. } = self;
         let end = tokio::select! {
             biased;
-            r = write_all_bufs(io, bufs) => return r.map_err(|_| End::ClientGone),
+            r = write_all_bufs_within(io, bufs, stall) => match r {
+                Ok(()) => return Ok(()),
+                Err(e) if is_stall(&e) => End::Stalled,
+                Err(_) => return Err(End::ClientGone),
+            },
             _ = inbox.closed().cancelled() => End::Slow,
             _ = std::future::poll_fn(|cx| shutdown.poll(cx)) => End::Shutdown,
         };
@@ -290,16 +328,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.write_frame(opcode::TEXT, &text).await
     }
 
+    /// Sends JSON frames in one write.
+    pub(super) async fn send_all(&mut self, frames: &[ServerFrame]) -> Result<(), End> {
+        let mut out = Vec::new();
+        for frame in frames {
+            out.extend(ws_frame::encode(opcode::TEXT, &serde_json::to_vec(frame).expect("frames serialize")));
+        }
+        self.write(&mut [&out]).await
+    }
+
     async fn finish(mut self, end: End) {
         let (reason, close): (&'static str, Option<(u16, &'static str)>) = match end {
+            // The decoder passes only codes a client may send (never 1005, 1006 or
+            // 1015), so echoing one is valid on the wire.
             End::ClientClosed(code) => ("client_closed", code.map(|c| (c, ""))),
             End::ClientGone => ("client_closed", None),
-            End::Slow => ("slow_consumer", Some((1008, "slow consumer"))),
+            End::Slow | End::Stalled => ("slow_consumer", Some((1008, "slow consumer"))),
             End::Shutdown => ("shutdown", Some((1012, "server restarting, reconnect"))),
             End::Timeout => ("timeout", Some((1001, "ping timeout"))),
             End::Expired => ("token_expired", Some((TOKEN_EXPIRED, "token expired"))),
             End::TooBig => ("protocol_error", Some((1009, "message too big"))),
             End::Protocol => ("protocol_error", Some((1002, "protocol error"))),
+            End::InvalidData => ("protocol_error", Some((1007, "invalid UTF-8"))),
             End::Internal => ("server_closed", Some((1011, "internal error"))),
         };
         self.guard.set_reason(reason);
@@ -308,7 +358,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return;
         }
         let mut out = std::mem::take(&mut self.unsent);
-        if end == End::Slow {
+        if end == End::Stalled {
+            // Counted here: the hub counts the slow consumers it closes itself.
+            metrics::counter!(crate::metrics::SLOW_CONSUMER_TOTAL, "transport" => "ws").increment(1);
+            metrics::counter!(crate::metrics::LIMIT_REJECTIONS_TOTAL, "limit" => "write_stall").increment(1);
+        }
+        if matches!(end, End::Slow | End::Stalled) {
             let f = error(code::SLOW_CONSUMER, "the connection fell too far behind and is closed; reconnect");
             out.extend(ws_frame::encode(opcode::TEXT, &serde_json::to_vec(&f).expect("frames serialize")));
         }
@@ -319,6 +374,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             _ => {}
         }
         let io = &mut self.io;
+        if end == End::Stalled {
+            // The client reads nothing: the goodbye goes out only if the socket takes it
+            // now, and the connection is dropped without waiting for a handshake.
+            let _ = write_now(io, &mut [&out]).await;
+            return;
+        }
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             io.write_all(&out).await?;
             io.shutdown().await?;
@@ -347,6 +408,10 @@ fn poll_client<S: AsyncRead + Unpin>(
                 debug!(why, "websocket protocol error");
                 return Poll::Ready(Err(End::Protocol));
             }
+            Err(DecodeError::InvalidData(why)) => {
+                debug!(why, "websocket protocol error");
+                return Poll::Ready(Err(End::InvalidData));
+            }
         }
         // The read buffer lives on the stack, only for this call.
         // Uninitialized: most polls find nothing to read, and zeroing 4 KiB per wake-up
@@ -369,16 +434,10 @@ mod tests {
     fn state() -> AppState {
         let config = crate::config::Config::default();
         let hub = crate::hub::Hub::in_memory(
-            crate::hub::HubConfig { linger: Duration::ZERO, poll_buffer: 4, poll_keepalive: Duration::ZERO },
+            crate::hub::HubConfig { linger: Duration::ZERO, ..crate::hub::HubConfig::new(&config) },
             config.history.clone(),
         );
-        AppState {
-            hub,
-            publishing: Arc::new(crate::publish::Publishing::new(&config)),
-            config: Arc::new(config),
-            shutdown: CancellationToken::new(),
-            auth: None,
-        }
+        AppState::new(config, hub, None, CancellationToken::new())
     }
 
     /// A masked client frame.
