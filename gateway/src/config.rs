@@ -14,6 +14,7 @@ mod checks;
 pub mod cli;
 pub mod cluster_url;
 pub mod secret;
+pub mod sentinel_url;
 pub mod settings;
 
 use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
@@ -46,8 +47,8 @@ pub struct Config {
     pub redis_url: Option<SecretUrl>,
     /// Redis pool size for publishing.
     pub redis_pool_size: usize,
-    /// Replicas that must hold a history publish before it is acknowledged (Redis
-    /// Cluster; 0: off).
+    /// Replicas that must hold a history publish before it is acknowledged (0: the
+    /// master alone).
     pub redis_replica_acks: usize,
     /// Keys that may publish; empty means publishing is open.
     pub api_keys: Vec<Secret>,
@@ -220,11 +221,9 @@ impl Config {
                 s.poll_timeout_secs, s.poll_max_timeout_secs
             )));
         }
-        if s.redis_replica_acks > 0
-            && !s.redis_url.as_ref().is_some_and(|u| cluster_url::is_cluster(u.expose()))
-        {
+        if s.redis_replica_acks > 0 && s.redis_url.is_none() {
             return Err(ConfigError(format!(
-                "redis_replica_acks ({}) needs a redis+cluster:// redis_url",
+                "redis_replica_acks ({}) needs a redis_url: the in-process broker has no replicas",
                 s.redis_replica_acks
             )));
         }
@@ -272,9 +271,9 @@ impl Config {
     }
 }
 
-/// Checks a Redis URL as `--redis-url` is checked, for `gateway publish`.
+/// Checks a Redis URL as `--redis-url` is checked (for `gateway publish`).
 pub fn check_redis_url(url: &str) -> Result<(), ConfigError> {
-    let url: SecretUrl = url.parse().unwrap_or_else(|never| match never {});
+    let Ok(url) = url.parse::<SecretUrl>();
     checks::redis_url("redis_url", Some(url)).map(|_| ())
 }
 

@@ -124,7 +124,12 @@ pub async fn run(
             })
         }
         Some(url) => {
-            let redis = RedisBroker::prepare(url.expose(), config.redis_pool_size, config.history.clone())?;
+            let redis = RedisBroker::prepare(
+                url.expose(),
+                config.redis_pool_size,
+                config.redis_replica_acks,
+                config.history.clone(),
+            )?;
             Hub::new(hub_config, |sink| -> Arc<dyn Broker> {
                 Arc::new(redis.start(sink, background_stop.clone(), &background))
             })

@@ -21,7 +21,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use crate::{
     broker::{
         BrokerError, Publish, PublishOutcome, Sequence, cluster,
-        redis::{PublishQueue, script},
+        redis::{Master, PublishQueue, script},
     },
     config::{Config, InputFormat, Limits, PublishArgs, cluster_url, mask_url},
     publish::{
@@ -120,32 +120,39 @@ impl ToRedis {
     }
 }
 
-/// Connects to the Redis (or Redis Cluster) at `url`, failing at once when it cannot
-/// be reached, and starts a publishing queue there. A Redis no gateway has connected to
-/// yet lacks the library: the queue loads it with the default limits.
-async fn queue_for(url: &str) -> Result<Queue, String> {
+/// Connects to the Redis (through Sentinel, or a Redis Cluster) at `url`, failing at
+/// once when it cannot be reached, and starts a publishing queue there that stops with
+/// `stop`. A Redis no gateway has connected to yet lacks the library: the queue loads it
+/// with the default limits.
+async fn queue_for(url: &str, stop: &tokio_util::sync::CancellationToken) -> Result<Queue, String> {
     let history = Config::default().history;
     let unreachable =
         |e: &dyn std::fmt::Display| format!("cannot connect to Redis at {}: {e}", mask_url(url));
-    let shutdown = tokio_util::sync::CancellationToken::new();
+    let bad = |e: &dyn std::fmt::Display| format!("bad Redis URL {}: {e}", mask_url(url));
     if cluster_url::is_cluster(url) {
         let acks = cluster::ReplicaAcks::default();
-        let (_, client) =
-            cluster::clients(url, acks).map_err(|e| format!("bad Redis URL {}: {e}", mask_url(url)))?;
+        let (_, client) = cluster::clients(url, acks).map_err(|e| bad(&e))?;
         client.check().await.map_err(|e| unreachable(&e))?;
         let library = script::cluster_library_source(&history).into();
-        return Ok(Queue::Cluster(client.start(library, acks, shutdown)));
+        return Ok(Queue::Cluster(client.start(library, acks, stop.clone())));
     }
-    let client = redis::Client::open(url).map_err(|e| format!("bad Redis URL {}: {e}", mask_url(url)))?;
-    client.get_multiplexed_async_connection().await.map_err(|e| unreachable(&e))?;
-    Ok(Queue::One(PublishQueue::start(client, script::library_source(&history).into(), shutdown)))
+    let (master, watcher) = Master::open(url).map_err(|e| bad(&e))?;
+    if let Some(watcher) = watcher {
+        tokio::spawn(watcher.run(stop.clone()));
+    }
+    let node = master.node().await.map_err(|e| unreachable(&e))?;
+    node.client.get_multiplexed_async_connection().await.map_err(|e| unreachable(&e))?;
+    let library = script::library_source(&history).into();
+    Ok(Queue::One(PublishQueue::start(master, library, 0, stop.clone())))
 }
 
 async fn to_redis(args: &PublishArgs, format: Option<Format>, limits: &Limits) -> Result<Tally, String> {
     let Some(url) = &args.redis_url else {
         return Err("nowhere to publish: give --redis-url (or GATEWAY_REDIS_URL) or --gateway-url".into());
     };
-    let queue = queue_for(url).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stop_guard = stop.clone().drop_guard();
+    let queue = queue_for(url, &stop).await?;
     let mut redis = ToRedis { queue, stream: rand::random(), seqs: HashMap::new() };
     let mut inflight: InFlight<'static, String> = InFlight::new(MAX_IN_FLIGHT);
     let mut failed = 0u64;

@@ -437,6 +437,46 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(v["fields"]["broker"], "memory");
 }
 
+#[test]
+fn sentinel_urls_are_checked_at_startup() {
+    // A good one passes (`gateway config` contacts nothing) and is shown masked.
+    let url = "redis+sentinel://app:pw-s3cret@127.0.0.1:26379,[::1]:26380/mymaster?db=1";
+    let out = effective(&["--redis-url", url], &[("GATEWAY_REDIS_REPLICA_ACKS", "2")]);
+    assert!(out.contains("redis+sentinel://app:***@127.0.0.1:26379,[::1]:26380/mymaster?db=1"), "{out}");
+    assert!(!out.contains("pw-s3cret"), "{out}");
+    assert_eq!(field(&out, "redis_replica_acks"), "2");
+    let serve = ["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--redis-url"];
+    for (url, says) in [
+        ("redis+sentinel://127.0.0.1:26379", "no master name"),
+        ("redis+sentinel://127.0.0.1:26379,/m", "bad sentinel host"),
+        ("redis+sentinel://u:pw-s3cret@127.0.0.1:sixty/m", "bad sentinel port"),
+        ("redis+sentinel://127.0.0.1:26379/m?db=one", "db must be a number"),
+        ("redis+sentinel://127.0.0.1:26379/m?password=x", "unknown parameter"),
+    ] {
+        let runs = [
+            (["config", "--redis-url", url].map(str::to_owned).to_vec(), "gateway: invalid configuration: "),
+            (
+                serve.iter().map(|s| s.to_string()).chain([url.to_owned()]).collect(),
+                "gateway: invalid configuration: ",
+            ),
+            (
+                ["publish", "ch", "--redis-url", url].map(str::to_owned).to_vec(),
+                "gateway publish: invalid configuration: ",
+            ),
+        ];
+        for (args, prefix) in runs {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let r = run(&args, &[]);
+            let what = format!("{url} ({})", args[0]);
+            assert_eq!(r.code, Some(2), "{what}: exit code; stderr {}", r.stderr);
+            let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+            assert_eq!(lines.len(), 1, "{what}: exactly one stderr line:\n{}", r.stderr);
+            assert!(lines[0].starts_with(prefix) && lines[0].contains(says), "{what}: {}", lines[0]);
+            assert!(!r.stderr.contains("pw-s3cret"), "{what}: no password: {}", r.stderr);
+        }
+    }
+}
+
 /// The README's configuration table is the user's reference: every option the node
 /// takes is there, with its flag, variable and default.
 #[test]

@@ -1,17 +1,19 @@
 //! The Redis broker: one dedicated pub/sub connection per node ([`pubsub`]), and a
 //! connection pool for publishing and reading history through the `fanout` Redis
-//! Function library ([`script`]).
+//! Function library ([`script`]). All of them talk to the current master ([`master`]):
+//! the one of the URL, or the one the sentinels name ([`sentinel`]), which can change.
 
+pub mod master;
 mod publisher;
 mod pubsub;
 pub mod script;
+pub mod sentinel;
 
 use std::{
     sync::{Arc, Weak},
     time::Duration,
 };
 
-use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use futures_util::future::BoxFuture;
 use metrics::gauge;
 use tokio::sync::{mpsc, watch};
@@ -20,8 +22,12 @@ use tracing::info;
 
 use shared::StreamPos;
 
-pub use self::publisher::PublishQueue;
-use self::pubsub::{Cmd, PubSubTask};
+pub use self::{master::Master, publisher::PublishQueue};
+use self::{
+    master::Pools,
+    pubsub::{Cmd, PubSubTask},
+    sentinel::Watcher,
+};
 use super::{Broker, BrokerError, LinkState, Page, Publish, PublishOutcome, Ready, Recovery, Sink};
 use crate::{
     config::{HistoryConfig, mask_url},
@@ -34,7 +40,7 @@ pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Broker backed by Redis pub/sub.
 pub struct RedisBroker {
     cmds: mpsc::UnboundedSender<Cmd>,
-    pool: Pool,
+    pool: Arc<Pools>,
     publisher: PublishQueue,
     link: watch::Receiver<LinkState>,
     library: Arc<str>,
@@ -44,26 +50,26 @@ pub struct RedisBroker {
 /// A Redis broker whose URL and pool are set up, not yet started: setting up can fail
 /// (a malformed URL), starting cannot.
 pub struct Prepared {
-    client: redis::Client,
-    pool: Pool,
+    master: Master,
+    watcher: Option<Watcher>,
+    pool: Arc<Pools>,
     history: HistoryConfig,
+    replica_acks: usize,
     url: String,
 }
 
 impl RedisBroker {
-    /// Checks `url` and sets up the publishing pool of `pool_size` connections.
-    pub fn prepare(url: &str, pool_size: usize, history: HistoryConfig) -> Result<Prepared, BrokerError> {
-        let client = redis::Client::open(url)?;
-        let mut cfg = deadpool_redis::Config::from_url(url);
-        let mut pool_cfg = PoolConfig::new(pool_size);
-        pool_cfg.timeouts = Timeouts {
-            wait: Some(COMMAND_TIMEOUT),
-            create: Some(COMMAND_TIMEOUT),
-            recycle: Some(COMMAND_TIMEOUT),
-        };
-        cfg.pool = Some(pool_cfg);
-        let pool = cfg.create_pool(Some(Runtime::Tokio1)).map_err(|e| BrokerError::Pool(e.to_string()))?;
-        Ok(Prepared { client, pool, history, url: mask_url(url) })
+    /// Checks `url` and sets up the publishing pool of `pool_size` connections; history
+    /// publishes wait for `replica_acks` replicas.
+    pub fn prepare(
+        url: &str,
+        pool_size: usize,
+        replica_acks: usize,
+        history: HistoryConfig,
+    ) -> Result<Prepared, BrokerError> {
+        let (master, watcher) = Master::open(url)?;
+        let pool = Arc::new(Pools::new(master.clone(), pool_size));
+        Ok(Prepared { master, watcher, pool, history, replica_acks, url: mask_url(url) })
     }
 }
 
@@ -76,14 +82,17 @@ impl Prepared {
         shutdown: CancellationToken,
         tracker: &TaskTracker,
     ) -> RedisBroker {
-        let Self { client, pool, history, url } = self;
+        let Self { master, watcher, pool, history, replica_acks, url } = self;
         let (cmds, rx) = mpsc::unbounded_channel();
         let (link_tx, link) = watch::channel(LinkState::Down);
         gauge!(m::BROKER_LINK_UP).set(0.0);
         let library: Arc<str> = script::library_source(&history).into();
-        let publisher = PublishQueue::start(client.clone(), library.clone(), shutdown.clone());
-        let task = PubSubTask::new(client, sink, rx, link_tx, library.clone());
-        info!(%url, "redis broker starting");
+        if let Some(watcher) = watcher {
+            tracker.spawn(watcher.run(shutdown.clone()));
+        }
+        let publisher = PublishQueue::start(master.clone(), library.clone(), replica_acks, shutdown.clone());
+        let task = PubSubTask::new(master, sink, rx, link_tx, library.clone());
+        info!(%url, replica_acks, "redis broker starting");
         tracker.spawn(task.run(shutdown));
         RedisBroker { cmds, pool, publisher, link, library }
     }
@@ -94,14 +103,17 @@ impl RedisBroker {
     /// without persistence, or a fresh server).
     async fn fcall(&self, cmd: redis::Cmd) -> Result<redis::Value, BrokerError> {
         let fut = async {
-            let mut conn = self.pool.get().await.map_err(|e| BrokerError::Pool(e.to_string()))?;
-            match cmd.query_async::<redis::Value>(&mut conn).await {
+            let mut conn = self.pool.get().await?;
+            let result = match cmd.query_async::<redis::Value>(&mut conn).await {
                 Err(e) if script::is_missing_function(&e) => {
+                    // A new master (a fresh server, or one promoted before the library
+                    // reached it) lacks the library: load it here and go on.
                     script::load_library(&mut conn, &self.library).await?;
-                    Ok(cmd.query_async::<redis::Value>(&mut conn).await?)
+                    cmd.query_async::<redis::Value>(&mut conn).await
                 }
-                r => Ok(r?),
-            }
+                r => r,
+            };
+            result.inspect_err(|e| self.pool.master().check_error(e)).map_err(BrokerError::from)
         };
         tokio::time::timeout(COMMAND_TIMEOUT, fut)
             .await
@@ -127,9 +139,13 @@ impl Broker for RedisBroker {
         Box::pin(async move {
             let payload = super::frame(&msg);
             let fut = async {
-                let mut conn = pool.get().await.map_err(|e| BrokerError::Pool(e.to_string()))?;
-                let receivers: i64 =
-                    redis::cmd("PUBLISH").arg(&msg.channel).arg(&payload[..]).query_async(&mut conn).await?;
+                let mut conn = pool.get().await?;
+                let receivers: i64 = redis::cmd("PUBLISH")
+                    .arg(&msg.channel)
+                    .arg(&payload[..])
+                    .query_async(&mut conn)
+                    .await
+                    .inspect_err(|e| pool.master().check_error(e))?;
                 Ok::<_, BrokerError>(receivers)
             };
             let receivers = tokio::time::timeout(COMMAND_TIMEOUT, fut)

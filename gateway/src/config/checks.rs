@@ -3,17 +3,22 @@
 
 use std::fmt;
 
-use super::{ConfigError, Secret, SecretUrl, mask_url};
+use super::{ConfigError, Secret, SecretUrl, mask_url, sentinel_url};
 
 /// A number that must be greater than zero.
 pub fn positive<T: PartialOrd + Default + fmt::Display>(name: &str, v: T) -> Result<T, ConfigError> {
     if v > T::default() { Ok(v) } else { Err(ConfigError(format!("{name} must be greater than 0, got {v}"))) }
 }
 
-/// A Redis URL: `redis://`, `unix://` or `redis+cluster://`; an empty one means none.
+/// A Redis URL: `redis://`, `unix://`, `redis+sentinel://` or `redis+cluster://`; an
+/// empty one means none.
 pub fn redis_url(name: &str, url: Option<SecretUrl>) -> Result<Option<SecretUrl>, ConfigError> {
     let Some(url) = url.filter(|u| !u.expose().trim().is_empty()) else { return Ok(None) };
     let text = url.expose();
+    if text.starts_with(sentinel_url::SCHEME) {
+        sentinel_url::SentinelUrl::parse(text).map_err(|e| ConfigError(format!("{name}: {e}")))?;
+        return Ok(Some(url));
+    }
     if super::cluster_url::is_cluster(text) {
         super::cluster_url::seeds(text)
             .map_err(|e| ConfigError(format!("{name} {:?}: {e}", mask_url(text))))?;
@@ -22,7 +27,7 @@ pub fn redis_url(name: &str, url: Option<SecretUrl>) -> Result<Option<SecretUrl>
     if !(text.starts_with("redis://") || text.starts_with("unix://")) {
         let hint = if text.starts_with("rediss://") { " (TLS to Redis is not built in yet)" } else { "" };
         return Err(ConfigError(format!(
-            "{name} must start with redis://, unix:// or redis+cluster://, got {:?}{hint}",
+            "{name} must start with redis://, unix://, redis+sentinel:// or redis+cluster://, got {:?}{hint}",
             mask_url(text)
         )));
     }

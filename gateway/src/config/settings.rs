@@ -180,14 +180,19 @@ settings! {
     listen: SocketAddr = "0.0.0.0:8080", "GATEWAY_LISTEN";
     /// Admin listener address (metrics, health, readiness).
     admin_listen: SocketAddr = "0.0.0.0:9091", "GATEWAY_ADMIN_LISTEN";
-    /// Redis URL, e.g. redis://127.0.0.1:6379, or redis+cluster://h:p[,h:p...] (the seed
-    /// nodes of a Redis Cluster). Unset: single node on an in-process broker.
+    /// Redis URL, e.g. redis://127.0.0.1:6379; through Sentinel
+    /// redis+sentinel://host:26379[,host:port...]/<master-name>; or
+    /// redis+cluster://h:p[,h:p...] (the seed nodes of a Redis Cluster). Unset: single
+    /// node on an in-process broker.
     #[arg(hide_env_values = true)]
     redis_url: SecretUrl = none, "GATEWAY_REDIS_URL", checks::redis_url;
     /// Redis connection pool size for publishing.
     redis_pool_size: usize = "16", "GATEWAY_REDIS_POOL_SIZE", checks::positive;
-    /// Redis Cluster: a history publish is acknowledged only once this many replicas of
-    /// its master hold it (WAIT after each pipeline); 0 = once the master has it.
+    /// Replicas that must hold a history publish before it is acknowledged (`WAIT`
+    /// after each pipelined batch, on one Redis, through Sentinel or on each Redis
+    /// Cluster master; fewer acknowledgements = not durable = sent again to the current
+    /// master when it carries an idempotency key or stream sequence, else failed). 0:
+    /// acknowledged once the master has it. Costs a replication round trip per batch.
     redis_replica_acks: usize = "0", "GATEWAY_REDIS_REPLICA_ACKS";
     /// API key(s) required to publish; comma-separated. Unset: publishing is open.
     #[arg(value_delimiter = ',', hide_env_values = true)]

@@ -8,7 +8,14 @@
 //! only if each of its messages is safe to repeat (it carries an idempotency key or a
 //! stream sequence, which `fanout_publish` de-duplicates); the others fail, as a
 //! publish whose reply was lost must. Later batches wait, so order holds across a
-//! reconnect.
+//! reconnect. The connection goes to the current master ([`Master`]): after a failover
+//! the next attempt goes to the new one, and a call the old one refused as a replica
+//! (`READONLY`: it did not run) is sent again whatever it carries.
+//!
+//! With `replica_acks` = N > 0 each pipeline ends with `WAIT N`: its publishes are
+//! acknowledged only once N replicas hold them. Fewer = not durable (the master may be
+//! cut off from its replicas, or about to be replaced): handled like a lost reply, sent
+//! again to the current master when it is safe to repeat, else failed.
 
 use std::{sync::Arc, time::Duration};
 
@@ -16,7 +23,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{COMMAND_TIMEOUT, script};
+use super::{
+    COMMAND_TIMEOUT,
+    master::{Master, is_not_master},
+    script,
+};
 use crate::broker::{BrokerError, Publish, PublishOutcome};
 
 /// Most messages in one pipeline.
@@ -25,6 +36,9 @@ const MAX_BATCH: usize = 512;
 const RETRY_FOR: Duration = Duration::from_secs(10);
 /// Pause between reconnect attempts.
 const RETRY_EVERY: Duration = Duration::from_millis(100);
+/// How long `WAIT` waits for the replicas (below [`COMMAND_TIMEOUT`], the connection's
+/// response timeout).
+pub const WAIT_TIMEOUT: Duration = Duration::from_millis(1000);
 
 /// One queued publish and where its outcome goes.
 struct Job {
@@ -43,6 +57,16 @@ impl Job {
     }
 }
 
+/// What one attempt made of a job.
+enum Fate {
+    /// Answered for good.
+    Done(Result<PublishOutcome, BrokerError>),
+    /// Surely not run (refused by a node that is not the master): send it again.
+    Again(String),
+    /// Maybe run, or run but not durable: send again only if that is safe.
+    Unknown(String),
+}
+
 /// The queue in front of the pipelining task.
 #[derive(Debug, Clone)]
 pub struct PublishQueue {
@@ -51,10 +75,16 @@ pub struct PublishQueue {
 
 impl PublishQueue {
     /// Starts the task (it ends at `shutdown`, or when every `PublishQueue` is dropped),
-    /// connecting with `client` and loading `library` when Redis lacks it.
-    pub fn start(client: redis::Client, library: Arc<str>, shutdown: CancellationToken) -> Self {
+    /// publishing on `master`, loading `library` when Redis lacks it, and waiting for
+    /// `replica_acks` replicas after each pipeline.
+    pub fn start(
+        master: Master,
+        library: Arc<str>,
+        replica_acks: usize,
+        shutdown: CancellationToken,
+    ) -> Self {
         let (jobs, rx) = mpsc::unbounded_channel();
-        tokio::spawn(Pipeliner { client, library, conn: None, rx }.run(shutdown));
+        tokio::spawn(Pipeliner { master, library, replica_acks, conn: None, rx }.run(shutdown));
         Self { jobs }
     }
 
@@ -76,9 +106,11 @@ impl PublishQueue {
 }
 
 struct Pipeliner {
-    client: redis::Client,
+    master: Master,
     library: Arc<str>,
-    conn: Option<redis::aio::MultiplexedConnection>,
+    replica_acks: usize,
+    /// The connection and the master generation it was made for.
+    conn: Option<(u64, redis::aio::MultiplexedConnection)>,
     rx: mpsc::UnboundedReceiver<Job>,
 }
 
@@ -109,47 +141,64 @@ impl Pipeliner {
         metrics::histogram!(crate::metrics::PUBLISH_BATCH).record(batch.len() as f64);
         let deadline = tokio::time::Instant::now() + RETRY_FOR;
         loop {
-            let err = match self.try_send(&batch).await {
-                Ok(replies) => {
-                    for (job, reply) in batch.into_iter().zip(replies) {
-                        job.finish(script::parse_publish_reply(reply));
+            let fates = match self.try_send(&batch).await {
+                Ok(fates) => fates,
+                Err(err) => {
+                    // The connection failed: whether Redis ran the batch is unknown.
+                    self.conn = None;
+                    match &err {
+                        BrokerError::Redis(e) => self.master.check_error(e),
+                        _ => self.master.suspect(),
                     }
-                    return;
+                    let why = format!("publish outcome unknown: {err}");
+                    batch.iter().map(|_| Fate::Unknown(why.clone())).collect()
                 }
-                Err(e) => e,
             };
-            // The connection failed: whether Redis ran the batch is unknown.
-            self.conn = None;
-            let (again, fail): (Vec<Job>, Vec<Job>) = batch.into_iter().partition(Job::repeatable);
-            for job in fail {
-                job.finish(Err(BrokerError::Pool(format!("publish outcome unknown: {err}"))));
+            let mut again = Vec::new();
+            let mut why = String::new();
+            for (job, fate) in batch.into_iter().zip(fates) {
+                match fate {
+                    Fate::Done(outcome) => job.finish(outcome),
+                    Fate::Unknown(w) if !job.repeatable() => job.finish(Err(BrokerError::Pool(w))),
+                    Fate::Again(w) | Fate::Unknown(w) => {
+                        why = w;
+                        again.push(job);
+                    }
+                }
             }
             if again.is_empty() {
                 return;
             }
             if tokio::time::Instant::now() >= deadline {
-                warn!(error = %err, messages = again.len(), "redis unreachable; publishes failed");
+                warn!(error = %why, messages = again.len(), "redis unreachable; publishes failed");
                 for job in again {
-                    job.finish(Err(BrokerError::Pool(format!("redis unreachable: {err}"))));
+                    job.finish(Err(BrokerError::Pool(format!("redis unreachable: {why}"))));
                 }
                 return;
             }
-            debug!(error = %err, messages = again.len(), "publish pipeline failed; sending it again");
+            debug!(error = %why, messages = again.len(), "publish pipeline failed; sending it again");
             tokio::time::sleep(RETRY_EVERY).await;
             batch = again;
         }
     }
 
-    /// One attempt: connects when needed, loads the library when Redis lacks it.
-    async fn try_send(&mut self, batch: &[Job]) -> Result<Vec<redis::Value>, BrokerError> {
+    /// One attempt: connects to the current master when needed, loads the library when
+    /// Redis lacks it, and says what became of each job.
+    async fn try_send(&mut self, batch: &[Job]) -> Result<Vec<Fate>, BrokerError> {
+        if let Some((generation, _)) = &self.conn
+            && !self.master.is_current(*generation)
+        {
+            self.conn = None; // made for a former master
+        }
         let conn = match &mut self.conn {
-            Some(c) => c,
+            Some((_, c)) => c,
             None => {
+                let node = self.master.node().await?;
                 let config = redis::AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(COMMAND_TIMEOUT))
                     .set_response_timeout(Some(COMMAND_TIMEOUT));
-                let c = self.client.get_multiplexed_async_connection_with_config(&config).await?;
-                self.conn.insert(c)
+                let c = node.client.get_multiplexed_async_connection_with_config(&config).await?;
+                &mut self.conn.insert((node.generation, c)).1
             }
         };
         let mut pipe = redis::pipe();
@@ -157,13 +206,44 @@ impl Pipeliner {
         for job in batch {
             pipe.add_command(script::publish_cmd(&job.msg));
         }
-        let replies: Vec<redis::Value> = pipe.query_async(conn).await?;
-        if replies.iter().any(script::is_missing_function_reply) {
-            // Redis lost the library (a restart without persistence): every call of the
-            // batch failed alike; load it and send the batch once more.
-            script::load_library(conn, &self.library).await?;
-            return Ok(pipe.query_async(conn).await?);
+        if self.replica_acks > 0 {
+            pipe.cmd("WAIT").arg(self.replica_acks).arg(WAIT_TIMEOUT.as_millis() as u64);
         }
-        Ok(replies)
+        let mut replies: Vec<redis::Value> = pipe.query_async(conn).await?;
+        if replies.iter().any(script::is_missing_function_reply) {
+            // Redis lost the library (a restart without persistence, a fresh master):
+            // every call of the batch failed alike; load it and send the batch once more.
+            script::load_library(conn, &self.library).await?;
+            replies = pipe.query_async(conn).await?;
+        }
+        let durable = match self.replica_acks {
+            0 => Ok(()),
+            want => match replies.pop() {
+                Some(redis::Value::Int(n)) if n >= want as i64 => Ok(()),
+                Some(redis::Value::Int(n)) => Err(format!(
+                    "not durable: {n} of {want} replicas acknowledged within {} ms",
+                    WAIT_TIMEOUT.as_millis()
+                )),
+                other => return Err(BrokerError::Protocol(format!("WAIT answered {other:?}"))),
+            },
+        };
+        if durable.is_err() {
+            self.master.suspect();
+        }
+        Ok(replies.into_iter().map(|reply| fate(reply, &durable)).collect())
+    }
+}
+
+/// What one `fanout_publish` reply means, given whether the batch is durable.
+fn fate(reply: redis::Value, durable: &Result<(), String>) -> Fate {
+    match reply {
+        redis::Value::ServerError(e) => {
+            let err: redis::RedisError = e.into();
+            if is_not_master(&err) { Fate::Again(err.to_string()) } else { Fate::Done(Err(err.into())) }
+        }
+        reply => match durable {
+            Ok(()) => Fate::Done(script::parse_publish(reply)),
+            Err(why) => Fate::Unknown(why.clone()),
+        },
     }
 }

@@ -2,7 +2,10 @@
 //! subscribe/unsubscribe commands in batches (one `SUBSCRIBE a b c` for many channels),
 //! reads messages and hands them to the hub without ever waiting on clients, probes the
 //! link for a silent wedge, and when the link drops it reconnects with exponential
-//! backoff and jitter and resubscribes every live channel.
+//! backoff and jitter and resubscribes every live channel. When the master moves
+//! (Sentinel), the link to the old one is dropped and the task reconnects to the new one
+//! at once: readiness fails meanwhile, and the hub replays what was missed, as after
+//! any outage.
 
 use std::{
     collections::HashSet,
@@ -17,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{COMMAND_TIMEOUT, script};
+use super::{COMMAND_TIMEOUT, master::Master, script};
 use crate::{
     broker::{LinkState, Ready, Sink},
     metrics as m,
@@ -47,7 +50,7 @@ pub(super) enum Cmd {
 }
 
 pub(super) struct PubSubTask {
-    client: redis::Client,
+    master: Master,
     sink: Weak<dyn Sink>,
     cmds: mpsc::UnboundedReceiver<Cmd>,
     link: watch::Sender<LinkState>,
@@ -64,13 +67,13 @@ struct LinkLost(String);
 
 impl PubSubTask {
     pub(super) fn new(
-        client: redis::Client,
+        master: Master,
         sink: Weak<dyn Sink>,
         cmds: mpsc::UnboundedReceiver<Cmd>,
         link: watch::Sender<LinkState>,
         library: Arc<str>,
     ) -> Self {
-        Self { client, sink, cmds, link, wanted: HashSet::new(), waiting: Vec::new(), library }
+        Self { master, sink, cmds, link, wanted: HashSet::new(), waiting: Vec::new(), library }
     }
 
     pub(super) async fn run(mut self, shutdown: CancellationToken) {
@@ -78,21 +81,42 @@ impl PubSubTask {
         let mut ever_up = false;
         let mut down_since = Some(std::time::Instant::now());
         loop {
-            let connect = tokio::time::timeout(COMMAND_TIMEOUT, self.client.get_async_pubsub());
-            let result = tokio::select! {
+            let master = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = connect => r,
+                m = self.master.node() => m,
             };
-            let err = match result {
-                Ok(Ok(pubsub)) => {
-                    backoff = BACKOFF_MIN;
-                    match self.serve(pubsub, &shutdown, &mut ever_up, &mut down_since).await {
-                        Ok(()) => return,
-                        Err(LinkLost(why)) => why,
-                    }
+            let (err, generation) = match master {
+                // `node` waited for one already: ask again at once.
+                Err(e) => {
+                    debug!(error = %e, "no redis master to link to yet");
+                    continue;
                 }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "connect timed out".to_owned(),
+                Ok(node) => {
+                    let connect = tokio::time::timeout(COMMAND_TIMEOUT, node.client.get_async_pubsub());
+                    let result = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        r = connect => r,
+                    };
+                    let err = match result {
+                        Ok(Ok(pubsub)) => {
+                            backoff = BACKOFF_MIN;
+                            match self.serve(&node, pubsub, &shutdown, &mut ever_up, &mut down_since).await {
+                                Ok(()) => return,
+                                Err(LinkLost(why)) => {
+                                    // Maybe a failover: have the master checked now.
+                                    self.master.suspect();
+                                    why
+                                }
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            self.master.check_error(&e);
+                            e.to_string()
+                        }
+                        Err(_) => "connect timed out".to_owned(),
+                    };
+                    (format!("{err} (master {})", node.addr), node.generation)
+                }
             };
             if *self.link.borrow() == LinkState::Up {
                 self.link.send_replace(LinkState::Down);
@@ -102,9 +126,11 @@ impl PubSubTask {
             let delay = jitter(backoff);
             warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "redis pub/sub link down");
             backoff = (backoff * 2).min(BACKOFF_MAX);
+            // A new master ends the wait: it is where the link goes next.
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
+                _ = self.master.moved(generation) => {}
             }
         }
     }
@@ -112,6 +138,7 @@ impl PubSubTask {
     /// Serves one connection until shutdown (`Ok`) or link loss (`Err`).
     async fn serve(
         &mut self,
+        node: &super::master::MasterNode,
         pubsub: redis::aio::PubSub,
         shutdown: &CancellationToken,
         ever_up: &mut bool,
@@ -119,7 +146,9 @@ impl PubSubTask {
     ) -> Result<(), LinkLost> {
         let (mut sink, mut stream) = pubsub.split();
         // A restarted Redis without persistence has lost the library: load it now.
-        match tokio::time::timeout(COMMAND_TIMEOUT, self.client.get_multiplexed_async_connection()).await {
+        // A new master has it by replication, unless it was promoted before the library
+        // reached it: loading is idempotent, so load it on every (re)connect.
+        match tokio::time::timeout(COMMAND_TIMEOUT, node.client.get_multiplexed_async_connection()).await {
             Err(_) => return Err(LinkLost("connect timed out".into())),
             Ok(Ok(mut conn)) => {
                 if let Err(e) = script::load_library(&mut conn, &self.library).await {
@@ -163,10 +192,16 @@ impl PubSubTask {
         // Subscription changes run beside the loop too, one batch at a time (commands
         // that arrive meanwhile wait in `cmds` and are coalesced into the next).
         let mut change: Option<BoxFuture<'static, Change>> = None;
+        let master = self.master.clone();
+        let moved = master.moved(node.generation);
+        tokio::pin!(moved);
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
+                _ = &mut moved => {
+                    return Err(LinkLost(format!("the redis master moved away from {}", node.addr)));
+                }
                 _ = health.tick() => {
                     if probe.is_none() {
                         let mut s = sink.clone();
