@@ -5,7 +5,9 @@
 //! idempotency key or stream sequence) in their frame, so the second is dropped here.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashSet, VecDeque},
+    hash::{BuildHasher, RandomState},
+    sync::OnceLock,
     time::{Duration, Instant},
 };
 
@@ -15,27 +17,42 @@ const WINDOW: Duration = Duration::from_secs(60);
 /// seconds, so on a busy channel the last few thousand messages are enough.
 const MAX_KEYS: usize = 4096;
 
-/// Recently delivered keys of one channel, oldest first. Empty (no allocation) for a
-/// channel whose messages carry no keys.
+/// Recently delivered keys of one channel, oldest first, remembered by a keyed 64-bit
+/// hash (two messages with different keys collide about once in 2^64 / 4096 messages,
+/// and nobody outside the process can aim for it). Empty (no allocation) for a channel
+/// whose messages carry no keys.
 #[derive(Debug, Default)]
 pub(super) struct RecentKeys {
-    keys: VecDeque<(Box<str>, Instant)>,
+    order: VecDeque<(u64, Instant)>,
+    set: HashSet<u64>,
+}
+
+/// The process's key for hashing repeat keys.
+fn hasher() -> &'static RandomState {
+    static STATE: OnceLock<RandomState> = OnceLock::new();
+    STATE.get_or_init(RandomState::new)
 }
 
 impl RecentKeys {
     /// Whether `key` was delivered within the window; remembers it if not.
     pub(super) fn seen(&mut self, key: &str, now: Instant) -> bool {
-        while self.keys.front().is_some_and(|(_, at)| now.saturating_duration_since(*at) > WINDOW) {
-            self.keys.pop_front();
+        while let Some(&(h, at)) = self.order.front()
+            && now.saturating_duration_since(at) > WINDOW
+        {
+            self.order.pop_front();
+            self.set.remove(&h);
         }
-        // Newest first: a repeat follows its original closely.
-        if self.keys.iter().rev().any(|(k, _)| &**k == key) {
+        let h = hasher().hash_one(key);
+        if self.set.contains(&h) {
             return true;
         }
-        if self.keys.len() == MAX_KEYS {
-            self.keys.pop_front();
+        if self.order.len() == MAX_KEYS
+            && let Some((old, _)) = self.order.pop_front()
+        {
+            self.set.remove(&old);
         }
-        self.keys.push_back((key.into(), now));
+        self.order.push_back((h, now));
+        self.set.insert(h);
         false
     }
 }
