@@ -28,8 +28,10 @@ use crate::{
 };
 
 /// Publishes of one stream awaiting Redis at once (more waits for the oldest, which
-/// slows the reading of the body: back-pressure on the publisher).
-const MAX_IN_FLIGHT: usize = 1024;
+/// slows the reading of the body: back-pressure on the publisher). Enough to keep
+/// Redis busy from one stream; small enough that a thousand streams behind a slow
+/// Redis hold tens of MiB, not hundreds.
+const MAX_IN_FLIGHT: usize = 256;
 
 /// The answer to a streaming publish.
 #[derive(Debug, Serialize)]
