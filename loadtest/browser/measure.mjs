@@ -14,8 +14,9 @@
 // Clocks: both sides read `performance.timeOrigin + performance.now()` (wall clock at
 // process/page start + a monotonic clock): sub-millisecond in Node, 0.1 ms in Chromium
 // (which coarsens performance.now() to 100 µs on pages that are not cross-origin
-// isolated). Same machine, so one clock; the report gives each side's offset to
-// Date.now() at the start and at the end so a drift between them would show.
+// isolated). Same machine, so one wall clock; each side's offset to Date.now() is
+// measured at the start and the end of a run (to ~0.1 ms, see clockOffset) and the
+// latencies are corrected by the difference, which is a fraction of a millisecond.
 //
 // Every wait is bounded in time and every loop in count; nothing here asserts on timing.
 // Output: a text summary on stdout and everything (per message, per kill) in --json.
@@ -162,15 +163,19 @@ const pull = (page) => page.evaluate(() => {
 });
 
 /**
- * The offset of each side's hi-res clock to Date.now(), in ms: Date.now() is whole
- * milliseconds, so hi-res − Date.now() lies in [offset, offset + 1); its minimum over
- * samples spread across a few milliseconds is the offset (to ~0.1 ms).
+ * The offset of each side's hi-res clock to Date.now(), in ms. Date.now() is whole
+ * milliseconds: for a hi-res reading taken between two equal Date.now() readings,
+ * hi-res − Date.now() lies in [offset, offset + 1) even if the process was descheduled
+ * in between, so the minimum over samples spread across 20 ms is the
+ * offset (to ~0.1 ms; pages read performance.now() in 0.1 ms steps).
  */
 function clockOffset() {
   const t0 = Date.now();
   let min = Infinity;
-  for (let i = 0; i < 1e6 && Date.now() - t0 < 5; i++) {
-    min = Math.min(min, performance.timeOrigin + performance.now() - Date.now());
+  for (let i = 0; i < 1e7 && Date.now() - t0 < 20; i++) {
+    const before = Date.now();
+    const hi = performance.timeOrigin + performance.now();
+    if (Date.now() === before) min = Math.min(min, hi - before);
   }
   return min;
 }
@@ -281,15 +286,17 @@ async function latencyRun(transport) {
   const sent = new Map(pubs.filter((p) => p.ok).map((p) => [p.seq, p]));
   const measured = [...sent.keys()].filter((s) => s > WARMUP);
   const domSeqs = recs.map((r) => parse(r).seq).filter((s) => s > WARMUP);
+  // Both stamps on the wall clock: minus each side's hi-res offset (a fraction of a ms).
+  const corr = (clockStart.page + clockEnd.page - clockStart.node - clockEnd.node) / 2;
   const first = new Map();
   for (const r of recs) {
     const m = parse(r);
-    if (m.seq > WARMUP && !first.has(m.seq)) first.set(m.seq, { dom: r[2] - m.t, frame: r[4] == null ? null : r[4] - m.t });
+    if (m.seq > WARMUP && !first.has(m.seq)) first.set(m.seq, { dom: r[2] - m.t - corr, frame: r[4] == null ? null : r[4] - m.t - corr });
   }
   const dom = [...first.values()].map((x) => x.dom);
   const frame = [...first.values()].filter((x) => x.frame != null).map((x) => x.frame);
   const res = {
-    transport, channel, started, loadBefore, loadAfter, clockStart, clockEnd,
+    transport, channel, started, loadBefore, loadAfter, clockStart, clockEnd, clockCorrection: corr,
     publishFailed: pubs.filter((p) => !p.ok).length,
     publishRtt: summary(pubs.filter((p) => p.ok && p.seq > WARMUP).map((p) => p.rtt)),
     publishLate: summary(pubs.filter((p) => p.seq > WARMUP).map((p) => p.late)),
@@ -433,7 +440,7 @@ if (report.latency.length) {
   }
   out.push('');
   for (const r of report.latency) {
-    out.push(`${r.transport}: ${r.exactness.rendered} rendered of ${r.exactness.expected}; publish failures ${r.publishFailed}; publisher late p99 ${f(r.publishLate.p99, 2)} ms, max ${f(r.publishLate.max, 2)} ms; reconnects ${r.reconnects}; clock offset (hi-res − Date.now) node ${r.clockStart.node}→${r.clockEnd.node} ms, page ${r.clockStart.page}→${r.clockEnd.page} ms`);
+    out.push(`${r.transport}: ${r.exactness.rendered} rendered of ${r.exactness.expected}; publish failures ${r.publishFailed}; publisher late p99 ${f(r.publishLate.p99, 2)} ms, max ${f(r.publishLate.max, 2)} ms; reconnects ${r.reconnects}; clock offset (hi-res − Date.now) node ${r.clockStart.node}→${r.clockEnd.node} ms, page ${r.clockStart.page}→${r.clockEnd.page} ms, latencies corrected by ${f(-r.clockCorrection, 2)} ms`);
   }
   out.push('');
 }
