@@ -10,10 +10,12 @@
 //!
 //! - [`inbox`]: the per-connection queue.
 //! - [`delivery`]: one message with its wire encodings, computed once.
+//! - [`heads`]: where each new channel's history stood when it was subscribed.
 //! - [`recovery`]: the history-replay path, for resuming clients and broker outages.
 //! - [`poll`]: the per-channel buffer that carries long-poll clients between polls.
 
 mod delivery;
+mod heads;
 mod inbox;
 mod poll;
 mod recovery;
@@ -120,6 +122,8 @@ pub struct Hub {
     seq: AtomicU64,
     epoch: u64,
     metrics: HubMetrics,
+    /// New channels whose history head is still to be read.
+    heads: heads::Heads,
 }
 
 /// A subscriber's place in a channel; dropping it unsubscribes.
@@ -171,6 +175,7 @@ impl Hub {
                 seq: AtomicU64::new(0),
                 epoch: rand::random::<u64>() >> 12,
                 metrics,
+                heads: Default::default(),
             }
         })
     }
@@ -212,7 +217,7 @@ impl Hub {
             let ready = Ready::new();
             self.broker.subscribe(name.clone(), ready.clone());
             self.metrics.channels.increment(1.0);
-            self.fetch_head(name.clone(), ready.clone());
+            self.want_head(name.clone(), ready.clone());
             shard.channels.insert(
                 name.clone(),
                 Channel {
@@ -229,21 +234,6 @@ impl Hub {
             );
         }
         shard.channels.get_mut(channel).expect("inserted above")
-    }
-
-    /// Learns where `channel`'s history stands once its subscription is live, so an
-    /// outage before its first history message can still be replayed.
-    fn fetch_head(&self, name: Arc<str>, ready: Arc<Ready>) {
-        let (Ok(rt), Some(hub)) = (tokio::runtime::Handle::try_current(), self.me.upgrade()) else { return };
-        rt.spawn(async move {
-            if tokio::time::timeout(READY_WAIT, ready.wait()).await.is_err() {
-                return;
-            }
-            let Ok(Some(head)) = hub.broker.head(&name).await else { return };
-            if let Some(ch) = hub.shard(&name).channels.get_mut(&name) {
-                ch.head = Some(head);
-            }
-        });
     }
 
     /// Adds `inbox` as a subscriber of `channel` (already validated).
