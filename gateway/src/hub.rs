@@ -55,6 +55,8 @@ use crate::{
 
 const SHARDS: usize = 64;
 const REAP_EVERY: Duration = Duration::from_millis(200);
+/// Channels a shard's table keeps room for however few it holds.
+const MIN_CAPACITY: usize = 16;
 /// How long a new subscriber waits for the broker to confirm its channels before it
 /// is served anyway (messages flow as soon as the link is back).
 pub const READY_WAIT: Duration = Duration::from_secs(3);
@@ -85,7 +87,11 @@ struct Channel {
 
 #[derive(Default)]
 struct Shard {
-    channels: HashMap<Arc<str>, Channel>,
+    /// Boxed, so a slot is 24 bytes, not a whole `Channel`: a table has 1.1 to 2.3
+    /// times as many slots as channels (it doubles, and never fills up). Unboxed, the
+    /// tables took 415 bytes per channel at 32,000 channels (heap profile); boxed, 51
+    /// plus the 192-byte box.
+    channels: HashMap<Arc<str>, Box<Channel>>,
     /// Channels that became empty, with the earliest time they may be reaped.
     idle: Vec<(Arc<str>, Instant)>,
 }
@@ -220,9 +226,11 @@ impl Hub {
             self.want_head(name.clone(), ready.clone());
             shard.channels.insert(
                 name.clone(),
-                Channel {
+                Box::new(Channel {
                     name,
-                    subs: Slab::new(),
+                    // Most channels have one subscriber here: not `Slab::new()`, whose first
+                    // insert makes room for four.
+                    subs: Slab::with_capacity(1),
                     ring: None,
                     floor: 0,
                     ready,
@@ -230,7 +238,7 @@ impl Hub {
                     last_pos: None,
                     head: None,
                     recovering: None,
-                },
+                }),
             );
         }
         shard.channels.get_mut(channel).expect("inserted above")
@@ -316,6 +324,12 @@ impl Hub {
                 self.broker.unsubscribe(name);
                 self.metrics.channels.decrement(1.0);
                 removed += 1;
+            }
+            // A table never shrinks by itself: after a burst of channels is gone, give
+            // back what is four times more than needed.
+            let len = shard.channels.len();
+            if shard.channels.capacity() > 4 * len.max(MIN_CAPACITY) {
+                shard.channels.shrink_to(2 * len);
             }
         }
         removed

@@ -107,6 +107,21 @@ fn empty_channels_linger_then_are_reaped() {
     assert_eq!(hub.subscriber_count("c"), 0);
 }
 
+#[test]
+fn reaping_a_burst_of_channels_gives_their_table_space_back() {
+    let hub = hub(0);
+    let (a, _ra) = inbox(8);
+    let subs: Vec<_> = (0..5000).map(|i| hub.subscribe(&format!("burst-{i}"), &a)).collect();
+    let capacity =
+        |hub: &Hub| hub.shards.iter().map(|s| s.lock().unwrap().channels.capacity()).sum::<usize>();
+    assert!(capacity(&hub) >= 5000);
+    drop(subs);
+    assert_eq!(hub.reap(Instant::now() + Duration::from_secs(1)), 5000);
+    assert!(capacity(&hub) <= SHARDS * 4 * MIN_CAPACITY, "kept {} slots for no channel", capacity(&hub));
+    let _again = hub.subscribe("burst-0", &a);
+    assert_eq!(hub.subscriber_count("burst-0"), 1, "a shrunk shard still takes channels");
+}
+
 /// Publishes one history message to `channel` through the hub; its position.
 async fn history_message(hub: &Hub, channel: &str) -> shared::StreamPos {
     let msg = Publish {
