@@ -348,26 +348,19 @@ def proc_field(pid, name):
     return None
 
 
-def open_fds(pid):
-    return len(os.listdir("/proc/%d/fd" % pid))
-
-
-def socket_inodes(pid):
-    out = set()
+def fd_census(pid, ports):
+    """`pid`'s open fds from one listing: (total, {port: TCP sockets with that local or
+    remote port}); listening sockets are not counted under a port."""
+    inodes = set()
+    total = 0
     for fd in os.listdir("/proc/%d/fd" % pid):
+        total += 1
         try:
             t = os.readlink("/proc/%d/fd/%s" % (pid, fd))
         except OSError:
             continue
         if t.startswith("socket:["):
-            out.add(int(t[8:-1]))
-    return out
-
-
-def tcp_sockets_by_port(pid, ports):
-    """How many of `pid`'s TCP sockets have a local or remote port in `ports`,
-    per port: {port: count} (listening sockets excluded)."""
-    inodes = socket_inodes(pid)
+            inodes.add(int(t[8:-1]))
     counts = {p: 0 for p in ports}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -378,12 +371,13 @@ def tcp_sockets_by_port(pid, ports):
             f = line.split()
             if int(f[9]) not in inodes or f[3] == "0A":  # 0A: LISTEN
                 continue
+            inodes.discard(int(f[9]))  # a socket counts once
             local = int(f[1].rsplit(":", 1)[1], 16)
             remote = int(f[2].rsplit(":", 1)[1], 16)
             for p in ports:
                 if local == p or remote == p:
                     counts[p] += 1
-    return counts
+    return total, counts
 
 
 def metrics(admin_port):
