@@ -206,6 +206,8 @@ class Soak:
             "label": label,
             "t": round(time.time() - self.t0, 1),
             "rss_kib": gw.rss_kib(self.gw_pid),
+            "rss_anon_kib": gw.proc_field(self.gw_pid, "RssAnon"),
+            "rss_file_kib": gw.proc_field(self.gw_pid, "RssFile"),
             "fds": fds,
             "client_sockets": socks[self.port],
             "redis_sockets": socks[self.redis_port],
@@ -485,8 +487,9 @@ class Soak:
 
     @staticmethod
     def line(s):
-        return ("rss %6.1f MiB, fds %d (clients %d, redis %d, other %d), channels %d, subscriptions %d, "
-                "connections %s" % (s["rss_kib"] / 1024, s["fds"], s["client_sockets"], s["redis_sockets"],
+        return ("rss %5.1f MiB (anon %5.1f), fds %d (clients %d, redis %d, other %d), channels %d, "
+                "subscriptions %d, connections %s" % (
+                    s["rss_kib"] / 1024, s["rss_anon_kib"] / 1024, s["fds"], s["client_sockets"], s["redis_sockets"],
                                     s["other_fds"], s["channels"], s["subscriptions"],
                                     "/".join("%d" % s["connections"][t] for t in TRANSPORTS)))
 

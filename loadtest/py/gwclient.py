@@ -149,6 +149,9 @@ class WsClient:
 
     def __init__(self):
         self.reader = self.writer = None
+        # Bytes read and not yet parsed: a read cancelled by a timeout loses nothing, so
+        # the next frame is read from where the last one ended.
+        self.buf = bytearray()
 
     async def open(self, host, port, channels=(), source=None, extra_query=None):
         self.reader, self.writer = await connect(host, port, source)
@@ -178,15 +181,28 @@ class WsClient:
         self.send_frame(1, json.dumps(obj).encode())
         await self.writer.drain()
 
+    async def _fill(self, n):
+        while len(self.buf) < n:
+            data = await self.reader.read(65536)
+            if not data:
+                raise asyncio.IncompleteReadError(bytes(self.buf), n)
+            self.buf += data
+
     async def recv_frame(self):
-        b0, b1 = await self.reader.readexactly(2)
-        n = b1 & 0x7F
+        """The next frame (opcode, payload). Cancellation-safe: nothing is consumed until
+        a whole frame is buffered."""
+        await self._fill(2)
+        n, off = self.buf[1] & 0x7F, 2
         if n == 126:
-            n = struct.unpack("!H", await self.reader.readexactly(2))[0]
+            await self._fill(4)
+            n, off = struct.unpack_from("!H", self.buf, 2)[0], 4
         elif n == 127:
-            n = struct.unpack("!Q", await self.reader.readexactly(8))[0]
-        payload = await self.reader.readexactly(n) if n else b""
-        return b0 & 0x0F, payload
+            await self._fill(10)
+            n, off = struct.unpack_from("!Q", self.buf, 2)[0], 10
+        await self._fill(off + n)
+        op, payload = self.buf[0] & 0x0F, bytes(self.buf[off:off + n])
+        del self.buf[:off + n]
+        return op, payload
 
     async def recv(self):
         """The next JSON frame; answers pings; ("close", code) on a close frame."""
@@ -233,7 +249,8 @@ class WsClient:
 
 
 class SseClient:
-    """An SSE reader: yields (id, event, data) for each event; comments are skipped."""
+    """An SSE reader: yields (id, event, data) for each event; comments are skipped.
+    A read cancelled half-way leaves the stream mid-chunk: drop the client after it."""
 
     def __init__(self):
         self.reader = self.writer = None
