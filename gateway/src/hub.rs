@@ -50,7 +50,7 @@ pub use self::{
 };
 /// What the layers above hand to [`Hub::publish`] and get back: the broker's own
 /// types, reached through the hub.
-pub use crate::broker::{BrokerError, LinkState, Occupancy, Publish, PublishOutcome};
+pub use crate::broker::{BrokerError, LinkState, Occupancy, Publish, PublishOutcome, Sequence};
 use crate::{
     broker::{Broker, Page, Ready, Sink, memory::MemoryBroker},
     config::HistoryConfig,
