@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::{io::Write, process::Stdio};
-
 use common::*;
 use shared::protocol::{PublishResponse, PublishResult, ServerFrame};
 
@@ -124,16 +122,8 @@ async fn stdin_publish_reaches_every_transport_on_every_node() {
     assert!(matches!(ws_next(&mut ws).await, ServerFrame::Subscribed { .. }));
     let first = poll(&c.nodes[2], &format!("channel={ch}&timeout=0")).await;
 
-    let mut child = std::process::Command::new(gateway_bin())
-        .args(["publish", &ch, "--redis-url", &c.redis.url()])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(lines.join("\n").as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let (status, stderr) = publish_cli(&[&ch, "--redis-url", &c.redis.url()], lines.join("\n").as_bytes());
+    assert!(status.success(), "{stderr}");
     assert!(stderr.contains("4 published, 0 failed"), "{stderr}");
 
     for l in lines {
@@ -146,19 +136,11 @@ async fn stdin_publish_reaches_every_transport_on_every_node() {
     assert_eq!(r.messages.iter().map(|m| m.data.as_str()).collect::<Vec<_>>(), lines);
 
     // --jsonl: each line names its channel; a bad line is reported and the rest still go.
-    let mut child = std::process::Command::new(gateway_bin())
-        .args(["publish", "--jsonl", "--redis-url", &c.redis.url()])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     let input = format!(
         "{{\"channel\":\"{ch}\",\"data\":\"from jsonl\",\"event\":\"e1\"}}\nnot json\n{{\"channel\":\"bad channel\",\"data\":\"x\"}}\n{{\"channel\":\"{ch}\",\"data\":\"two\\nlines\"}}\n"
     );
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "bad lines make the exit code 1: {stderr}");
+    let (status, stderr) = publish_cli(&["--jsonl", "--redis-url", &c.redis.url()], input.as_bytes());
+    assert_eq!(status.code(), Some(1), "bad lines make the exit code 1: {stderr}");
     assert!(stderr.contains("line 2:") && stderr.contains("line 3:"), "{stderr}");
     assert!(stderr.contains("2 published, 2 failed"), "{stderr}");
     let ev = sse.next().await;

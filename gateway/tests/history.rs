@@ -280,18 +280,10 @@ async fn idempotency_key_suppresses_repeats() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stdin_publisher_loads_the_library_into_a_fresh_redis() {
-    use std::io::Write;
     let redis = Redis::start();
     let ch = channel("fresh");
-    let mut child = std::process::Command::new(gateway_bin())
-        .args(["publish", &ch, "--redis-url", &redis.url()])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"one\ntwo\nthree\n").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (status, stderr) = publish_cli(&[&ch, "--redis-url", &redis.url()], b"one\ntwo\nthree\n");
+    assert!(status.success(), "{stderr}");
     assert_eq!(redis.cli(&["XLEN", &format!("fanout:history:{{{ch}}}")]), "3");
     // A gateway started later serves that history.
     let gw = Gateway::start(Some(&redis.url()), &[]);

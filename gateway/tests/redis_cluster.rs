@@ -325,21 +325,10 @@ async fn every_transport_on_every_master_and_resume_on_the_other_node() {
 
     // `gateway publish` straight to the cluster: each stdin line one history message.
     let cli_ch = &channels[1];
-    let mut child = std::process::Command::new(gateway_bin())
-        .args(["publish", cli_ch, "--redis-url", &url])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     let lines: Vec<String> = (0..50).map(|i| format!("line {i}")).collect();
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(format!("{}\n", lines.join("\n")).as_bytes()).unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && stderr.contains("50 published, 0 failed"), "{stderr}");
+    let (status, stderr) =
+        publish_cli(&[cli_ch, "--redis-url", &url], format!("{}\n", lines.join("\n")).as_bytes());
+    assert!(status.success() && stderr.contains("50 published, 0 failed"), "{stderr}");
     for (what, (seen, _)) in &subscribers[..2] {
         let seen = seen.clone();
         eventually(WAIT, "the CLI's lines arrive", || async {

@@ -389,21 +389,13 @@ async fn replica_acks_hold_the_answer_until_a_replica_has_the_message() {
 /// sentinels — after a failover, where the URL's first data node is a replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stdin_publisher_finds_the_master_through_sentinel() {
-    use std::io::Write;
     let set = SentinelSet::start(1);
     let first = set.master_port();
     assert_eq!(set.sentinel_cli(&["SENTINEL", "FAILOVER", sentinel::MASTER_NAME]), "OK");
     let master = set.wait_for_new_master(first, Duration::from_secs(30));
     let ch = channel("stdin");
-    let mut child = std::process::Command::new(gateway_bin())
-        .args(["publish", &ch, "--redis-url", &set.url()])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"one\ntwo\nthree\n").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (status, stderr) = publish_cli(&[&ch, "--redis-url", &set.url()], b"one\ntwo\nthree\n");
+    assert!(status.success(), "{stderr}");
     assert_eq!(set.node_cli(master, &["XLEN", &format!("fanout:history:{{{ch}}}")]), "3");
 }
 

@@ -6,11 +6,7 @@
 
 mod common;
 
-use std::{
-    io::Write,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use common::*;
 use shared::protocol::ServerFrame;
@@ -245,18 +241,8 @@ async fn gateway_publish_reads_sse_from_stdin() {
         let ch = channel("stdin-sse");
         let mut ws = ws_connect(&gw.ws_url("/ws")).await;
         ws_subscribe(&mut ws, &[&ch]).await;
-        let mut child = Command::new(gateway_bin())
-            .args(["publish", &ch, "--format", "sse"])
-            .args(target)
-            .env_remove("GATEWAY_REDIS_URL")
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success() && stderr.contains("3 published, 0 failed"), "{target:?}: {stderr}");
+        let (status, stderr) = publish_cli(&[&ch, "--format", "sse", target[0], target[1]], input.as_bytes());
+        assert!(status.success() && stderr.contains("3 published, 0 failed"), "{target:?}: {stderr}");
         for (event, data) in [(Some("token"), "Hi"), (None, "two\nlines"), (Some("done"), "[DONE]")] {
             match ws_next(&mut ws).await {
                 ServerFrame::Message { event: e, data: d, .. } => {

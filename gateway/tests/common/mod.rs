@@ -392,6 +392,24 @@ pub async fn publish(gw: &Gateway, channel: &str, data: &str) -> shared::protoco
     r.results.remove(0)
 }
 
+/// Runs `gateway publish <args>` with `input` on its stdin (the environment's
+/// `GATEWAY_REDIS_URL` removed: the args name the target); returns its exit status and
+/// what it printed on stderr.
+pub fn publish_cli(args: &[&str], input: &[u8]) -> (std::process::ExitStatus, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(gateway_bin())
+        .arg("publish")
+        .args(args)
+        .env_remove("GATEWAY_REDIS_URL")
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("gateway publish starts");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// `message` frame helper.
 pub fn message(channel: &str, data: &str) -> ServerFrame {
     ServerFrame::Message { channel: channel.into(), id: None, event: None, data: data.into() }
