@@ -13,7 +13,8 @@
 #
 # Usage: loadtest/cluster-throughput.sh   (env: RUNS=3 STREAMS=1000 SUBS=$STREAMS
 #          RATE=30000 SECS=8 WARMUP=2 NODES=1 MASTERS=3 REPLICAS=0 PUBLISH=stream
-#          TRANSPORT=ws,sse OUT=target/bench/cluster-throughput; TABLE_ONLY=1 reprints)
+#          TRANSPORT=ws,sse MODES="single cluster" OUT=target/bench/cluster-throughput;
+#          TABLE_ONLY=1 reprints the table from OUT)
 # Starts its own redis-servers (no persistence) and release gateways on free loopback
 # ports, a fresh gateway per run (Redis is FLUSHALLed between runs), and stops all of it
 # on exit.
@@ -30,6 +31,7 @@ MASTERS=${MASTERS:-3}
 REPLICAS=${REPLICAS:-0}
 PUBLISH=${PUBLISH:-stream}
 TRANSPORT=${TRANSPORT:-ws,sse}
+MODES=${MODES:-single cluster}
 OUT=${OUT:-target/bench/cluster-throughput}
 mkdir -p "$OUT"
 
@@ -146,7 +148,8 @@ one_run() { # mode run
 }
 
 for r in $(seq 1 "$RUNS"); do
-  if [ $((r % 2)) = 1 ]; then order="single cluster"; else order="cluster single"; fi
+  # Alternate which mode goes first.
+  if [ $((r % 2)) = 1 ]; then order=$MODES; else order=$(echo "$MODES" | tr ' ' '\n' | tac | tr '\n' ' '); fi
   for mode in $order; do one_run "$mode" "$r"; done
 done
 summarize
