@@ -107,7 +107,20 @@ if kt.exists():
         top = max(rows, key=lambda r: get(r, "inuse"))
         p(f"kernel (5 s samples): TCP sockets in use {get(rows[0], 'inuse')} → peak {get(top, 'inuse')}; "
           f"TCP buffer pages at that peak {get(top, 'mem')} ({get(top, 'mem') * 4 / 1024:.0f} MiB); "
-          f"slab {get(rows[0], 'slab_kib') / 1024:.0f} → {get(top, 'slab_kib') / 1024:.0f} MiB")
+          f"slab {get(rows[0], 'slab_kib') / 1024:.0f} → {get(top, 'slab_kib') / 1024:.0f} MiB "
+          f"({(get(top, 'slab_kib') - get(rows[0], 'slab_kib')) / max(get(top, 'inuse') - get(rows[0], 'inuse'), 1):.2f} KiB per socket)")
+        # The plateau: every connection up. What the whole machine (every process on it,
+        # not only this run's) kept busy, and the loopback bytes per delivery then.
+        plat = [r for r in rows if get(r, "inuse") >= 0.99 * get(top, "inuse")]
+        if len(plat) >= 2 and "cpu_busy" in plat[0]:
+            a, b = plat[0], plat[-1]
+            secs = int(b[0]) - int(a[0])
+            busy = (get(b, "cpu_busy") - get(a, "cpu_busy")) / max(get(b, "cpu_all") - get(a, "cpu_all"), 1)
+            ncpu = __import__("os").cpu_count()
+            p(f"machine over {secs} s with every connection up: {busy * ncpu:.2f} of {ncpu} cores busy "
+              f"(all processes on it); loopback {(get(b, 'lo_bytes') - get(a, 'lo_bytes')) / secs / 1e6:.1f} MB/s "
+              f"(both directions, every process), {(get(b, 'lo_bytes') - get(a, 'lo_bytes')) / 2 / secs / (recv / win):.0f} bytes "
+              f"per delivery each way")
 fl = out / "floor.txt"
 if fl.exists():
     import re
@@ -170,7 +183,9 @@ pids+=("$vm_pid")
 # Kernel side every 5 s: TCP sockets and their buffer pages, slab memory, loopback bytes.
 ( for _ in $(seq 1 $(( (SECS + 240) / 5 ))); do
     echo "$(date +%s) $(grep '^TCP:' /proc/net/sockstat) slab_kib $(awk '/^Slab:/ { print $2 }' /proc/meminfo)" \
-      "lo_bytes $(awk '$1 == "lo:" { print $2 + $10 }' /proc/net/dev)"
+      "lo_bytes $(awk '$1 == "lo:" { printf "%d", $2 + $10 }' /proc/net/dev)" \
+      "cpu_busy $(awk '$1 == "cpu" { printf "%d", $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat)" \
+      "cpu_all $(awk '$1 == "cpu" { printf "%d", $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)"
     sleep 5
   done ) >"$OUT/kernel.txt" &
 kern_pid=$!
