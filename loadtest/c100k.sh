@@ -183,9 +183,9 @@ pids+=("$vm_pid")
 # Kernel side every 5 s: TCP sockets and their buffer pages, slab memory, loopback bytes.
 ( for _ in $(seq 1 $(( (SECS + 240) / 5 ))); do
     echo "$(date +%s) $(grep '^TCP:' /proc/net/sockstat) slab_kib $(awk '/^Slab:/ { print $2 }' /proc/meminfo)" \
-      "lo_bytes $(awk '$1 == "lo:" { printf "%d", $2 + $10 }' /proc/net/dev)" \
-      "cpu_busy $(awk '$1 == "cpu" { printf "%d", $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat)" \
-      "cpu_all $(awk '$1 == "cpu" { printf "%d", $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)"
+      "lo_bytes $(awk '$1 == "lo:" { printf "%.0f", $2 + $10 }' /proc/net/dev)" \
+      "cpu_busy $(awk '$1 == "cpu" { printf "%.0f", $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat)" \
+      "cpu_all $(awk '$1 == "cpu" { printf "%.0f", $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)"
     sleep 5
   done ) >"$OUT/kernel.txt" &
 kern_pid=$!
