@@ -41,7 +41,7 @@ import json, statistics as st, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 runs = [l.split("\t") for l in (out / "runs.tsv").read_text().splitlines()[1:] if l.strip()]
 rows = {}
-for mode, r, ngw, nredis, la0, la1 in runs:
+for mode, r, ngw, nredis, la0, la1, *busy in runs:
     j = json.loads((out / f"{mode}-{r}.json").read_text())
     procs = j["server"]["processes"]
     gw, rd = procs[: int(ngw)], procs[int(ngw):]
@@ -65,6 +65,9 @@ for mode, r, ngw, nredis, la0, la1 in runs:
         "duplicates": j["delivery"]["duplicates"],
         "reordered": j["delivery"]["reordered"],
         "publishes failed": j["publish"]["failed"],
+        "machine busy cores (every process, whole loadgen run)": float(busy[0]) if busy else float("nan"),
+        "ours: gateway + redis + loadgen cores": sum(p["cpu_secs_measured"] for p in procs) / win
+            + j["loadgen"]["cpu_secs"] / max(j["publish"]["duration_secs"], 1e-9),
         "load avg before → after": f"{la0} → {la1}",
     })
 modes = [m for m in ("single", "cluster") if m in rows]
@@ -113,7 +116,7 @@ start_cluster "$MASTERS" "$REPLICAS"
     "cluster: masters ${MASTER_PORTS[*]} (pids ${MASTER_PIDS[*]}), replicas ${REPLICA_PORTS[*]:-none}"
   echo "load: $STREAMS streams, $SUBS watchers ($TRANSPORT), $RATE msg/s asked, ${WARMUP}+${SECS} s, publish $PUBLISH, $NODES gateway(s)"
 } | tee "$OUT/setup.txt"
-printf 'mode\trun\tgateways\tredis\tload_before\tload_after\n' >"$OUT/runs.tsv"
+printf 'mode\trun\tgateways\tredis\tload_before\tload_after\tmachine_busy_cores\n' >"$OUT/runs.tsv"
 
 one_run() { # mode run
   local mode=$1 r=$2 url redis_pids=() gw_pids=() urls=() n la0 la1
@@ -134,6 +137,8 @@ one_run() { # mode run
   for p in "${gw_pids[@]}" "${redis_pids[@]}"; do args+=(--server-pid "$p"); done
   sleep 1
   la0=$(loadavg)
+  local cpu0 cpu1
+  cpu0=$(cpu_jiffies)
   echo "== $mode run $r (load average $la0)" | tee "$OUT/$mode-$r.txt"
   [ "$mode" = cluster ] && echo "channels per master (port:count): $(channels_per_master "tp$r$mode" "$STREAMS")" \
     | tee -a "$OUT/$mode-$r.txt"
@@ -141,9 +146,11 @@ one_run() { # mode run
     --channels "$STREAMS" --subscribers "$SUBS" --rate "$RATE" --duration "$SECS" --warmup "$WARMUP" \
     --connect-concurrency 200 --channel-prefix "tp$r$mode" "${args[@]}" --json "$OUT/$mode-$r.json" \
     | tee -a "$OUT/$mode-$r.txt"
+  cpu1=$(cpu_jiffies)
   la1=$(loadavg)
   echo "load average after: $la1" | tee -a "$OUT/$mode-$r.txt"
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$r" "${#gw_pids[@]}" "${#redis_pids[@]}" "$la0" "$la1" >>"$OUT/runs.tsv"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$r" "${#gw_pids[@]}" "${#redis_pids[@]}" "$la0" "$la1" \
+    "$(busy_cores "$cpu0" "$cpu1")" >>"$OUT/runs.tsv"
   stop "${gw_pids[@]}"
 }
 

@@ -17,6 +17,14 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 
+# cpu_jiffies: "busy total" jiffies of the whole machine (every process on it).
+cpu_jiffies() { awk '$1 == "cpu" { printf "%.0f %.0f", $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat; }
+
+# busy_cores "BUSY0 TOTAL0" "BUSY1 TOTAL1": cores the machine kept busy between two samples.
+busy_cores() {
+  python3 -c 'import os, sys; a, b = sys.argv[1].split(), sys.argv[2].split(); print(f"{(int(b[0]) - int(a[0])) / max(int(b[1]) - int(a[1]), 1) * os.cpu_count():.2f}")' "$1" "$2"
+}
+
 # wait_redis PORT: until it answers PING (at most 10 s).
 wait_redis() {
   local i
