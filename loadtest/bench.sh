@@ -12,6 +12,8 @@
 #   TOKENS_PER_SEC=n sets tokens-1k's and tokens-post's rate per stream (default 50)
 # Floors (no gateway: `loadgen floor`, the kernel's own cost of the same traffic on this
 # machine): floor-1k floor-10k floor-100x100 floor-connect
+# Memory per (subscriber, channel) pair (`loadtest/pairs.py`: 3,000 WebSockets x 32
+# channels against 3,000 x 1, fresh nodes): pairs (with Redis), pairs-noredis
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-target/bench}
@@ -69,9 +71,14 @@ scenario() {
     floor-10k) floor floor-10k fanout --subscribers 10000 --channels 1 --rate 20 --duration 20 --source-ips $IPS ;;
     floor-100x100) floor floor-100x100 fanout --subscribers 10000 --channels 100 --rate 100 --duration 20 --source-ips $IPS ;;
     floor-connect) floor floor-connect connect --connections 10000 --concurrency 200 --source-ips $IPS ;;
+    pairs|pairs-noredis)
+      local flags=(); [ "$1" = pairs-noredis ] && flags=(--no-redis)
+      echo "== $1" | tee "$OUT/$1.txt"
+      python3 loadtest/pairs.py --gateway "$GW" "${flags[@]}" --out "$OUT/$1" --json "$OUT/$1.json" \
+        | tee -a "$OUT/$1.txt" || true ;;
     *) echo "unknown scenario $1" >&2; exit 2 ;;
   esac
 }
 
-if [ $# -eq 0 ]; then set -- idle-ws idle-sse idle-poll cpu-ws cpu-sse fanout-100x100 latency-1k; fi
+if [ $# -eq 0 ]; then set -- idle-ws idle-sse idle-poll cpu-ws cpu-sse fanout-100x100 latency-1k pairs pairs-noredis; fi
 for s in "$@"; do scenario "$s"; done

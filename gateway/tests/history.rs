@@ -180,6 +180,36 @@ async fn ids_older_than_history_get_a_reset_then_live_messages() {
     assert!(p.b.metric("gateway_history_recoveries_total{result=\"reset\"}").await >= 2.0);
 }
 
+/// A publishing stream's messages (`<stream> <seq>`): a first attempt is appended; one
+/// sent again (`<again>` = 1, after a lost reply) is checked against the stream's newest
+/// message in history — a repeat answers -1 with the first id, a gap is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_message_sent_again_is_published_once() {
+    let redis = Redis::start();
+    let gw = Gateway::start(Some(&redis.url()), &[]);
+    let ch = channel("fcall-seq");
+    let mut sse = SseClient::connect(&gw.url(&format!("/sse?channel={ch}"))).await;
+    let fcall = |data: &str, sid: &str, seq: &str, again: &str| {
+        let out = redis.cli(&["FCALL", "fanout_publish", "1", &ch, data, "", "", sid, seq, again]);
+        let mut lines = out.lines().map(str::to_owned);
+        (lines.next().unwrap_or_default(), lines.next().unwrap_or_default())
+    };
+    let (id1, n) = fcall("one", "aa", "1", "");
+    assert_eq!(n, "1", "published to the node");
+    // Another stream's message in between must not hide this stream's newest.
+    fcall("other", "bb", "1", "");
+    assert_eq!(fcall("one again", "aa", "1", "1"), (id1.clone(), "-1".into()), "a repeat of the newest");
+    let (id2, n) = fcall("two", "aa", "2", "1");
+    assert_eq!(n, "1", "the next seq, sent again, is published: {id2}");
+    assert_eq!(fcall("one late", "aa", "1", "1"), (String::new(), "-1".into()), "an earlier seq");
+    let gap = redis.cli(&["FCALL", "fanout_publish", "1", &ch, "four", "", "", "aa", "4", "1"]);
+    assert!(gap.contains("out of order: expected seq 3, got 4"), "{gap}");
+    for want in ["one", "other", "two"] {
+        assert_eq!(sse.next().await.data, want);
+    }
+    sse.assert_quiet(std::time::Duration::from_millis(300)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cli_fcall_publishes_with_history() {
     let redis = Redis::start();

@@ -25,6 +25,8 @@ struct Stream {
     entries: VecDeque<(HistoryEntry, u64)>,
     last: StreamPos,
     max_deleted: StreamPos,
+    /// When the last message was appended (ms since the epoch).
+    appended_ms: u64,
 }
 
 #[derive(Default)]
@@ -32,7 +34,16 @@ struct State {
     streams: HashMap<String, Stream>,
     idempotency: HashMap<(String, String), (String, Instant)>,
     last_pos: StreamPos,
+    /// When expired streams are next dropped (ms since the epoch).
+    next_sweep_ms: u64,
 }
+
+/// A stream is dropped this long after its last message on top of the age limit, as
+/// Redis expires its key (`KEY_TTL_MS` in `fanout.lua`). Without it every channel ever
+/// published with history stayed in memory, e.g. each `--demo-streams` answer's channel.
+const KEY_GRACE_MS: u64 = 3_600_000;
+/// How often expired streams and idempotency keys are looked for, at most.
+const SWEEP_EVERY_MS: u64 = 60_000;
 
 /// Broker for a single node.
 pub struct MemoryBroker {
@@ -92,6 +103,7 @@ impl MemoryBroker {
             now,
         ));
         stream.last = pos;
+        stream.appended_ms = now;
         let max_age = self.history.max_age.as_millis() as u64;
         while stream.entries.len() > self.history.max_len
             || stream.entries.front().is_some_and(|(_, at)| max_age > 0 && now.saturating_sub(*at) > max_age)
@@ -104,6 +116,31 @@ impl MemoryBroker {
             st.idempotency.insert((msg.channel.clone(), key.clone()), (pos.to_string(), Instant::now()));
         }
         (pos, false)
+    }
+
+    /// How long a stream outlives its last message.
+    fn key_ttl_ms(&self) -> u64 {
+        self.history.max_age.as_millis() as u64 + KEY_GRACE_MS
+    }
+
+    /// Drops the streams whose key Redis would have expired by `now`, and idempotency
+    /// keys past their window; at most every [`SWEEP_EVERY_MS`].
+    fn sweep(&self, st: &mut State, now: u64) {
+        if now < st.next_sweep_ms {
+            return;
+        }
+        st.next_sweep_ms = now + SWEEP_EVERY_MS;
+        let ttl = self.key_ttl_ms();
+        st.streams.retain(|_, s| now.saturating_sub(s.appended_ms) < ttl);
+        st.idempotency.retain(|_, (_, at)| at.elapsed() < self.history.idempotency_window);
+        if st.streams.capacity() > 4 * st.streams.len().max(16) {
+            st.streams.shrink_to(2 * st.streams.len());
+        }
+    }
+
+    /// `channel`'s stream unless it has expired (a sweep may not have dropped it yet).
+    fn stream<'a>(&self, st: &'a State, channel: &str, now: u64) -> Option<&'a Stream> {
+        st.streams.get(channel).filter(|s| now.saturating_sub(s.appended_ms) < self.key_ttl_ms())
     }
 }
 
@@ -122,6 +159,7 @@ impl Broker for MemoryBroker {
         let mut st = self.state();
         let subscribed = self.channels().contains(msg.channel.as_str());
         let (payload, id, duplicate) = if msg.history {
+            self.sweep(&mut st, now);
             let (pos, duplicate) = self.append(&mut st, &msg, now);
             let header =
                 FrameHeader { id: Some(pos.to_string()), event: msg.event.clone(), ts: Some(now), key: None };
@@ -144,7 +182,7 @@ impl Broker for MemoryBroker {
     ) -> BoxFuture<'a, Result<Recovery, BrokerError>> {
         // The same rules as `fanout_since` in the Redis Function library.
         let st = self.state();
-        let result = match st.streams.get(channel) {
+        let result = match self.stream(&st, channel, now_ms()) {
             None if from == StreamPos::ZERO => Recovery::Covered(Vec::new()),
             None => Recovery::Gap { entries: Vec::new(), head: None },
             Some(s) if from == s.last => Recovery::Covered(Vec::new()),
@@ -167,7 +205,7 @@ impl Broker for MemoryBroker {
     }
 
     fn head<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Option<StreamPos>, BrokerError>> {
-        let head = self.state().streams.get(channel).map(|s| s.last);
+        let head = self.stream(&self.state(), channel, now_ms()).map(|s| s.last);
         Box::pin(async move { Ok(head) })
     }
 
@@ -177,5 +215,62 @@ impl Broker for MemoryBroker {
 
     fn kind(&self) -> &'static str {
         "memory"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::*;
+
+    struct NoSink;
+    impl Sink for NoSink {
+        fn deliver(&self, _: &str, _: Bytes) {}
+    }
+
+    fn broker() -> MemoryBroker {
+        let history = HistoryConfig {
+            max_len: 10,
+            max_age: Duration::from_secs(60),
+            idempotency_window: Duration::from_secs(300),
+        };
+        MemoryBroker::new(Weak::<NoSink>::new(), history)
+    }
+
+    fn publish(b: &MemoryBroker, st: &mut State, channel: &str, now: u64) -> StreamPos {
+        let msg = Publish {
+            channel: channel.into(),
+            data: Bytes::from_static(b"m"),
+            history: true,
+            ..Default::default()
+        };
+        b.sweep(st, now);
+        b.append(st, &msg, now).0
+    }
+
+    #[test]
+    fn streams_expire_like_redis_keys_and_are_dropped() {
+        let b = broker();
+        let ttl = b.key_ttl_ms();
+        let mut st = State::default();
+        let t0 = 1_000_000;
+        for i in 0..1000 {
+            publish(&b, &mut st, &format!("once-{i}"), t0);
+        }
+        publish(&b, &mut st, "busy", t0);
+        assert!(b.stream(&st, "once-1", t0 + ttl - 1).is_some(), "kept until the key's time to live");
+        assert!(b.stream(&st, "once-1", t0 + ttl).is_none(), "gone for since/head once expired");
+        publish(&b, &mut st, "busy", t0 + ttl - 1000);
+        assert_eq!(st.streams.len(), 1001, "nothing expired yet");
+        publish(&b, &mut st, "busy", t0 + ttl + SWEEP_EVERY_MS);
+        assert_eq!(
+            st.streams.keys().collect::<Vec<_>>(),
+            ["busy"],
+            "a later publish drops the expired streams"
+        );
+        assert!(st.streams.capacity() < 1000, "and their table space");
     }
 }

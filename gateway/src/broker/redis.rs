@@ -4,6 +4,7 @@
 //! the one of the URL, or the one the sentinels name ([`sentinel`]), which can change.
 
 pub mod master;
+mod node;
 mod publisher;
 mod pubsub;
 pub mod script;

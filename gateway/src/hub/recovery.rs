@@ -11,9 +11,9 @@ use std::sync::Arc;
 use metrics::counter;
 use shared::StreamPos;
 
-use super::{Channel, Delivery, Hub, READY_WAIT};
+use super::{Channel, Delivery, Hub};
 use crate::{
-    broker::{HistoryEntry, Page, Ready, Recovery},
+    broker::{HistoryEntry, Page, Recovery},
     metrics as m,
 };
 
@@ -45,19 +45,6 @@ impl Replay {
 }
 
 impl Hub {
-    /// Learns where `channel`'s history stands once its subscription is live, so an
-    /// outage before its first history message can still be replayed.
-    pub(super) fn fetch_head(&self, name: Arc<str>, ready: Arc<Ready>) {
-        let (Ok(rt), Some(hub)) = (tokio::runtime::Handle::try_current(), self.me.upgrade()) else { return };
-        rt.spawn(async move {
-            if tokio::time::timeout(READY_WAIT, ready.wait()).await.is_err() {
-                return;
-            }
-            let Ok(head) = hub.broker.head(&name).await else { return };
-            hub.record_head(&name, head);
-        });
-    }
-
     /// Keeps what history's newest position was when this node subscribed `channel`.
     fn record_head(&self, channel: &str, head: Option<StreamPos>) {
         if let Some(ch) = self.shard(channel).channels.get_mut(channel) {
@@ -158,7 +145,7 @@ impl Hub {
             None => {
                 for shard in self.shards.iter() {
                     let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-                    shard.channels.values_mut().for_each(&mut begin);
+                    shard.channels.values_mut().for_each(|ch| begin(ch));
                 }
             }
         }

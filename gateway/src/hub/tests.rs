@@ -108,3 +108,82 @@ fn empty_channels_linger_then_are_reaped() {
     assert_eq!(hub.reap(Instant::now() + Duration::from_secs(1)), 1);
     assert_eq!(hub.subscriber_count("c"), 0);
 }
+
+#[test]
+fn reaping_a_burst_of_channels_gives_their_table_space_back() {
+    let hub = hub(0);
+    let (a, _ra) = inbox(8);
+    let subs: Vec<_> = (0..5000).map(|i| hub.subscribe(&format!("burst-{i}"), &a)).collect();
+    let capacity =
+        |hub: &Hub| hub.shards.iter().map(|s| s.lock().unwrap().channels.capacity()).sum::<usize>();
+    assert!(capacity(&hub) >= 5000);
+    drop(subs);
+    assert_eq!(hub.reap(Instant::now() + Duration::from_secs(1)), 5000);
+    assert!(capacity(&hub) <= SHARDS * 4 * MIN_CAPACITY, "kept {} slots for no channel", capacity(&hub));
+    let _again = hub.subscribe("burst-0", &a);
+    assert_eq!(hub.subscriber_count("burst-0"), 1, "a shrunk shard still takes channels");
+}
+
+/// Publishes one history message to `channel` through the hub; its position.
+async fn history_message(hub: &Hub, channel: &str) -> shared::StreamPos {
+    let msg = Publish {
+        channel: channel.into(),
+        data: Bytes::from_static(b"m"),
+        history: true,
+        ..Default::default()
+    };
+    hub.publish(msg).await.unwrap().id.unwrap().parse().unwrap()
+}
+
+/// The head recorded for `channel` on this node, if any.
+fn head_of(hub: &Hub, channel: &str) -> Option<shared::StreamPos> {
+    hub.shard(channel).channels.get(channel).and_then(|c| c.head)
+}
+
+#[tokio::test]
+async fn a_burst_of_new_channels_reads_every_head_with_a_few_tasks() {
+    let hub = hub(0);
+    let (a, _ra) = inbox(8);
+    let mut positions = Vec::new();
+    for i in 0..300 {
+        positions.push(history_message(&hub, &format!("heads-{i}")).await);
+    }
+    // Subscribed in one go, without yielding: the reads are queued, not spawned each.
+    let subs: Vec<_> = (0..300).map(|i| hub.subscribe(&format!("heads-{i}"), &a)).collect();
+    assert!(hub.heads.lock().workers <= heads::WORKERS, "at most a few tasks read heads");
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while (0..300).any(|i| head_of(&hub, &format!("heads-{i}")).is_none()) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("every head read");
+    for (i, pos) in positions.iter().enumerate() {
+        assert_eq!(head_of(&hub, &format!("heads-{i}")), Some(*pos));
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(hub.heads.lock().workers, 0, "the tasks end with the queue");
+    assert!(hub.heads.lock().todo.is_empty());
+    drop(subs);
+}
+
+#[tokio::test]
+async fn a_channel_subscribed_again_before_its_turn_gets_its_head() {
+    let hub = hub(0);
+    let (a, _ra) = inbox(8);
+    history_message(&hub, "gone").await;
+    // Subscribed and reaped before the (not yet started) task runs.
+    drop(hub.subscribe("gone", &a));
+    assert_eq!(hub.reap(Instant::now() + Duration::from_secs(1)), 1);
+    let again = hub.subscribe("gone", &a);
+    let pos = history_message(&hub, "gone").await;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while head_of(&hub, "gone").is_none() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the live channel's head is read");
+    assert_eq!(head_of(&hub, "gone"), Some(pos), "read for the channel subscribed now");
+    drop(again);
+}

@@ -13,6 +13,8 @@
 //! - [`ops`]: what the client may ask for; [`reply`]: error frames and close codes.
 
 mod ops;
+mod publishes;
+mod read;
 mod reply;
 mod session;
 

@@ -32,6 +32,8 @@ impl Node {
             .args(["--cluster-enabled", "yes", "--cluster-port", &self.bus.to_string()])
             .args(["--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1000"])
             .args(["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""])
+            // Replicas sync at once, not 5 s after they asked (Redis's default).
+            .args(["--repl-diskless-sync-delay", "0"])
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -212,7 +214,8 @@ impl RedisCluster {
     }
 
     /// Waits until every live node reports `cluster_state:ok` and agrees on three
-    /// masters covering all slots with no node marked failed.
+    /// masters covering all slots with no node marked failed, and every live replica's
+    /// link to its master is up (so `WAIT` can be answered).
     pub fn wait_healthy(&self) {
         let deadline = Instant::now() + SETTLE;
         loop {
@@ -220,6 +223,9 @@ impl RedisCluster {
                 cli_at(n.port, &["CLUSTER", "INFO"]).is_some_and(|info| info.contains("cluster_state:ok"))
                     && cli_at(n.port, &["CLUSTER", "NODES"]).is_some_and(|nodes| {
                         !nodes.contains("fail") && nodes.lines().filter(|l| l.contains("master")).count() == 3
+                    })
+                    && cli_at(n.port, &["INFO", "replication"]).is_some_and(|info| {
+                        info.contains("role:master") || info.contains("master_link_status:up")
                     })
             });
             if ok {

@@ -210,8 +210,10 @@ impl Pipeliner {
     async fn send(&mut self, mut batch: Vec<Job>) {
         let deadline = tokio::time::Instant::now() + RETRY_FOR;
         let mut pause = RETRY_MIN;
+        let mut sent_before = false;
         loop {
-            let (again, why) = self.attempt(batch).await;
+            let (again, why) = self.attempt(batch, sent_before).await;
+            sent_before = true;
             if again.is_empty() {
                 return;
             }
@@ -229,9 +231,10 @@ impl Pipeliner {
         }
     }
 
-    /// One attempt at `batch`: answers the jobs that are done and returns those to try
-    /// again, in order, with the last reason.
-    async fn attempt(&mut self, batch: Vec<Job>) -> (Vec<Job>, String) {
+    /// One attempt at `batch` (`sent_before`: an earlier attempt may have run some of
+    /// it): answers the jobs that are done and returns those to try again, in order,
+    /// with the last reason.
+    async fn attempt(&mut self, batch: Vec<Job>, sent_before: bool) -> (Vec<Job>, String) {
         let mut conn = match self.conn.get().await {
             Ok(c) => c,
             // Nothing was sent: every message may be tried again.
@@ -247,7 +250,8 @@ impl Pipeliner {
             groups[i].push(job);
         }
         let acks = self.acks;
-        let replies = join_all(groups.iter().map(|jobs| send_group(conn.clone(), jobs, acks))).await;
+        let replies =
+            join_all(groups.iter().map(|jobs| send_group(conn.clone(), jobs, acks, sent_before))).await;
         let (mut again, mut why) = (Vec::new(), String::new());
         let (mut stale, mut missing) = (false, false);
         for (jobs, replies) in groups.into_iter().zip(replies) {
@@ -315,11 +319,12 @@ async fn send_group(
     mut conn: ClusterConnection,
     jobs: &[Job],
     acks: ReplicaAcks,
+    sent_before: bool,
 ) -> redis::RedisResult<Vec<Value>> {
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for job in jobs {
-        pipe.add_command(script::publish_cmd(&job.msg));
+        pipe.add_command(script::publish_cmd(&job.msg, sent_before));
     }
     if acks.replicas > 0 {
         pipe.cmd("WAIT").arg(acks.replicas).arg(acks.timeout.as_millis() as u64);

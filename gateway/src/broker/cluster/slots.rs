@@ -89,6 +89,14 @@ impl SlotMap {
         }
     }
 
+    /// Forgets who serves `slot` (its master said it no longer does), until a map read
+    /// afterwards or a `MOVED` says.
+    pub fn forget(&mut self, slot: u16) {
+        if let Some(owner) = self.owner.get_mut(slot as usize) {
+            *owner = NOBODY;
+        }
+    }
+
     /// Whether every slot has a master.
     pub fn covers_all(&self) -> bool {
         self.owner.iter().all(|&i| i != NOBODY)

@@ -99,7 +99,8 @@ enum Event {
     Connected(LinkId, redis::RedisResult<redis::aio::MultiplexedConnection>),
     Batch(LinkId, Batch, Result<Vec<SubReply>, String>),
     Probe(LinkId, Result<(), String>),
-    Map(Result<SlotMap, String>),
+    /// A slot map read by the refresh with that number.
+    Map(u64, Result<SlotMap, String>),
 }
 
 pub(in crate::broker::cluster) struct Subscriber {
@@ -120,6 +121,15 @@ pub(in crate::broker::cluster) struct Subscriber {
     ops: FuturesUnordered<BoxFuture<'static, Event>>,
     refreshing: bool,
     refresh_asked: bool,
+    /// Refreshes started so far (each map read carries its number).
+    refreshes: u64,
+    /// Slots whose master dropped them, with the first refresh whose map may say where
+    /// they live now: a map read before may still name the old master, which (demoted
+    /// to a replica) would take a subscription and then miss messages while it syncs.
+    unsure: HashMap<u16, u64>,
+    /// A node to read the next map from first: one that just said it lost slots knows
+    /// where they went.
+    ask_first: Option<String>,
     last_refresh: Option<Instant>,
     backoff: HashMap<String, (Instant, Duration)>,
     /// Channels resubscribed whose replay has not been started yet.
@@ -155,6 +165,9 @@ impl Subscriber {
             ops: FuturesUnordered::new(),
             refreshing: false,
             refresh_asked: true,
+            refreshes: 0,
+            unsure: HashMap::new(),
+            ask_first: None,
             last_refresh: None,
             backoff: HashMap::new(),
             restored: Vec::new(),
@@ -287,6 +300,12 @@ impl Subscriber {
                     want.state = State::Idle;
                     want.lost = true;
                     self.refresh_asked = true;
+                    // Not back on this node by the map it has just contradicted.
+                    if let Some(map) = &mut self.map {
+                        map.forget(want.slot);
+                    }
+                    self.unsure.insert(want.slot, self.refreshes + 1);
+                    self.ask_first = Some(link.addr.clone());
                 }
                 true
             }

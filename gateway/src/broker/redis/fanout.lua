@@ -1,6 +1,6 @@
 #!lua name=fanout
 -- Publishing with history, callable by any Redis client:
---   FCALL fanout_publish 1 <channel> <data> [<event> [<idempotency-key> [<stream> <seq>]]]
+--   FCALL fanout_publish 1 <channel> <data> [<event> [<idempotency-key> [<stream> <seq> [<again>]]]]
 -- appends to the bounded stream fanout:history:{<channel>} and PUBLISHes (SPUBLISH on
 -- a Redis Cluster) a gateway frame carrying the new id, so every node delivers it with
 -- its position. The key may also be the history key itself, fanout:history:{<channel>}
@@ -8,9 +8,13 @@
 -- node holding the history while the slot migrates); every function takes either. It answers
 -- {id, receivers}; receivers is -1 for a repeat (an idempotency key seen within its
 -- window: id is the first publish's). A message of a publishing stream (<stream>, a
--- name unique to one streaming request, and <seq> = 1, 2, 3...) is published only in
--- order: a repeat of the stream's latest or an earlier seq is a repeat (id: the
--- latest's, or empty for an earlier one), a seq past the next one is an error.
+-- name unique to one streaming request, and <seq> = 1, 2, 3...) carries 's<stream>:<seq>'
+-- in its entry. The publisher sends a stream's messages in order over one connection,
+-- so a first attempt is just appended; one sent <again> ('1': after a lost connection,
+-- whether it ran is unknown) is checked against the stream's newest entry in history:
+-- a repeat of that seq or an earlier one is a repeat (id: the newest's, or empty for
+-- an earlier one), a seq past the next one is an error. The check reads back at most
+-- the history's length.
 --   FCALL_RO fanout_since 1 <channel> <id> <count> [<max-bytes>]
 -- returns {status, entries, last}: 'ok' when history covers everything after <id>
 -- (entries = XRANGE after it), 'reset' when it cannot; <id> 0-0 is the start of
@@ -49,39 +53,52 @@ local function id_less(a, b)
   return num_less(aseq, bseq)
 end
 
+-- The seq and id of stream <sid>'s newest message in history at <key>: 0, '' if none
+-- is (none was published, or it is older than everything history holds).
+local function stream_last(key, sid)
+  local prefix = 's' .. sid .. ':'
+  local entries = redis.call('XREVRANGE', key, '+', '-', 'COUNT', MAXLEN)
+  for _, e in ipairs(entries) do
+    local f = e[2]
+    for i = 1, #f, 2 do
+      if f[i] == 'k' and string.sub(f[i + 1], 1, #prefix) == prefix then
+        return tonumber(string.sub(f[i + 1], #prefix + 1)), e[1]
+      end
+    end
+  end
+  return 0, ''
+end
+
 local function publish(keys, args)
   local ch = channel_of(keys[1])
   local data = args[1]
   if ch == nil or data == nil then
     return redis.error_reply(
-      'usage: FCALL fanout_publish 1 <channel> <data> [<event> [<idempotency-key> [<stream> <seq>]]]')
+      'usage: FCALL fanout_publish 1 <channel> <data> [<event> [<idempotency-key> [<stream> <seq> [<again>]]]]')
   end
   local event = args[2] or ''
   local idem = args[3] or ''
   local sid = args[4] or ''
   local seq = tonumber(args[5] or '0')
+  local again = args[6] == '1'
+  local key = stream_key(ch)
   local ikey = nil
   if idem ~= '' then
     ikey = 'fanout:idem:{' .. ch .. '}:' .. idem
     local prev = redis.call('GET', ikey)
     if prev then return {prev, -1} end
   end
-  local skey = nil
   if sid ~= '' then
-    skey = 'fanout:seq:{' .. ch .. '}'
-    local last, last_id = 0, ''
-    local prev = redis.call('HGET', skey, sid)
-    if prev then
-      local n, i = string.match(prev, '^(%d+) (.*)$')
-      last, last_id = tonumber(n), i
-    end
     if seq == nil or seq < 1 then return redis.error_reply('stream seq must be 1 or more') end
-    if seq <= last then
-      if seq == last then return {last_id, -1} end
-      return {'', -1}
-    end
-    if seq > last + 1 then
-      return redis.error_reply('stream out of order: expected seq ' .. (last + 1) .. ', got ' .. seq)
+    if again then
+      local last, last_id = stream_last(key, sid)
+      if seq <= last then
+        if seq == last then return {last_id, -1} end
+        return {'', -1}
+      end
+      if last > 0 and seq > last + 1 then
+        return redis.error_reply('stream out of order: expected seq ' .. (last + 1) .. ', got ' .. seq)
+      end
     end
   end
   -- What makes a retry the same message, carried in the frame and the entry, so a node
@@ -90,7 +107,6 @@ local function publish(keys, args)
   if idem ~= '' then dedupe = 'i' .. idem elseif sid ~= '' then dedupe = 's' .. sid .. ':' .. seq end
   local t = redis.call('TIME')
   local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local key = stream_key(ch)
   local id
   local fields = {'d', data}
   if event ~= '' then fields[#fields + 1] = 'e'; fields[#fields + 1] = event end
@@ -101,10 +117,6 @@ local function publish(keys, args)
   end
   redis.call('PEXPIRE', key, KEY_TTL_MS)
   if ikey then redis.call('SET', ikey, id, 'PX', IDEM_MS) end
-  if skey then
-    redis.call('HSET', skey, sid, seq .. ' ' .. id)
-    redis.call('PEXPIRE', skey, KEY_TTL_MS)
-  end
   local header = '{"id":"' .. id .. '","ts":' .. now_ms
   if event ~= '' then header = header .. ',"event":' .. cjson.encode(event) end
   if dedupe ~= '' then header = header .. ',"key":' .. cjson.encode(dedupe) end

@@ -12,23 +12,12 @@ use std::sync::{Arc, Mutex};
 use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use tokio::sync::{Notify, watch};
 
+pub(crate) use super::node::MasterNode;
 use super::{COMMAND_TIMEOUT, sentinel::Watcher};
 use crate::{
     broker::BrokerError,
     config::sentinel_url::{SCHEME, SentinelUrl},
 };
-
-/// One master the node has adopted.
-pub(crate) struct MasterNode {
-    /// Increases each time the node adopts a master (a fixed URL's is always 0).
-    pub generation: u64,
-    /// Connects to it.
-    pub client: redis::Client,
-    /// Its URL, credentials included (never logged).
-    pub url: String,
-    /// `host:port`, for logs.
-    pub addr: Arc<str>,
-}
 
 /// The current master, shared by the pub/sub task, the publish queue and the history pool.
 #[derive(Clone)]

@@ -140,8 +140,11 @@ impl Pipeliner {
     async fn send(&mut self, mut batch: Vec<Job>) {
         metrics::histogram!(crate::metrics::PUBLISH_BATCH).record(batch.len() as f64);
         let deadline = tokio::time::Instant::now() + RETRY_FOR;
+        let mut sent_before = false;
         loop {
-            let fates = match self.try_send(&batch).await {
+            let attempt = self.try_send(&batch, sent_before).await;
+            sent_before = true;
+            let fates = match attempt {
                 Ok(fates) => fates,
                 Err(err) => {
                     // The connection failed: whether Redis ran the batch is unknown.
@@ -183,8 +186,9 @@ impl Pipeliner {
     }
 
     /// One attempt: connects to the current master when needed, loads the library when
-    /// Redis lacks it, and says what became of each job.
-    async fn try_send(&mut self, batch: &[Job]) -> Result<Vec<Fate>, BrokerError> {
+    /// Redis lacks it, and says what became of each job. `sent_before`: an earlier
+    /// attempt may have run some of the batch, so stream messages are checked.
+    async fn try_send(&mut self, batch: &[Job], sent_before: bool) -> Result<Vec<Fate>, BrokerError> {
         if let Some((generation, _)) = &self.conn
             && !self.master.is_current(*generation)
         {
@@ -204,7 +208,7 @@ impl Pipeliner {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for job in batch {
-            pipe.add_command(script::publish_cmd(&job.msg));
+            pipe.add_command(script::publish_cmd(&job.msg, sent_before));
         }
         if self.replica_acks > 0 {
             pipe.cmd("WAIT").arg(self.replica_acks).arg(WAIT_TIMEOUT.as_millis() as u64);

@@ -59,17 +59,18 @@ pub fn is_missing_function(e: &redis::RedisError) -> bool {
 }
 
 /// `FCALL fanout_publish 1 fanout:history:{<channel>} <data> <event> <idempotency-key>
-/// [<stream> <seq>]` for `msg` (empty strings for an absent event or key, as the
-/// function expects). The gateway names the history key rather than the channel (the
+/// [<stream> <seq> <again>]` for `msg` (empty strings for an absent event or key, as the
+/// function expects); `again` when an earlier attempt may have run (the function then
+/// checks a stream message against history instead of just appending it). The gateway names the history key rather than the channel (the
 /// function takes either): a key that exists is what keeps a Redis Cluster running the
 /// call on the node that holds the history while its slot migrates, instead of
 /// redirecting it to a node that has none yet.
-pub fn publish_cmd(msg: &Publish) -> redis::Cmd {
+pub fn publish_cmd(msg: &Publish, again: bool) -> redis::Cmd {
     let mut cmd = redis::cmd("FCALL");
     cmd.arg("fanout_publish").arg(1).arg(history_key(&msg.channel)).arg(&msg.data[..]);
     cmd.arg(msg.event.as_deref().unwrap_or("")).arg(msg.idempotency_key.as_deref().unwrap_or(""));
     if let Some(seq) = msg.sequence {
-        cmd.arg(format!("{:016x}", seq.stream)).arg(seq.n);
+        cmd.arg(format!("{:016x}", seq.stream)).arg(seq.n).arg(if again { "1" } else { "" });
     }
     cmd
 }

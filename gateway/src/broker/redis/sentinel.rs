@@ -20,7 +20,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::master::MasterNode;
+use super::node::MasterNode;
 use crate::{broker::BrokerError, config::sentinel_url::SentinelUrl};
 
 /// How often the sentinels and the master's `ROLE` are checked without any event.

@@ -3,15 +3,11 @@
 //! each answered with a frame, in the order the ops came; a refused op gets an `error`
 //! frame and never closes the connection.
 //!
-//! Publishes are pipelined: the session reads on while up to [`MAX_PUBLISHES_IN_FLIGHT`]
+//! Publishes are pipelined: the session reads on while up to
+//! [`super::publishes::MAX_PUBLISHES_IN_FLIGHT`]
 //! wait for the broker (queued in op order, so they are published in that order), and
 //! their answers go out as they complete, in order. Any other op waits for the
 //! publishes before it to be answered first.
-
-use std::{
-    collections::VecDeque,
-    task::{Context, Poll},
-};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -22,8 +18,8 @@ use shared::{
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{
-    reply::error,
-    session::{End, Session},
+    reply::{End, error},
+    session::Session,
 };
 use crate::{
     error::{ApiError, quote},
@@ -42,7 +38,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         if let ClientOp::Publish { channel, data, event } = op {
             let answer = self.publish(channel, data, event);
-            self.publishes.get_or_insert_default().0.push_back(answer);
+            self.publishes.get_or_insert_default().push(answer);
             return Ok(());
         }
         self.answer_publishes().await?;
@@ -178,41 +174,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.send_all(&frames).await?;
         }
         Ok(())
-    }
-}
-
-/// Most publish ops of one connection waiting for the broker; the session stops
-/// reading the client while this many are.
-pub(super) const MAX_PUBLISHES_IN_FLIGHT: usize = 256;
-
-/// A connection's publish ops waiting for the broker, in the order they came.
-#[derive(Default)]
-pub(super) struct Publishes(VecDeque<BoxFuture<'static, ServerFrame>>);
-
-impl Publishes {
-    pub(super) fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// Whether the session may read another op.
-    pub(super) fn has_room(&self) -> bool {
-        self.0.len() < MAX_PUBLISHES_IN_FLIGHT
-    }
-
-    /// The answers of the publishes done at the front of the queue, in order; pending
-    /// while the first is not done (or none is in flight).
-    pub(super) fn poll_answered(&mut self, cx: &mut Context<'_>) -> Poll<Vec<ServerFrame>> {
-        let mut frames = Vec::new();
-        while let Some(front) = self.0.front_mut() {
-            match front.as_mut().poll(cx) {
-                Poll::Ready(frame) => {
-                    frames.push(frame);
-                    self.0.pop_front();
-                }
-                Poll::Pending => break,
-            }
-        }
-        if frames.is_empty() { Poll::Pending } else { Poll::Ready(frames) }
     }
 }
 

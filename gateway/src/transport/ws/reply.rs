@@ -1,5 +1,6 @@
 //! What the server tells a WebSocket client besides its messages: `error` frames for
-//! refused input (counted like HTTP rejections) and the close codes of its own.
+//! refused input (counted like HTTP rejections), why a session ended, and the close
+//! codes of its own.
 
 use shared::protocol::ServerFrame;
 
@@ -12,4 +13,24 @@ pub fn error(code: &'static str, message: &str) -> ServerFrame {
         metrics::counter!(crate::metrics::REJECTED_TOTAL, "reason" => code).increment(1);
     }
     ServerFrame::Error { code: code.to_owned(), message: message.to_owned() }
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum End {
+    /// The client sent a close frame (with this code).
+    ClientClosed(Option<u16>),
+    ClientGone,
+    /// The hub closed it: its queue overflowed.
+    Slow,
+    /// A write took no byte for a ping interval: the client stopped reading.
+    Stalled,
+    Shutdown,
+    Timeout,
+    Expired,
+    TooBig,
+    Protocol,
+    /// A text message or close reason that is not UTF-8 (1007).
+    InvalidData,
+    Internal,
 }

@@ -3,25 +3,19 @@
 //! shared frame as is, and says goodbye with the right close code. It holds no read or
 //! write buffer while idle. The client's ops are handled in [`super::ops`].
 
-use std::{
-    future::Future,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{future::Future, sync::Arc, task::Poll, time::Duration};
 
 use shared::protocol::{ServerFrame, error_code as code};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
 
 use super::{
-    ops::Publishes,
-    reply::{TOKEN_EXPIRED, error},
+    publishes::Publishes,
+    read::poll_client,
+    reply::{End, TOKEN_EXPIRED, error},
 };
 use crate::{
     auth::Claims,
@@ -33,11 +27,9 @@ use crate::{
     },
     state::AppState,
     transport::{ConnGuard, DrainTurn, Positions, drain_turn},
-    wire::ws_frame::{self, DecodeError, Decoder, Incoming, opcode},
+    wire::ws_frame::{self, Decoder, Incoming, opcode},
 };
 
-/// Bytes read from the socket per call, on the stack.
-const READ_CHUNK: usize = 4096;
 /// Most frames written in one batch (one `writev`).
 const MAX_BATCH: usize = 64;
 /// How long a closing handshake may take.
@@ -45,26 +37,6 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Deliveries are checked for before the other signals; every this many turns the
 /// signals come first, so a flood of messages cannot hide a drain.
 const SIGNALS_EVERY: u32 = 16;
-
-/// Why a session ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum End {
-    /// The client sent a close frame (with this code).
-    ClientClosed(Option<u16>),
-    ClientGone,
-    /// The hub closed it: its queue overflowed.
-    Slow,
-    /// A write took no byte for a ping interval: the client stopped reading.
-    Stalled,
-    Shutdown,
-    Timeout,
-    Expired,
-    TooBig,
-    Protocol,
-    /// A text message or close reason that is not UTF-8 (1007).
-    InvalidData,
-    Internal,
-}
 
 /// What woke the session.
 enum Event {
@@ -390,39 +362,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Ok::<_, std::io::Error>(())
         })
         .await;
-    }
-}
-
-/// Polls for the client's next message; `Err` ends the session.
-fn poll_client<S: AsyncRead + Unpin>(
-    io: &mut S,
-    decoder: &mut Decoder,
-    cx: &mut Context<'_>,
-) -> Poll<Result<Incoming, End>> {
-    loop {
-        match decoder.decode() {
-            Ok(Some(m)) => return Poll::Ready(Ok(m)),
-            Ok(None) => {}
-            Err(DecodeError::TooBig) => return Poll::Ready(Err(End::TooBig)),
-            Err(DecodeError::Protocol(why)) => {
-                debug!(why, "websocket protocol error");
-                return Poll::Ready(Err(End::Protocol));
-            }
-            Err(DecodeError::InvalidData(why)) => {
-                debug!(why, "websocket protocol error");
-                return Poll::Ready(Err(End::InvalidData));
-            }
-        }
-        // The read buffer lives on the stack, only for this call.
-        // Uninitialized: most polls find nothing to read, and zeroing 4 KiB per wake-up
-        // showed in profiles.
-        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
-        let mut buf = ReadBuf::uninit(&mut chunk);
-        match Pin::new(&mut *io).poll_read(cx, &mut buf) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Ok(())) if !buf.filled().is_empty() => decoder.feed(buf.filled()),
-            Poll::Ready(_) => return Poll::Ready(Err(End::ClientGone)),
-        }
     }
 }
 

@@ -17,8 +17,19 @@ impl Subscriber {
     pub(super) fn on_event(&mut self, event: Event) {
         let now = Instant::now();
         match event {
-            Event::Map(Ok(map)) => {
+            Event::Map(read, Ok(mut map)) => {
                 self.refreshing = false;
+                // Slots dropped by their master after this read began stay unplaced
+                // until a later read.
+                self.unsure.retain(|&slot, &mut from| {
+                    if read < from {
+                        map.forget(slot);
+                    }
+                    read < from
+                });
+                if !self.unsure.is_empty() {
+                    self.refresh_asked = true;
+                }
                 let masters: Vec<String> = map.masters().into_iter().map(str::to_owned).collect();
                 let stale: Vec<LinkId> = self
                     .links
@@ -34,7 +45,7 @@ impl Subscriber {
                 }
                 self.map = Some(map);
             }
-            Event::Map(Err(e)) => {
+            Event::Map(_, Err(e)) => {
                 self.refreshing = false;
                 self.refresh_asked = true;
                 warn!(error = %e, "cannot read the cluster slot map");
@@ -133,25 +144,31 @@ impl Subscriber {
         }
     }
 
-    /// Reads the slot map from the first node that answers: the known masters, then
-    /// the seeds.
+    /// Reads the slot map from the first node that answers: the one that last dropped
+    /// slots, the known masters, then the seeds.
     fn start_refresh(&mut self) {
         self.refreshing = true;
         self.refresh_asked = false;
         self.last_refresh = Some(Instant::now());
-        let mut urls: Vec<String> =
-            self.by_addr.keys().map(|a| format!("redis://{}{a}", self.credentials)).collect();
+        self.refreshes += 1;
+        let read = self.refreshes;
+        let first = self.ask_first.take();
+        let mut urls: Vec<String> = first
+            .iter()
+            .chain(self.by_addr.keys().filter(|a| Some(*a) != first.as_ref()))
+            .map(|a| format!("redis://{}{a}", self.credentials))
+            .collect();
         urls.extend(self.seeds.iter().filter(|s| !urls.contains(s)).cloned().collect::<Vec<_>>());
         self.ops.push(
             async move {
                 let mut last = String::from("no seed nodes");
                 for url in urls {
                     match read_map(&url).await {
-                        Ok(map) => return Event::Map(Ok(map)),
+                        Ok(map) => return Event::Map(read, Ok(map)),
                         Err(e) => last = format!("{}: {e}", crate::config::mask_url(&url)),
                     }
                 }
-                Event::Map(Err(last))
+                Event::Map(read, Err(last))
             }
             .boxed(),
         );
