@@ -148,6 +148,9 @@ if [ -n "${TABLE_ONLY:-}" ]; then summarize; exit 0; fi
 . loadtest/common.sh
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+# Each gateway holds its share of the subscribers plus its Redis and admin sockets; each
+# loadgen worker its share (loadgen checks that itself, at most 19,000).
+raise_fd_limit $(( (SUBS + NODES - 1) / NODES + 500 ))
 cargo build --release -q -p gateway -p loadgen
 BIN=$(mktemp -d /tmp/fanout-bin.XXXXXX)
 tmpdirs+=("$BIN")
@@ -204,7 +207,7 @@ if [ "$FLOOR" = 1 ]; then
   per=$((SUBS / NODES))
   fpids=()
   for n in $(seq 1 "$NODES"); do
-    "$LG" floor fanout --subscribers "$per" --channels "$CHANNELS" --rate "$CHANNELS" --duration "$SECS" \
+    timeout $((SECS + 300)) "$LG" floor fanout --subscribers "$per" --channels "$CHANNELS" --rate "$CHANNELS" --duration "$SECS" \
       --source-ips "127.0.$n.2-127.0.$n.21" >"$OUT/floor$n.txt" 2>&1 &
     fpids+=($!); pids+=($!)
   done

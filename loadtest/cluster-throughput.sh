@@ -100,6 +100,7 @@ if [ -n "${TABLE_ONLY:-}" ]; then summarize; exit 0; fi
 . loadtest/common.sh
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+raise_fd_limit $(( SUBS / NODES + 2 * STREAMS + 500 ))
 cargo build --release -q -p gateway -p loadgen
 # Copies, so a rebuild of target/release during the run cannot change what is measured.
 BIN=$(mktemp -d /tmp/fanout-bin.XXXXXX)

@@ -13,6 +13,19 @@ cleanup() {
   for p in "${tmpdirs[@]}"; do rm -rf "$p"; done
 }
 
+# raise_fd_limit NEED: raises this shell's soft open-file limit to the hard limit (every
+# gateway and redis-server it starts inherits it; a gateway does not raise its own) and
+# fails with one clear line when the hard limit is below NEED.
+raise_fd_limit() {
+  local hard
+  hard=$(ulimit -Hn)
+  if [ "$hard" != unlimited ] && [ "$hard" -lt "$1" ]; then
+    echo "a process here needs $1 file descriptors but the hard limit is $hard: use more NODES/WORKERS" >&2
+    return 1
+  fi
+  ulimit -Sn "$hard"
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
