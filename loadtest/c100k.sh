@@ -14,6 +14,8 @@
 # machine's CPU use (vmstat) and the load average before and after.
 # FLOOR=1 then runs the same traffic with no server at all: NODES `loadgen floor fanout`
 # processes side by side, each with SUBS/NODES connections at 1 msg/s per connection.
+# FLOOR=only runs just that, and adds it to the summary of the last run in OUT (so the
+# two heavy runs can take the machine one after the other, not as one long run).
 #
 # Usage: loadtest/c100k.sh   (env: SUBS=100000 NODES=6 WORKERS=6 CHANNELS=25 SECS=60
 #          WARMUP=2 MASTERS=3 REPLICAS=1 TRANSPORT=ws,sse SOURCE_IPS=127.0.0.2-127.0.0.61
@@ -158,6 +160,8 @@ cp "${CARGO_TARGET_DIR:-target}"/release/{gateway,loadgen} "$BIN/"
 GW=$BIN/gateway
 LG=$BIN/loadgen
 
+if [ "$FLOOR" != only ]; then
+rm -f "$OUT"/floor*.txt  # a floor belongs to the run it follows
 start_cluster "$MASTERS" "$REPLICAS"
 gw_pids=(); urls=()
 for n in $(seq 1 "$NODES"); do
@@ -200,8 +204,9 @@ pids+=("$kern_pid")
 stop "$vm_pid" "$kern_pid"
 { echo "load_after=$(loadavg)"; echo "mem_after=$(mem)"; } >>"$OUT/meta.txt"
 stop "${gw_pids[@]}"
+fi
 
-if [ "$FLOOR" = 1 ]; then
+if [ "$FLOOR" = 1 ] || [ "$FLOOR" = only ]; then
   # The same connections and rate without any server: one floor process per node, each
   # with its share of the connections and its own range of source addresses.
   per=$((SUBS / NODES))
