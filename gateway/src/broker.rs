@@ -18,7 +18,8 @@ use std::sync::{
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use shared::StreamPos;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 /// Receives messages from the broker (implemented by the hub).
 pub trait Sink: Send + Sync + 'static {
@@ -264,4 +265,29 @@ pub fn frame(msg: &Publish) -> Bytes {
     }
     let header = shared::envelope::FrameHeader { id: None, event: msg.event.clone(), ts: None, key: None };
     Bytes::from(shared::envelope::encode_frame(&header, &msg.data))
+}
+
+/// Most history publishes sent to Redis as one pipeline.
+pub(crate) const MAX_BATCH: usize = 512;
+
+/// The next pipeline's worth of a publish queue: waits for one job, then takes what
+/// else is queued already, up to [`MAX_BATCH`], in order (recorded in
+/// `gateway_publish_batch_messages`). `None` on shutdown or once the queue is closed.
+pub(crate) async fn next_batch<T>(
+    rx: &mut mpsc::UnboundedReceiver<T>,
+    shutdown: &CancellationToken,
+) -> Option<Vec<T>> {
+    let first = tokio::select! {
+        _ = shutdown.cancelled() => return None,
+        job = rx.recv() => job?,
+    };
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    metrics::histogram!(crate::metrics::PUBLISH_BATCH).record(batch.len() as f64);
+    Some(batch)
 }

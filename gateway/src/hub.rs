@@ -11,6 +11,7 @@
 //! - [`inbox`]: the per-connection queue.
 //! - [`delivery`]: one message with its wire encodings, computed once.
 //! - [`heads`]: where each new channel's history stood when it was subscribed.
+//! - [`reaper`]: drops channels whose last subscriber left, after their linger.
 //! - [`recovery`]: the history-replay path, for resuming clients and broker outages.
 //! - [`poll`]: the per-channel buffer that carries long-poll clients between polls.
 
@@ -19,6 +20,7 @@ mod heads;
 mod inbox;
 mod occupancy;
 mod poll;
+mod reaper;
 mod recovery;
 mod repeats;
 
@@ -38,7 +40,6 @@ use metrics::{Counter, Gauge, counter, gauge};
 use shared::{StreamPos, envelope::FrameHeader};
 use slab::Slab;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use self::inbox::Offer;
 pub use self::{
@@ -49,7 +50,7 @@ pub use self::{
 };
 /// What the layers above hand to [`Hub::publish`] and get back: the broker's own
 /// types, reached through the hub.
-pub use crate::broker::{BrokerError, LinkState, Occupancy, Publish, PublishOutcome};
+pub use crate::broker::{BrokerError, LinkState, Occupancy, Publish, PublishOutcome, Sequence};
 use crate::{
     broker::{Broker, Page, Ready, Sink, memory::MemoryBroker},
     config::HistoryConfig,
@@ -57,9 +58,6 @@ use crate::{
 };
 
 const SHARDS: usize = 64;
-const REAP_EVERY: Duration = Duration::from_millis(200);
-/// Channels a shard's table keeps room for however few it holds.
-const MIN_CAPACITY: usize = 16;
 /// How long a new subscriber waits for the broker to confirm its channels before it
 /// is served anyway (messages flow as soon as the link is back).
 pub const READY_WAIT: Duration = Duration::from_secs(3);
@@ -311,21 +309,6 @@ impl Hub {
             .all(|s| self.shard(&s.channel).channels.get(&s.channel).is_none_or(|c| c.ready.is_set()))
     }
 
-    fn leave(&self, channel: &str, key: usize) {
-        let mut shard = self.shard(channel);
-        let Some(ch) = shard.channels.get_mut(channel) else { return };
-        if ch.subs.try_remove(key).is_none() {
-            return;
-        }
-        self.metrics.subscriptions.decrement(1.0);
-        if ch.subs.is_empty() {
-            let due = Instant::now() + self.config.linger;
-            let due = ch.keep_until.map_or(due, |k| k.max(due));
-            let name = ch.name.clone();
-            shard.idle.push((name, due));
-        }
-    }
-
     /// Channels this node holds now (subscribed, or lingering, or kept for polls).
     pub fn channel_count(&self) -> usize {
         self.channel_count.load(Ordering::Relaxed)
@@ -339,54 +322,6 @@ impl Hub {
     /// Number of local subscribers of `channel`.
     pub fn subscriber_count(&self, channel: &str) -> usize {
         self.shard(channel).channels.get(channel).map_or(0, |c| c.subs.len())
-    }
-
-    /// Unsubscribes channels that have been empty for their linger time. Returns how
-    /// many were removed.
-    pub fn reap(&self, now: Instant) -> usize {
-        let mut removed = 0;
-        for shard in self.shards.iter() {
-            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            if shard.idle.is_empty() {
-                continue;
-            }
-            let idle = std::mem::take(&mut shard.idle);
-            for (name, due) in idle {
-                let Some(ch) = shard.channels.get(&name) else { continue };
-                if !ch.subs.is_empty() {
-                    continue;
-                }
-                let due = ch.keep_until.map_or(due, |k| k.max(due));
-                if due > now {
-                    shard.idle.push((name, due));
-                    continue;
-                }
-                shard.channels.remove(&name);
-                self.broker.unsubscribe(name);
-                self.metrics.channels.decrement(1.0);
-                self.channel_count.fetch_sub(1, Ordering::Relaxed);
-                removed += 1;
-            }
-            // A table never shrinks by itself: after a burst of channels is gone, give
-            // back what is four times more than needed.
-            let len = shard.channels.len();
-            if shard.channels.capacity() > 4 * len.max(MIN_CAPACITY) {
-                shard.channels.shrink_to(2 * len);
-            }
-        }
-        removed
-    }
-
-    /// Runs the reaper until `shutdown`.
-    pub async fn run_reaper(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(REAP_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => { self.reap(Instant::now()); }
-            }
-        }
     }
 
     /// Fans one message from the broker out to the local subscribers of `channel`.

@@ -17,9 +17,8 @@ use tokio::time::Instant;
 
 use super::body::next_chunk;
 use crate::{
-    broker::Sequence,
     error::ApiError,
-    hub::Publish,
+    hub::{Publish, Sequence},
     publish::{
         Publisher, rejected,
         stream::{Format, InFlight, Item, Pending, SplitError, Splitter},

@@ -1,6 +1,8 @@
 //! Unit tests of the hub: fan-out, the slow-consumer policy, lingering channels.
 
-use super::*;
+use tokio_util::sync::CancellationToken;
+
+use super::{reaper::MIN_CAPACITY, *};
 
 pub(super) fn hub(linger_ms: u64) -> Arc<Hub> {
     let defaults = crate::config::Config::default();

@@ -33,8 +33,6 @@ use tracing::{debug, warn};
 use super::{COMMAND_TIMEOUT, slots};
 use crate::broker::{BrokerError, Publish, PublishOutcome, redis::script};
 
-/// Most messages in one batch.
-const MAX_BATCH: usize = 512;
 /// How long a batch is retried before its messages fail: longer than a failover.
 const RETRY_FOR: Duration = Duration::from_secs(15);
 /// First pause between two attempts; doubles up to [`RETRY_MAX`].
@@ -186,21 +184,7 @@ struct Pipeliner {
 
 impl Pipeliner {
     async fn run(mut self, shutdown: CancellationToken) {
-        loop {
-            let first = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                job = self.rx.recv() => match job {
-                    Some(job) => job,
-                    None => return,
-                },
-            };
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match self.rx.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
+        while let Some(batch) = crate::broker::next_batch(&mut self.rx, &shutdown).await {
             self.send(batch).await;
         }
     }

@@ -30,8 +30,6 @@ use super::{
 };
 use crate::broker::{BrokerError, Publish, PublishOutcome};
 
-/// Most messages in one pipeline.
-const MAX_BATCH: usize = 512;
 /// How long a batch is retried over reconnects before its messages fail.
 const RETRY_FOR: Duration = Duration::from_secs(10);
 /// Pause between reconnect attempts.
@@ -116,21 +114,7 @@ struct Pipeliner {
 
 impl Pipeliner {
     async fn run(mut self, shutdown: CancellationToken) {
-        loop {
-            let first = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                job = self.rx.recv() => match job {
-                    Some(job) => job,
-                    None => return,
-                },
-            };
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match self.rx.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
+        while let Some(batch) = crate::broker::next_batch(&mut self.rx, &shutdown).await {
             self.send(batch).await;
         }
     }
@@ -138,7 +122,6 @@ impl Pipeliner {
     /// Sends `batch` as one pipeline (again over reconnects, for what may repeat),
     /// and answers every job.
     async fn send(&mut self, mut batch: Vec<Job>) {
-        metrics::histogram!(crate::metrics::PUBLISH_BATCH).record(batch.len() as f64);
         let deadline = tokio::time::Instant::now() + RETRY_FOR;
         let mut sent_before = false;
         loop {
