@@ -28,6 +28,11 @@ use crate::{
 
 /// How long a single publish may take before it counts as failed.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a pooled publish connection stays idle. The gateway closes a keep-alive
+/// connection that sends no request head within `--header-timeout-secs` (10 s by
+/// default); a connection reused just as that close arrives fails the `POST` (a publish
+/// is not re-sent), so the pool lets connections go well before.
+const POOL_IDLE: Duration = Duration::from_secs(5);
 /// Marker publishes in flight at once (see [`nchan_mark_channels`]).
 const MARKER_CONCURRENCY: usize = 32;
 
@@ -129,6 +134,7 @@ fn http_client(s: &Settings) -> Result<reqwest::Client> {
         .no_proxy()
         .timeout(PUBLISH_TIMEOUT)
         .pool_max_idle_per_host(s.args.max_inflight.min(256))
+        .pool_idle_timeout(POOL_IDLE)
         .tcp_nodelay(true)
         .build()
         .context("building HTTP client")
