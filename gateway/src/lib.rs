@@ -142,6 +142,16 @@ pub async fn run(
             "no Redis configured (--redis-url / GATEWAY_REDIS_URL): running a single node on the in-process broker"
         );
     }
+    let max_connections = config.limits.max_connections as u64;
+    match server::fdlimit::raise_nofile() {
+        Ok(limit) if max_connections > 0 && max_connections + 64 > limit => warn!(
+            open_files = limit,
+            max_connections,
+            "--max-connections is above the open-file limit: raise the hard limit (ulimit -Hn)"
+        ),
+        Ok(limit) => info!(open_files = limit, "open-file limit"),
+        Err(err) => warn!(%err, "cannot read the open-file limit"),
+    }
     info!(public = %public_addr, admin = %admin_addr, broker = hub.broker_kind(), "gateway listening");
 
     if let Some(a) = &auth {

@@ -16,6 +16,7 @@
 
 mod conn;
 mod fallback;
+pub mod fdlimit;
 mod http1;
 pub mod io;
 mod query;
@@ -135,14 +136,21 @@ pub async fn serve(
     });
     // Only this loop touches it: no lock needed.
     let mut per_ip = crate::ratelimit::Buckets::<std::net::IpAddr>::new(connect_rate_per_ip);
+    // Failed accepts since the last warning (at most one a second).
+    let (mut failed, mut warned) = (0u64, None::<std::time::Instant>);
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(err) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    warn!(%err, "accept failed");
+                    // Out of file descriptors and the like: back off instead of spinning,
+                    // and say so once a second, not twenty times.
+                    failed += 1;
+                    if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                        warn!(%err, failed, "accept failed (out of file descriptors? see `ulimit -Hn`)");
+                        (failed, warned) = (0, Some(std::time::Instant::now()));
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

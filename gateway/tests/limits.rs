@@ -1,5 +1,5 @@
-//! The per-node connection cap, and the operational metrics (dispatch latency
-//! histogram, process figures).
+//! The per-node connection cap, the open-file limit, and the operational metrics
+//! (dispatch latency histogram, process figures).
 
 mod common;
 
@@ -30,6 +30,31 @@ async fn connection_cap_sheds_load_with_a_clear_error() {
         (reqwest::get(gw.url("/poll?channel=cap-a&timeout=0")).await.unwrap().status() == 200).then_some(())
     })
     .await;
+}
+
+/// A node started with the common default soft limit of open files raises it to the
+/// hard limit, so it serves more clients than the soft limit would allow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_raises_its_soft_open_file_limit_and_serves_past_it() {
+    const SOFT: usize = 256;
+    let gw = Gateway::start_after(&format!("ulimit -Sn {SOFT}"), None, &[]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", gw.pid())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(nums[0], nums[1], "soft limit raised to the hard one: {line}");
+    assert!(nums[0].parse::<usize>().unwrap() > SOFT, "{line}");
+    assert!(gw.logs().contains("open-file limit"), "the limit is logged:\n{}", gw.logs());
+
+    // More subscribers than the soft limit had descriptors, every one served.
+    let mut clients = Vec::new();
+    for _ in 0..SOFT + 64 {
+        clients.push(SseClient::connect(&gw.url("/sse?channel=fds")).await);
+    }
+    publish(&gw, "fds", "to all").await;
+    for c in &mut clients {
+        assert_eq!(c.next().await.data, "to all");
+    }
+    assert!(!gw.logs().contains("accept failed"), "{}", gw.logs());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -158,7 +158,18 @@ pub struct Gateway {
 impl Gateway {
     /// Starts a node on free ports; `redis` is a URL or `None` for the memory broker.
     pub fn start(redis: Option<&str>, extra: &[&str]) -> Self {
-        let mut cmd = Command::new(gateway_bin());
+        Self::start_cmd(Command::new(gateway_bin()), redis, extra)
+    }
+
+    /// Starts a node as [`Gateway::start`] does, from a shell that first runs `setup`
+    /// (e.g. `ulimit -Sn 256`) and then execs the gateway (same pid).
+    pub fn start_after(setup: &str, redis: Option<&str>, extra: &[&str]) -> Self {
+        let mut cmd = Command::new("bash");
+        cmd.arg("-c").arg(format!("{setup} && exec \"$0\" \"$@\"")).arg(gateway_bin());
+        Self::start_cmd(cmd, redis, extra)
+    }
+
+    fn start_cmd(mut cmd: Command, redis: Option<&str>, extra: &[&str]) -> Self {
         cmd.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
         if !extra.contains(&"--linger-ms") {
             cmd.args(["--linger-ms", "200"]);
