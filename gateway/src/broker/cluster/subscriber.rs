@@ -99,8 +99,9 @@ enum Event {
     Connected(LinkId, redis::RedisResult<redis::aio::MultiplexedConnection>),
     Batch(LinkId, Batch, Result<Vec<SubReply>, String>),
     Probe(LinkId, Result<(), String>),
-    /// A slot map read by the refresh with that number.
-    Map(u64, Result<SlotMap, String>),
+    /// A slot map read by the refresh with that number, and the URL of the node that
+    /// answered.
+    Map(u64, Result<(SlotMap, String), String>),
 }
 
 pub(in crate::broker::cluster) struct Subscriber {
@@ -123,13 +124,12 @@ pub(in crate::broker::cluster) struct Subscriber {
     refresh_asked: bool,
     /// Refreshes started so far (each map read carries its number).
     refreshes: u64,
-    /// Slots whose master dropped them, with the first refresh whose map may say where
-    /// they live now: a map read before may still name the old master, which (demoted
-    /// to a replica) would take a subscription and then miss messages while it syncs.
-    unsure: HashMap<u16, u64>,
-    /// A node to read the next map from first: one that just said it lost slots knows
-    /// where they went.
-    ask_first: Option<String>,
+    /// Slots whose master dropped them: the first refresh whose map may say where they
+    /// live now, and that master's address. A map read before, or one from another
+    /// node whose view still names that master, would send the slot back to it, which
+    /// (demoted to a replica) takes a subscription and then misses messages while it
+    /// resyncs. Maps are read from these masters first: they know where the slots went.
+    unsure: HashMap<u16, (u64, String)>,
     last_refresh: Option<Instant>,
     backoff: HashMap<String, (Instant, Duration)>,
     /// Channels resubscribed whose replay has not been started yet.
@@ -167,7 +167,6 @@ impl Subscriber {
             refresh_asked: true,
             refreshes: 0,
             unsure: HashMap::new(),
-            ask_first: None,
             last_refresh: None,
             backoff: HashMap::new(),
             restored: Vec::new(),
@@ -304,8 +303,7 @@ impl Subscriber {
                     if let Some(map) = &mut self.map {
                         map.forget(want.slot);
                     }
-                    self.unsure.insert(want.slot, self.refreshes + 1);
-                    self.ask_first = Some(link.addr.clone());
+                    self.unsure.insert(want.slot, (self.refreshes + 1, link.addr.clone()));
                 }
                 true
             }

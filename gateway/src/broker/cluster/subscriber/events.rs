@@ -17,15 +17,17 @@ impl Subscriber {
     pub(super) fn on_event(&mut self, event: Event) {
         let now = Instant::now();
         match event {
-            Event::Map(read, Ok(mut map)) => {
+            Event::Map(read, Ok((mut map, answered))) => {
                 self.refreshing = false;
-                // Slots dropped by their master after this read began stay unplaced
-                // until a later read.
-                self.unsure.retain(|&slot, &mut from| {
-                    if read < from {
+                // A slot its master dropped stays unplaced until a read begun after the
+                // drop places it elsewhere, or the master itself says it has it again.
+                self.unsure.retain(|&slot, (from, dropped_by)| {
+                    let unsure = read < *from
+                        || (map.owner(slot) == Some(dropped_by.as_str()) && !is_node(&answered, dropped_by));
+                    if unsure {
                         map.forget(slot);
                     }
-                    read < from
+                    unsure
                 });
                 if !self.unsure.is_empty() {
                     self.refresh_asked = true;
@@ -144,27 +146,29 @@ impl Subscriber {
         }
     }
 
-    /// Reads the slot map from the first node that answers: the one that last dropped
-    /// slots, the known masters, then the seeds.
+    /// Reads the slot map from the first node that answers: masters that dropped slots
+    /// lately, the other known masters, then the seeds.
     fn start_refresh(&mut self) {
         self.refreshing = true;
         self.refresh_asked = false;
         self.last_refresh = Some(Instant::now());
         self.refreshes += 1;
         let read = self.refreshes;
-        let first = self.ask_first.take();
-        let mut urls: Vec<String> = first
-            .iter()
-            .chain(self.by_addr.keys().filter(|a| Some(*a) != first.as_ref()))
-            .map(|a| format!("redis://{}{a}", self.credentials))
-            .collect();
+        let mut addrs: Vec<&String> = Vec::new();
+        for a in self.unsure.values().map(|(_, a)| a).chain(self.by_addr.keys()) {
+            if !addrs.contains(&a) {
+                addrs.push(a);
+            }
+        }
+        let mut urls: Vec<String> =
+            addrs.iter().map(|a| format!("redis://{}{a}", self.credentials)).collect();
         urls.extend(self.seeds.iter().filter(|s| !urls.contains(s)).cloned().collect::<Vec<_>>());
         self.ops.push(
             async move {
                 let mut last = String::from("no seed nodes");
                 for url in urls {
                     match read_map(&url).await {
-                        Ok(map) => return Event::Map(read, Ok(map)),
+                        Ok(map) => return Event::Map(read, Ok((map, url))),
                         Err(e) => last = format!("{}: {e}", crate::config::mask_url(&url)),
                     }
                 }
@@ -173,6 +177,11 @@ impl Subscriber {
             .boxed(),
         );
     }
+}
+
+/// Whether `url` (`redis://[user:pass@]host:port`) names the node at `addr` (`host:port`).
+fn is_node(url: &str, addr: &str) -> bool {
+    url.strip_suffix(addr).is_some_and(|head| head.ends_with('/') || head.ends_with('@'))
 }
 
 /// Reads the slot map from one node.
@@ -188,4 +197,17 @@ async fn read_map(url: &str) -> Result<SlotMap, String> {
         return Err("the node knows no masters yet".into());
     }
     Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_node;
+
+    #[test]
+    fn a_url_names_its_node_only() {
+        assert!(is_node("redis://127.0.0.1:7000", "127.0.0.1:7000"));
+        assert!(is_node("redis://user:pw@10.0.0.1:6379", "10.0.0.1:6379"));
+        assert!(!is_node("redis://127.0.0.1:17000", "127.0.0.1:7000"));
+        assert!(!is_node("redis://xredis:7000", "redis:7000"));
+    }
 }
