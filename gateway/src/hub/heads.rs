@@ -12,6 +12,7 @@
 use std::{
     collections::VecDeque,
     sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
 };
 
 use tokio::time::Instant;
@@ -21,6 +22,9 @@ use crate::broker::Ready;
 
 /// Most heads read at once (each holds a pooled Redis connection while it runs).
 pub(super) const WORKERS: usize = 8;
+/// How long a worker waits for one channel's subscription before it goes on to the
+/// next and puts that one back in the queue.
+const PATIENCE: Duration = Duration::from_millis(50);
 
 /// Channels whose head is still to be read.
 #[derive(Default)]
@@ -69,7 +73,19 @@ impl Hub {
                 next
             };
             let Some((name, ready, deadline)) = next else { return };
-            if tokio::time::timeout_at(deadline, ready.wait()).await.is_err() || !self.holds(&name, &ready) {
+            if !self.wants_head(&name, &ready) {
+                continue; // reaped meanwhile, or read by a long-poll already
+            }
+            // A channel whose subscription is slow (its master down, say) must not hold
+            // up the ones behind it: give it a moment, then put it back in the queue.
+            let wait = deadline.min(Instant::now() + PATIENCE);
+            if tokio::time::timeout_at(wait, ready.wait()).await.is_err() {
+                if Instant::now() < deadline {
+                    self.heads.lock().todo.push_back((name, ready, deadline));
+                }
+                continue;
+            }
+            if !self.wants_head(&name, &ready) {
                 continue;
             }
             let Ok(head) = self.broker.head(&name).await else { continue };
@@ -83,8 +99,8 @@ impl Hub {
     }
 
     /// Whether `name` is still the channel subscribed with `ready` (not reaped, nor
-    /// reaped and created again).
-    fn holds(&self, name: &str, ready: &Arc<Ready>) -> bool {
-        self.shard(name).channels.get(name).is_some_and(|ch| Arc::ptr_eq(&ch.ready, ready))
+    /// reaped and created again) and its head is still unknown.
+    fn wants_head(&self, name: &str, ready: &Arc<Ready>) -> bool {
+        self.shard(name).channels.get(name).is_some_and(|ch| Arc::ptr_eq(&ch.ready, ready) && !ch.head_read)
     }
 }
