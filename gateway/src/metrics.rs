@@ -46,8 +46,9 @@ pub const DISPATCH_LATENCY: &str = "gateway_publish_to_dispatch_seconds";
 /// Buckets of [`DISPATCH_LATENCY`], in seconds.
 pub const DISPATCH_LATENCY_BUCKETS: [f64; 13] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
-/// History publishes sent to Redis in one pipeline (histogram, explicit buckets): how
-/// much the publish queue batches under load.
+/// History publishes taken from the publish queue at once (histogram, explicit
+/// buckets): how much the queue batches under load. One pipeline on one Redis; on a
+/// cluster the batch is split into one pipeline per slot.
 pub const PUBLISH_BATCH: &str = "gateway_publish_batch_messages";
 /// Buckets of [`PUBLISH_BATCH`], in messages.
 pub const PUBLISH_BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
@@ -209,7 +210,7 @@ fn describe() {
     metrics::describe_histogram!(
         PUBLISH_BATCH,
         metrics::Unit::Count,
-        "History publishes sent to Redis in one pipeline."
+        "History publishes taken from the publish queue at once (one pipeline on one Redis, one per slot on a cluster)."
     );
     describe_counter!(AUTH_FAILURES_TOTAL, "Subscriber authentication failures by reason.");
     describe_counter!(REJECTED_TOTAL, "Requests refused for bad input, by reason.");

@@ -58,10 +58,10 @@ impl Hub {
                 removed += 1;
             }
             // A table never shrinks by itself: after a burst of channels is gone, give
-            // back what is four times more than needed.
+            // back what is four times more than needed (keeping room for a few).
             let len = shard.channels.len();
             if shard.channels.capacity() > 4 * len.max(MIN_CAPACITY) {
-                shard.channels.shrink_to(2 * len);
+                shard.channels.shrink_to((2 * len).max(MIN_CAPACITY));
             }
         }
         removed
