@@ -14,7 +14,7 @@ cleanup() {
 }
 
 # raise_fd_limit NEED: raises this shell's soft open-file limit to the hard limit (every
-# gateway and redis-server it starts inherits it; a gateway does not raise its own) and
+# redis-server it starts inherits it; gateways and loadgen raise their own as well) and
 # fails with one clear line when the hard limit is below NEED.
 raise_fd_limit() {
   local hard
